@@ -1,4 +1,4 @@
-"""Names of the linear layers a LoRA adapter may target, shared by the model and the adapter loader."""
+"""Names of the linear layers a LoRA adapter may target (shared by model and adapter loader)."""
 
 Q_PROJ = "q_proj"
 K_PROJ = "k_proj"

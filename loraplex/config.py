@@ -1,0 +1,77 @@
+"""EngineConfig: every knob of the engine in one validated dataclass."""
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """An invalid engine setting; the message names the field."""
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m"
+    """A default model name (see `loraplex pull`) or a Hugging Face checkpoint directory."""
+    dtype: str = "float32"
+    """Weights and activations: float32, bfloat16 or float16."""
+    device: str = "auto"
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present)."""
+    max_loras: int = 8
+    """Device slots: how many distinct adapters one batch may use."""
+    max_lora_rank: int = 16
+    """The largest adapter rank accepted; slot buffers are this wide."""
+    max_cpu_loras: int = 64
+    """Adapters kept loaded in host memory (LRU); at least max_loras."""
+    max_num_seqs: int = 64
+    """Sequences in one batch."""
+    max_num_batched_tokens: int = 512
+    """Tokens computed in one step; long prompts are prefilled in chunks of at most this."""
+    max_model_len: int | None = None
+    """Longest prompt + output; default: the model's context (capped at 4096 to bound memory)."""
+    block_size: int = 16
+    """Tokens per KV cache block."""
+    kv_cache_bytes: int | None = None
+    """KV cache budget in bytes; when None, kv_cache_fraction of the device's memory."""
+    kv_cache_fraction: float = 0.1
+    """Fraction of total device (or host) memory for the KV cache when kv_cache_bytes is None."""
+
+    def __post_init__(self):
+        def positive(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs",
+                     "max_num_batched_tokens", "block_size"):
+            positive(name)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ConfigError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
+            )
+        if self.max_model_len is not None:
+            positive("max_model_len")
+        if self.kv_cache_bytes is not None:
+            positive("kv_cache_bytes")
+        if not 0 < self.kv_cache_fraction <= 0.95:
+            raise ConfigError(
+                f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}"
+            )
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

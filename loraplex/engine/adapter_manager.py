@@ -1,0 +1,173 @@
+"""Moves adapters disk -> host cache (a background thread) -> device slot, and keeps score.
+
+The scheduler asks three questions per waiting request: is its adapter loaded yet (`poll`), which
+slot holds it (`slot_of`), and can it get one (`acquire_slot`). A slot is only ever recycled when
+no running sequence uses its adapter; a request that finds no such slot reserves the least
+recently used one, which then admits nobody new until it drains, so no request starves.
+"""
+
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from loraplex.engine.sequence import AdapterRequest
+from loraplex.lora.adapter import AdapterError, LoRAWeights, load_adapter
+from loraplex.lora.slots import AdapterSlots, HostCache
+from loraplex.model.llama import LlamaModel
+
+
+@dataclass
+class AdapterStats:
+    slot_hits: int = 0  # a request found its adapter already in a slot
+    slot_misses: int = 0  # it had to be activated into a slot
+    host_misses: int = 0  # it had to be read from disk
+    load_seconds: list[float] = field(default_factory=list)  # disk -> host, per load
+    activate_seconds: list[float] = field(default_factory=list)  # host -> slot, per activation
+
+
+class AdapterManager:
+    def __init__(self, model: LlamaModel, max_loras: int, max_rank: int, max_cpu_loras: int):
+        self.config = model.config
+        self.dtype = model.embed_tokens.weight.dtype
+        self.max_rank = max_rank
+        self.slots = AdapterSlots(model, max_loras, max_rank)
+        self.host = HostCache(max_cpu_loras)
+        self.stats = AdapterStats()
+        self.slot_adapter: list[int | None] = [None] * max_loras  # slot -> adapter id
+        self.slot_last_used: list[int] = [0] * max_loras  # step number, for LRU
+        self.reserved: dict[int, int] = {}  # slot -> adapter id waiting for it to drain
+        self.pinned: set[int] = set()
+        self._loads: dict[int, Future] = {}
+        # One loader thread: reading safetensors releases the GIL, so decoding goes on meanwhile.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+
+    # -- disk -> host ---------------------------------------------------------------------------
+    def _load(self, adapter: AdapterRequest) -> LoRAWeights:
+        start = time.perf_counter()
+        weights = load_adapter(
+            adapter.path,
+            num_layers=self.config.num_layers,
+            module_shapes=self.config.module_shapes(),
+            max_rank=self.max_rank,
+            dtype=self.dtype,
+        )
+        self.stats.load_seconds.append(time.perf_counter() - start)
+        return weights
+
+    def poll(self, adapter: AdapterRequest) -> str | None:
+        """Start loading if needed. Returns None when loaded, "loading", or an error message."""
+        if adapter.adapter_id in self.host:
+            return None
+        future = self._loads.get(adapter.adapter_id)
+        if future is None:
+            self.stats.host_misses += 1
+            self._loads[adapter.adapter_id] = self._executor.submit(self._load, adapter)
+            return "loading"
+        if not future.done():
+            return "loading"
+        del self._loads[adapter.adapter_id]
+        try:
+            self.host.add(adapter.adapter_id, future.result())
+        except AdapterError as e:
+            return str(e)
+        except Exception as e:  # an unreadable file must fail its own requests, not the engine
+            return f"adapter {adapter.path}: cannot be loaded ({type(e).__name__}: {e})"
+        if adapter.adapter_id in self.pinned:
+            self.host.pinned.add(adapter.adapter_id)
+        return None
+
+    def wait_for_loads(self, timeout: float) -> None:
+        """Block until some pending load finishes (used when nothing else can run)."""
+        pending = [f for f in self._loads.values() if not f.done()]
+        if pending:
+            wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+
+    @property
+    def num_loading(self) -> int:
+        return len(self._loads)
+
+    # -- host -> slot ---------------------------------------------------------------------------
+    def slot_of(self, adapter_id: int) -> int | None:
+        try:
+            return self.slot_adapter.index(adapter_id)
+        except ValueError:
+            return None
+
+    def can_admit(self, adapter_id: int) -> int | None:
+        """The slot a new sequence of this adapter may run in now, or None."""
+        slot = self.slot_of(adapter_id)
+        if slot is None or (slot in self.reserved and self.reserved[slot] != adapter_id):
+            return None
+        return slot
+
+    def acquire_slot(self, adapter_id: int, in_use: set[int], step: int) -> int | None:
+        """Activate a loaded adapter into a free or drained slot; reserve one if none is free."""
+        slot = self.slot_of(adapter_id)
+        if slot is not None:
+            if self.can_admit(adapter_id) is None:
+                return None  # its slot drains for another adapter; it is re-activated later
+            self.stats.slot_hits += 1
+            return slot
+        mine = [s for s, a in self.reserved.items() if a == adapter_id]
+        if mine:
+            candidates = mine
+        else:
+            candidates = [
+                s for s in range(len(self.slot_adapter))
+                if s not in self.reserved and self.slot_adapter[s] not in self.pinned
+            ]
+            if not candidates:
+                return None
+            candidates = [min(candidates, key=lambda s: (self.slot_adapter[s] is not None,
+                                                          self.slot_last_used[s]))]
+        slot = candidates[0]
+        if self.slot_adapter[slot] in in_use:
+            self.reserved[slot] = adapter_id  # drain: admit nobody new for the old adapter
+            return None
+        self.reserved.pop(slot, None)
+        start = time.perf_counter()
+        self.slots.activate(slot, self.host.get(adapter_id))
+        self.stats.activate_seconds.append(time.perf_counter() - start)
+        self.stats.slot_misses += 1
+        self.slot_adapter[slot] = adapter_id
+        self.slot_last_used[slot] = step
+        return slot
+
+    def release_reservations(self, waiting_ids: set[int]) -> None:
+        """Drop reservations whose requests left the queue (aborted or failed)."""
+        for slot, adapter_id in list(self.reserved.items()):
+            if adapter_id not in waiting_ids:
+                del self.reserved[slot]
+
+    def touch(self, slot: int, step: int) -> None:
+        self.slot_last_used[slot] = step
+
+    # -- pre-warm and pin -----------------------------------------------------------------------
+    def pin(self, adapter_id: int) -> None:
+        if len(self.pinned | {adapter_id}) >= len(self.slot_adapter):
+            raise ValueError(
+                f"cannot pin more than {len(self.slot_adapter) - 1} adapters with max_loras="
+                f"{len(self.slot_adapter)}: one slot must stay free for everyone else"
+            )
+        self.pinned.add(adapter_id)
+        if adapter_id in self.host:
+            self.host.pinned.add(adapter_id)
+
+    def unpin(self, adapter_id: int) -> None:
+        self.pinned.discard(adapter_id)
+        self.host.pinned.discard(adapter_id)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def snapshot(self) -> dict:
+        return {
+            "adapters_in_slots": [a for a in self.slot_adapter if a is not None],
+            "adapters_in_host_cache": self.host.ids(),
+            "adapters_loading": len(self._loads),
+            "pinned": sorted(self.pinned),
+            "slot_hits": self.stats.slot_hits,
+            "slot_misses": self.stats.slot_misses,
+            "host_misses": self.stats.host_misses,
+            "slot_buffer_bytes": self.slots.num_bytes(),
+        }

@@ -1,0 +1,52 @@
+"""Per-request state as it moves through the engine."""
+
+import enum
+from dataclasses import dataclass, field
+
+from loraplex.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # not yet admitted (or preempted: its KV cache was freed)
+    RUNNING = "running"  # holds KV blocks and an adapter slot
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class AdapterRequest:
+    """The adapter a request uses, as the caller (registry / CLI) resolved it."""
+
+    adapter_id: int  # a stable integer per adapter version; the engine's cache key
+    path: str  # the PEFT directory on disk
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterRequest | None
+    arrival: int  # admission order: FCFS fairness and preemption choose by it
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def adapter_id(self) -> int | None:
+        return None if self.adapter is None else self.adapter.adapter_id
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

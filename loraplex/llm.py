@@ -1,0 +1,78 @@
+"""LLM: the offline API, shaped like vLLM's (`LLM(...).generate(prompts, params)`)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraplex.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.sequence import AdapterRequest
+from loraplex.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens
+    text: str
+    logprobs: list[float]  # log-probability of each generated token
+    top_logprobs: list[dict[int, float]]  # per token: chosen + top-k alternatives, if asked
+    finish_reason: str  # "stop" | "length" | "error"
+    error: str | None = None  # why this prompt failed (e.g. its adapter is broken)
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m", **config):
+        """`config` takes any EngineConfig field (max_loras, max_lora_rank, dtype, device...)."""
+        self.engine = LLMEngine(EngineConfig(model=model, **config))
+        self.tokenizer = self.engine.tokenizer
+        self._adapter_ids: dict[Path, int] = {}
+        self._next_request = 0
+
+    def _adapter(self, path: str | Path | None) -> AdapterRequest | None:
+        if path is None:
+            return None
+        path = Path(path).resolve()
+        adapter_id = self._adapter_ids.setdefault(path, len(self._adapter_ids))
+        return AdapterRequest(adapter_id, str(path))
+
+    def generate(
+        self,
+        prompts: str | list[int] | list[str | list[int]],
+        sampling_params: SamplingParams | None = None,
+        adapters: list[str | Path | None] | None = None,
+    ) -> list[CompletionOutput]:
+        """Generate for every prompt, batched; adapters[i] (a PEFT dir or None) applies to
+        prompts[i]. A prompt whose adapter is broken gets an output with `.error` set; the
+        others are unaffected."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        )
+        if single:
+            prompts = [prompts]
+        adapters = adapters if adapters is not None else [None] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(adapters)} adapters given for {len(prompts)} prompts")
+        params = sampling_params or SamplingParams()
+        ids = []
+        for prompt, adapter in zip(prompts, adapters, strict=True):
+            request_id = f"offline-{self._next_request}"
+            self._next_request += 1
+            self.engine.add_request(request_id, prompt, params, self._adapter(adapter))
+            ids.append(request_id)
+        final = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [
+            CompletionOutput(
+                prompt_token_ids=out.prompt_token_ids,
+                token_ids=out.token_ids,
+                text=self.tokenizer.decode(out.token_ids),
+                logprobs=out.logprobs,
+                top_logprobs=out.top_logprobs,
+                finish_reason=out.finish_reason,
+                error=out.error,
+            )
+            for out in (final[i] for i in ids)
+        ]

@@ -1,0 +1,280 @@
+"""Load a tenant's PEFT LoRA adapter directory into validated, pre-scaled weights.
+
+Adapters are untrusted tenant uploads, so only safetensors is read (pickle can run code when
+loaded) and everything the serving kernels assume is checked here, before the adapter gets near
+a batch: key layout, shapes, ranks, finiteness, and config options whose math we don't implement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from loraplex.lora.modules import ATTENTION_MODULES, TARGET_MODULES
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"
+
+# base_model.model.<module path>.lora_A[.<adapter name>].weight; some tools keep the adapter name.
+_KEY_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight")
+# The module paths a llama LoRA may touch, e.g. model.layers.3.self_attn.q_proj.
+_MODULE_RE = re.compile(r"model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\.(?P<name>\w+)")
+
+# Config options that change the adapter's math; serving them as plain LoRA would be silently wrong.
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA adapters are not supported",
+    "use_qalora": "QA-LoRA adapters are not supported",
+    "lora_bias": "LoRA bias terms are not supported",
+    "fan_in_fan_out": "transposed (Conv1D-style) weights are not supported",
+    "modules_to_save": "adapters that replace whole modules are not supported",
+    "trainable_token_indices": "trainable token embeddings are not supported",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported",
+    "layer_replication": "layer replication is not supported",
+    "target_parameters": "LoRA on raw parameters is not supported",
+}
+
+
+class AdapterError(ValueError):
+    """A LoRA adapter that cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value, so compare by identity
+class LoRAWeights:
+    path: Path
+    rank: int  # the largest rank over its modules (rank_pattern may vary it)
+    target_modules: tuple[str, ...]  # which of TARGET_MODULES it touches, in TARGET_MODULES order
+    # (layer index, module name) -> (lora_a [r, in_features], lora_b_scaled [out_features, r]);
+    # lora_b already carries the module's scaling, so the delta is x @ a.T @ b.T.
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.weights.values() for t in pair)
+
+
+def load_adapter(
+    path: str | Path,
+    *,
+    num_layers: int,
+    module_shapes: Mapping[str, tuple[int, int]],
+    max_rank: int,
+    dtype: torch.dtype = torch.float32,
+) -> LoRAWeights:
+    """module_shapes: module name -> (in_features, out_features) of the base model's linear."""
+    path = Path(path)
+    config = _read_config(path)
+    pairs = _pair_tensors(path, _read_tensors(path), num_layers)
+    weights = {}
+    for (layer, name), (module_key, a, b) in sorted(pairs.items()):
+        where = module_key.removeprefix("model.")  # e.g. layers.3.self_attn.q_proj
+        if name not in module_shapes:
+            raise _error(path, f"{where} targets {name}, which the base model does not have")
+        in_features, out_features = module_shapes[name]
+        rank = a.shape[0]
+        if a.shape[1] != in_features:
+            raise _error(
+                path,
+                f"lora_A for {where} has shape {tuple(a.shape)} "
+                f"but the base model's {name} takes {in_features} inputs",
+            )
+        if b.shape[0] != out_features:
+            raise _error(
+                path,
+                f"lora_B for {where} has shape {tuple(b.shape)} "
+                f"but the base model's {name} has {out_features} outputs",
+            )
+        if b.shape[1] != rank:
+            raise _error(
+                path,
+                f"rank mismatch in {where}: lora_A has shape {tuple(a.shape)}, "
+                f"lora_B has shape {tuple(b.shape)}",
+            )
+        expected_rank = _pattern_value(config["rank_pattern"], module_key, config["r"])
+        if rank != expected_rank:
+            raise _error(path, f"{where} has rank {rank} but {CONFIG_FILE} says r={expected_rank}")
+        if rank > max_rank:
+            raise _error(
+                path,
+                f"{where} has rank {rank}, above the configured max_rank {max_rank}; "
+                f"raise max_rank to at least {rank} to serve it",
+            )
+        alpha = _pattern_value(config["alpha_pattern"], module_key, config["lora_alpha"])
+        scaling = alpha / math.sqrt(rank) if config["use_rslora"] else alpha / rank
+        # Fold the scaling in float32 so a bf16 result is rounded once, not twice.
+        weights[(layer, name)] = (a.to(dtype), (b.float() * scaling).to(dtype))
+    if not weights:
+        raise _error(path, f"{WEIGHTS_FILE} holds no LoRA tensors")
+    touched = {name for _, name in weights}
+    return LoRAWeights(
+        path=path,
+        rank=max(a.shape[0] for a, _ in weights.values()),
+        target_modules=tuple(m for m in TARGET_MODULES if m in touched),
+        weights=weights,
+    )
+
+
+def _error(path: Path, reason: str) -> AdapterError:
+    return AdapterError(f"adapter {path}: {reason}")
+
+
+def _read_config(path: Path) -> dict:
+    """The parsed adapter_config.json, refused if it asks for anything but plain LoRA."""
+    if not path.is_dir():
+        raise _error(path, "is not a directory" if path.exists() else "directory does not exist")
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise _error(path, f"{CONFIG_FILE} is missing")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _error(path, f"{CONFIG_FILE} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise _error(path, f"{CONFIG_FILE} must hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise _error(
+            path,
+            f"{CONFIG_FILE} has peft_type {config.get('peft_type')!r}; "
+            "only LORA adapters are supported",
+        )
+    for option, why in _UNSUPPORTED_OPTIONS.items():
+        if config.get(option):
+            raise _error(path, f"{CONFIG_FILE} sets {option}={config[option]!r}: {why}")
+    if config.get("bias", "none") != "none":
+        raise _error(path, f"{CONFIG_FILE} sets bias={config['bias']!r}: only 'none' is supported")
+    targets = config.get("target_modules") or []
+    for target in [targets] if isinstance(targets, str) else targets:
+        if "embed_tokens" in target or "lm_head" in target:
+            raise _error(
+                path,
+                f"{CONFIG_FILE} targets {target!r}: LoRA on embed_tokens or lm_head "
+                f"is not supported, only on {', '.join(TARGET_MODULES)}",
+            )
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not _is_number(r) or not _is_number(alpha) or r <= 0:
+        raise _error(
+            path,
+            f"{CONFIG_FILE} needs a positive r and a numeric lora_alpha, got "
+            f"r={r!r}, lora_alpha={alpha!r}",
+        )
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": bool(config.get("use_rslora")),
+        "rank_pattern": _compile_pattern(path, "rank_pattern", config.get("rank_pattern")),
+        "alpha_pattern": _compile_pattern(path, "alpha_pattern", config.get("alpha_pattern")),
+    }
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _compile_pattern(path: Path, field: str, pattern: object) -> list[tuple[re.Pattern, float]]:
+    """rank_pattern / alpha_pattern as (regex, value), matched the way PEFT matches them."""
+    if not pattern:
+        return []
+    if not isinstance(pattern, dict) or not all(_is_number(v) for v in pattern.values()):
+        raise _error(path, f"{CONFIG_FILE} has an invalid {field}: {pattern!r}")
+    try:
+        # PEFT (peft.utils.other.get_pattern_key): a key matches the end of the module path.
+        return [(re.compile(rf"(.*\.)?({key})$"), value) for key, value in pattern.items()]
+    except re.error as e:
+        raise _error(path, f"{CONFIG_FILE} has an invalid {field} key ({e})") from e
+
+
+def _pattern_value(
+    pattern: list[tuple[re.Pattern, float]], module_key: str, default: float
+) -> float:
+    """The first matching pattern's value wins, as in PEFT."""
+    for regex, value in pattern:
+        if regex.match(module_key):
+            return value
+    return default
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.is_file():
+        if (path / PICKLE_WEIGHTS_FILE).exists():
+            # Deliberately not opened: unpickling an untrusted file can run arbitrary code.
+            raise _error(
+                path,
+                f"only {PICKLE_WEIGHTS_FILE} (pickle) is present and pickle files are never "
+                f"loaded; it must be converted to safetensors: re-save the adapter with "
+                f"PEFT's save_pretrained to get {WEIGHTS_FILE}",
+            )
+        raise _error(path, f"{WEIGHTS_FILE} is missing")
+    try:
+        with safe_open(weights_file, framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise _error(path, f"{WEIGHTS_FILE} is corrupt or truncated ({e})") from e
+
+
+def _pair_tensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], num_layers: int
+) -> dict[tuple[int, str], tuple[str, torch.Tensor, torch.Tensor]]:
+    """(layer, module name) -> (module path, lora_A, lora_B), every key accounted for."""
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    module_keys: dict[tuple[int, str], str] = {}
+    for key, tensor in tensors.items():
+        if "lora_embedding" in key:
+            raise _error(
+                path,
+                f"{WEIGHTS_FILE} has embedding LoRA tensor {key}; "
+                "LoRA on embed_tokens is not supported",
+            )
+        key_match = _KEY_RE.fullmatch(key)
+        if key_match is None:
+            raise _error(
+                path,
+                f"{WEIGHTS_FILE} has unexpected tensor {key}; "
+                "only lora_A / lora_B weights are supported",
+            )
+        module_key, which = key_match["module"], key_match["which"]
+        module_match = _MODULE_RE.fullmatch(module_key)
+        name = module_match["name"] if module_match else None
+        parent = "self_attn" if name in ATTENTION_MODULES else "mlp"
+        if name not in TARGET_MODULES or module_match["parent"] != parent:
+            raise _error(
+                path,
+                f"{WEIGHTS_FILE} tensor {key} targets module {module_key}, which is not "
+                f"supported; LoRA is only served on {', '.join(TARGET_MODULES)}",
+            )
+        layer = int(module_match["layer"])
+        if layer >= num_layers:
+            raise _error(
+                path,
+                f"{WEIGHTS_FILE} tensor {key} is for layer {layer} "
+                f"but the base model has num_layers={num_layers}",
+            )
+        if tensor.dim() != 2 or not tensor.is_floating_point():
+            raise _error(
+                path,
+                f"{WEIGHTS_FILE} tensor {key} must be a 2-D float matrix, "
+                f"got shape {tuple(tensor.shape)} {tensor.dtype}",
+            )
+        if not torch.isfinite(tensor).all():
+            raise _error(path, f"{WEIGHTS_FILE} tensor {key} contains NaN or Inf")
+        pair = found.setdefault((layer, name), {})
+        if which in pair:
+            raise _error(path, f"{WEIGHTS_FILE} has more than one lora_{which} for {module_key}")
+        pair[which] = tensor
+        module_keys[(layer, name)] = module_key
+    pairs = {}
+    for slot, pair in found.items():
+        for which, other in (("A", "B"), ("B", "A")):
+            if which not in pair:
+                raise _error(
+                    path,
+                    f"{WEIGHTS_FILE} has lora_{other} but no lora_{which} for {module_keys[slot]}",
+                )
+        pairs[slot] = (module_keys[slot], pair["A"], pair["B"])
+    return pairs

@@ -1,0 +1,272 @@
+"""The llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2), read top to bottom.
+
+One forward pass takes a flat batch of tokens from many sequences (decode tokens first, then
+prefill chunks), writes their keys and values into a paged KV cache, and applies each token's
+LoRA adapter from stacked slot buffers (see loraplex/lora/ops.py). The base weights are never
+modified by adapters.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.lora.modules import (
+    DOWN_PROJ,
+    GATE_PROJ,
+    K_PROJ,
+    O_PROJ,
+    Q_PROJ,
+    UP_PROJ,
+    V_PROJ,
+)
+from loraplex.lora.ops import AdapterBatch, add_lora
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a llama-family model (read from a checkpoint's config.json by the loader)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+    # RoPE frequency scaling: None, {"rope_type": "linear", "factor"} or the llama3 parameters.
+    rope_scaling: dict | None = None
+    # Mistral/Qwen2 sliding-window attention span; the engine caps max_model_len to it, so full
+    # attention stays exact.
+    sliding_window: int | None = None
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every LoRA-targetable linear layer."""
+        q_out = self.num_heads * self.head_dim
+        kv_out = self.num_kv_heads * self.head_dim
+        return {
+            Q_PROJ: (self.hidden_size, q_out),
+            K_PROJ: (self.hidden_size, kv_out),
+            V_PROJ: (self.hidden_size, kv_out),
+            O_PROJ: (q_out, self.hidden_size),
+            GATE_PROJ: (self.hidden_size, self.intermediate_size),
+            UP_PROJ: (self.hidden_size, self.intermediate_size),
+            DOWN_PROJ: (self.intermediate_size, self.hidden_size),
+        }
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """One sequence's prompt chunk in this step."""
+
+    query_start: int  # index of its first token in the flat batch
+    query_len: int
+    context_len: int  # tokens in the KV cache after this chunk (earlier chunks + this one)
+    kv_indices: torch.Tensor | None  # [context_len] KV cache rows; None when there is no history
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where this step's tokens live in the KV cache; built once per step, used by every layer."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] KV cache row each new token's key/value goes to
+    num_decode_tokens: int  # the first tokens of the batch: one per decoding sequence
+    decode_kv_indices: torch.Tensor | None  # [num_decode, max_context] KV cache rows to attend
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_context] True where attendable
+    prefills: tuple[PrefillChunk, ...]
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim // 2], with linear or llama3 scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, blended, scaled).float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the model dtype, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Linear(nn.Module):
+    """A base linear layer plus, per token, the LoRA delta of that token's adapter slot.
+
+    `lora_a` / `lora_b` are the stacked slot buffers, attached by `AdapterSlots`; until then
+    (or for a step where no token has an adapter) this is a plain linear layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.lora_a: torch.Tensor | None = None  # [max_loras, max_rank, in_features]
+        self.lora_b: torch.Tensor | None = None  # [max_loras, out_features, max_rank]
+
+    def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if adapters is not None and self.lora_a is not None:
+            y = add_lora(y, x, self.lora_a, self.lora_b, adapters)
+        return y
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        shapes = config.module_shapes()
+        self.q_proj = Linear(*shapes[Q_PROJ], bias=config.qkv_bias)
+        self.k_proj = Linear(*shapes[K_PROJ], bias=config.qkv_bias)
+        self.v_proj = Linear(*shapes[V_PROJ], bias=config.qkv_bias)
+        self.o_proj = Linear(*shapes[O_PROJ])
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden]
+        cos: torch.Tensor,  # [num_tokens, head_dim]
+        sin: torch.Tensor,  # [num_tokens, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_kv_rows, num_kv_heads, head_dim]
+        attn: AttentionMetadata,
+        adapters: AdapterBatch | None,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x, adapters).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x, adapters).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, adapters).view(n, self.num_kv_heads, self.head_dim)
+        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        kv_cache[0].index_copy_(0, attn.slot_mapping, k)
+        kv_cache[1].index_copy_(0, attn.slot_mapping, v)
+
+        out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
+        nd = attn.num_decode_tokens
+        if nd:
+            # Decode: one query per sequence, all sequences at once, keys padded to the longest.
+            keys = kv_cache[0][attn.decode_kv_indices]  # [nd, max_context, kv_heads, head_dim]
+            values = kv_cache[1][attn.decode_kv_indices]
+            out[:nd] = self._sdpa(q[:nd, None], keys, values, attn.decode_mask)[:, 0]
+        for chunk in attn.prefills:
+            rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+            if chunk.kv_indices is None:  # a whole prompt: attend to its own fresh keys, causally
+                o = self._sdpa(q[None, rows], k[None, rows], v[None, rows], mask=None)
+            else:  # a later chunk: attend to the cached history too
+                keys = kv_cache[0][chunk.kv_indices][None]  # [1, context_len, kv_heads, head_dim]
+                values = kv_cache[1][chunk.kv_indices][None]
+                mask = _chunk_mask(chunk.query_len, chunk.context_len, x.device)
+                o = self._sdpa(q[None, rows], keys, values, mask)
+            out[rows] = o[0]
+        return self.o_proj(out.view(n, -1), adapters)
+
+    def _sdpa(self, q, k, v, mask):
+        """q [b, q_len, heads, dim], k/v [b, kv_len, kv_heads, dim] -> [b, q_len, heads, dim]."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+        )
+        return o.transpose(1, 2)
+
+
+def _chunk_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, query_len, context_len]: query i (at position context_len - query_len + i) sees
+    every key at or before its own position."""
+    q_pos = torch.arange(context_len - query_len, context_len, device=device)[:, None]
+    k_pos = torch.arange(context_len, device=device)[None, :]
+    return (k_pos <= q_pos)[None, None]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        shapes = config.module_shapes()
+        self.gate_proj = Linear(*shapes[GATE_PROJ])
+        self.up_proj = Linear(*shapes[UP_PROJ])
+        self.down_proj = Linear(*shapes[DOWN_PROJ])
+
+    def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
+        gate = F.silu(self.gate_proj(x, adapters))
+        return self.down_proj(gate * self.up_proj(x, adapters), adapters)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache, attn, adapters):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn, adapters)
+        return x + self.mlp(self.post_attention_layernorm(x), adapters)
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers, final norm and LM head. Parameter names follow Hugging Face's
+    (minus the `model.` prefix), so checkpoints load by name."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_caches: list[torch.Tensor],  # num_layers x [2, num_kv_rows, num_kv_heads, head_dim]
+        attn: AttentionMetadata,
+        adapters: AdapterBatch | None,
+        logits_indices: torch.Tensor,  # [num_outputs] which tokens need next-token logits
+    ) -> torch.Tensor:
+        """Returns float32 logits [num_outputs, vocab_size]."""
+        x = self.embed_tokens(input_ids)
+        # cos/sin computed in float32 for every token once, shared by all layers.
+        angles = positions[:, None].float() * self.inv_freq[None, :]  # [num_tokens, head_dim/2]
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, attn, adapters)
+        x = self.norm(x[logits_indices])
+        return self.lm_head(x).float()

@@ -1,0 +1,156 @@
+"""Shared test fixtures: a tiny random llama and real PEFT adapters for it, built offline.
+
+transformers and peft are imported inside the helpers, not at the top: they take seconds to
+import and most tests never need them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def tiny_llama_config():
+    """A llama small enough to build in milliseconds: 2 layers, hidden 64, GQA with 2 kv heads."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+
+
+def tiny_llama(seed: int = 0):
+    """A randomly initialised LlamaForCausalLM with tiny_llama_config(), in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """tiny_llama() saved with safetensors (config.json + model.safetensors); treat as read-only."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama().save_pretrained(path, safe_serialization=True)
+    save_tiny_tokenizer(path, tiny_llama_config().vocab_size)
+    return path
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_tokenizer(path: Path, vocab_size: int) -> None:
+    """A character-level tokenizer (special tokens 0-2, then printable ASCII) with a ChatML chat
+    template, so tiny test models can take text prompts."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(c) for c in range(32, 127)][: vocab_size - len(specials)]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None}
+    ))
+
+
+def module_shapes(model) -> dict[str, tuple[int, int]]:
+    """Linear name -> (in_features, out_features) for one decoder layer of a llama model."""
+    layer = model.get_decoder().layers[0]
+    return {
+        name.rsplit(".", 1)[-1]: (module.in_features, module.out_features)
+        for name, module in layer.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def make_peft_adapter(
+    base_model_dir_or_model,
+    out_dir: str | Path,
+    r: int,
+    lora_alpha: float,
+    target_modules: Sequence[str],
+    use_rslora: bool = False,
+    seed: int = 0,
+    **extra,
+):
+    """Save a real PEFT LoRA adapter (safetensors) to out_dir and return the PeftModel.
+
+    A and B are both random (init_lora_weights=False) so every delta is non-zero. extra goes to
+    LoraConfig, e.g. rank_pattern={"q_proj": 8} or alpha_pattern={"v_proj": 32}.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    if isinstance(base_model_dir_or_model, str | Path):
+        model = LlamaForCausalLM.from_pretrained(base_model_dir_or_model)
+    else:
+        # get_peft_model rewires the model in place; keep the caller's model untouched.
+        model = copy.deepcopy(base_model_dir_or_model)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=list(target_modules),
+        use_rslora=use_rslora,
+        init_lora_weights=False,
+        **extra,
+    )
+    torch.manual_seed(seed)  # the random A and B are drawn here
+    peft_model = get_peft_model(model, config).eval()
+    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    return peft_model
+
+
+def prefill_logits(model, prompts: list[list[int]], slots: list[int] | None = None) -> list:
+    """Run our LlamaModel once over whole prompts (one flat batch, fresh KV cache) and return
+    each prompt's logits at every position: a list of [len(prompt), vocab] float32 tensors.
+    slots[i] is the adapter slot for prompt i (-1: base model)."""
+    from loraplex.lora.ops import AdapterBatch
+    from loraplex.model.llama import AttentionMetadata, PrefillChunk
+
+    mc = model.config
+    dtype = model.embed_tokens.weight.dtype
+    num_tokens = sum(len(p) for p in prompts)
+    kv_caches = [
+        torch.zeros(2, num_tokens, mc.num_kv_heads, mc.head_dim, dtype=dtype)
+        for _ in range(mc.num_layers)
+    ]
+    slots = slots or [-1] * len(prompts)
+    chunks, start = [], 0
+    for p in prompts:
+        chunks.append(PrefillChunk(start, len(p), len(p), None))
+        start += len(p)
+    attn = AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens),
+        num_decode_tokens=0,
+        decode_kv_indices=None,
+        decode_mask=None,
+        prefills=tuple(chunks),
+    )
+    token_slots = [s for p, s in zip(prompts, slots, strict=True) for _ in p]
+    logits = model(
+        torch.tensor([t for p in prompts for t in p]),
+        torch.tensor([i for p in prompts for i in range(len(p))]),
+        kv_caches,
+        attn,
+        AdapterBatch.build(token_slots, torch.device("cpu")),
+        torch.arange(num_tokens),
+    )
+    return list(logits.split([len(p) for p in prompts]))

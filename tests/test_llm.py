@@ -1,0 +1,161 @@
+"""A batch mixing many adapters (and none) gives, per row, what that adapter gives alone in PEFT."""
+
+import pytest
+import torch
+
+from loraplex import LLM, SamplingParams
+from loraplex.lora.adapter import load_adapter
+from loraplex.lora.slots import AdapterSlots
+from loraplex.model.loader import load_model
+from tests.conftest import make_peft_adapter, prefill_logits, save_tiny_tokenizer
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL = ATTN + ["gate_proj", "up_proj", "down_proj"]
+# (rank, alpha, targets, rslora): ranks 4/8/16, attention-only and attention+MLP, one rslora.
+ADAPTERS = [
+    (4, 8, ATTN, False),
+    (8, 16, ALL, False),
+    (16, 16, ALL, True),
+    (8, 32, ["q_proj", "v_proj"], False),
+    (16, 8, ["gate_proj", "up_proj", "down_proj"], False),
+]
+# Row i uses ROW_ADAPTERS[i] (an index into ADAPTERS, or None for the base model).
+ROW_ADAPTERS = [0, 1, None, 2, 3, 4, 1]
+PROMPTS = [
+    [1, 17, 33, 5, 90],
+    [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+    [50, 60, 70],
+    [99, 98, 97, 96, 95, 94, 93],
+    [11, 22],
+    [7, 7, 7, 7, 7, 8, 9],
+    [120, 3, 45, 6, 77, 8, 1, 2, 3],
+]
+
+
+@pytest.fixture(scope="module")
+def sharp_llama_dir(tmp_path_factory):
+    """A tiny random llama with large weights, so greedy choices have clear margins."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, initializer_range=0.15, max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("sharp_llama")
+    model.save_pretrained(path, safe_serialization=True)
+    save_tiny_tokenizer(path, config.vocab_size)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(sharp_llama_dir, tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(sharp_llama_dir).eval()
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = []
+    for i, (r, alpha, targets, rslora) in enumerate(ADAPTERS):
+        make_peft_adapter(base, root / f"a{i}", r, alpha, targets, use_rslora=rslora, seed=i + 1)
+        dirs.append(root / f"a{i}")
+    return dirs
+
+
+def _peft_models(base_dir, adapter_dirs):
+    """One independent model per row: PEFT with that row's adapter, or the bare base model."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    models = {None: LlamaForCausalLM.from_pretrained(base_dir).eval()}
+    for i, d in enumerate(adapter_dirs):
+        base = LlamaForCausalLM.from_pretrained(base_dir)
+        models[i] = PeftModel.from_pretrained(base, d).eval()
+    return models
+
+
+def _peft_greedy(model, prompt, num_tokens):
+    """Greedy decoding with full recomputation each step: simple and independent of any cache."""
+    ids = list(prompt)
+    logprobs = []
+    with torch.no_grad():
+        for _ in range(num_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            token = int(logits.argmax())
+            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+            ids.append(token)
+    return ids[len(prompt):], logprobs
+
+
+def test_mixed_batch_logits_match_peft(sharp_llama_dir, adapter_dirs):
+    model = load_model(sharp_llama_dir, torch.float32, torch.device("cpu"))
+    slots = AdapterSlots(model, max_loras=len(ADAPTERS), max_rank=16)
+    shapes = model.config.module_shapes()
+    for i, d in enumerate(adapter_dirs):
+        slots.activate(i, load_adapter(d, num_layers=2, module_shapes=shapes, max_rank=16))
+    row_slots = [-1 if a is None else a for a in ROW_ADAPTERS]
+    got = prefill_logits(model, PROMPTS, row_slots)
+    peft = _peft_models(sharp_llama_dir, adapter_dirs)
+    for prompt, adapter, logits in zip(PROMPTS, ROW_ADAPTERS, got, strict=True):
+        with torch.no_grad():
+            want = peft[adapter](torch.tensor([prompt])).logits[0]
+        assert (logits - want).abs().max().item() <= 1e-4, f"adapter {adapter}"
+        if adapter is not None:  # the adapter really changes the output
+            assert (want - peft[None](torch.tensor([prompt])).logits[0]).abs().max() > 1e-2
+
+
+def test_mixed_batch_greedy_generation_matches_peft(sharp_llama_dir, adapter_dirs):
+    llm = LLM(str(sharp_llama_dir), max_loras=len(ADAPTERS), max_lora_rank=16,
+              kv_cache_bytes=1 << 22)
+    params = SamplingParams(temperature=0, max_tokens=32, logprobs=0, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params,
+                        adapters=[None if a is None else adapter_dirs[a] for a in ROW_ADAPTERS])
+    peft = _peft_models(sharp_llama_dir, adapter_dirs)
+    for prompt, adapter, out in zip(PROMPTS, ROW_ADAPTERS, outs, strict=True):
+        want_tokens, want_logprobs = _peft_greedy(peft[adapter], prompt, 32)
+        assert out.token_ids == want_tokens, f"adapter {adapter}"
+        assert out.finish_reason == "length"
+        assert max(abs(a - b) for a, b in zip(out.logprobs, want_logprobs, strict=True)) < 1e-4
+
+
+# bf16 tolerance: bf16 keeps 8 significant bits (relative step 2**-8 = 0.4%); rounding of the
+# weights and of every activation compounds over the layers. We compare bf16 against the fp32
+# PEFT reference, relative to the logits' scale: max |ours - ref| <= BF16_RTOL * max |ref|.
+# PEFT itself run in bf16 shows the same order of error against fp32 (asserted below too).
+BF16_RTOL = 0.05
+
+
+def test_mixed_batch_bf16_logits_within_tolerance(sharp_llama_dir, adapter_dirs):
+    model = load_model(sharp_llama_dir, torch.bfloat16, torch.device("cpu"))
+    slots = AdapterSlots(model, max_loras=len(ADAPTERS), max_rank=16)
+    shapes = model.config.module_shapes()
+    for i, d in enumerate(adapter_dirs):
+        w = load_adapter(d, num_layers=2, module_shapes=shapes, max_rank=16, dtype=torch.bfloat16)
+        slots.activate(i, w)
+    got = prefill_logits(model, PROMPTS, [-1 if a is None else a for a in ROW_ADAPTERS])
+    peft = _peft_models(sharp_llama_dir, adapter_dirs)
+    for prompt, adapter, logits in zip(PROMPTS, ROW_ADAPTERS, got, strict=True):
+        with torch.no_grad():
+            ref = peft[adapter](torch.tensor([prompt])).logits[0]
+            peft_bf16 = peft[adapter].to(torch.bfloat16)(torch.tensor([prompt])).logits[0].float()
+            peft[adapter].float()
+        scale = ref.abs().max().item()
+        ours_err = (logits - ref).abs().max().item()
+        peft_err = (peft_bf16 - ref).abs().max().item()
+        assert ours_err <= BF16_RTOL * scale, (adapter, ours_err, scale)
+        assert peft_err <= BF16_RTOL * scale  # the table holds for the reference library too
+
+
+def test_broken_adapter_fails_only_its_rows(sharp_llama_dir, adapter_dirs, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    llm = LLM(str(sharp_llama_dir), max_loras=2, max_lora_rank=16, kv_cache_bytes=1 << 22)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    outs = llm.generate([[1, 2, 3], [4, 5, 6], [7, 8]], params,
+                        adapters=[adapter_dirs[0], broken, None])
+    assert outs[1].finish_reason == "error" and "broken" in outs[1].error
+    assert outs[0].error is None and len(outs[0].token_ids) == 4
+    assert outs[2].error is None and len(outs[2].token_ids) == 4
+    # The engine keeps serving afterwards.
+    assert len(llm.generate([[9, 9]], params)[0].token_ids) == 4
