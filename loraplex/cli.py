@@ -45,6 +45,7 @@ def generate(
 ):
     """Answer one question with the base model or an adapter (applies the chat template)."""
     from loraplex import LLM, SamplingParams
+    from loraplex.model.pull import PullError
 
     try:
         llm = LLM(model, dtype=dtype, max_loras=1, max_cpu_loras=1)
@@ -54,7 +55,7 @@ def generate(
         ids = llm.tokenizer.encode(text, add_special_tokens=raw)
         params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
         out = llm.generate(ids, params, adapters=[adapter])[0]
-    except (ValueError, OSError) as e:  # our errors are ValueErrors with a clear message
+    except (ValueError, OSError, PullError) as e:  # each carries a clear message
         _fail(str(e))
     if out.error:
         _fail(out.error)

@@ -1,0 +1,47 @@
+"""Device slots and the host LRU cache."""
+
+import torch
+
+from loraplex.lora.adapter import load_adapter
+from loraplex.lora.slots import AdapterSlots, HostCache
+from loraplex.model.loader import load_model
+from tests.conftest import make_peft_adapter, tiny_llama
+
+
+def test_activate_overwrites_every_trace_of_the_previous_adapter(tiny_llama_dir, tmp_path):
+    model = load_model(tiny_llama_dir, torch.float32, torch.device("cpu"))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    shapes = model.config.module_shapes()
+    all_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    make_peft_adapter(tiny_llama(), tmp_path / "big", 16, 16, all_modules)
+    make_peft_adapter(tiny_llama(), tmp_path / "small", 4, 8, ["q_proj"])
+    big = load_adapter(tmp_path / "big", num_layers=2, module_shapes=shapes, max_rank=16)
+    small = load_adapter(tmp_path / "small", num_layers=2, module_shapes=shapes, max_rank=16)
+
+    slots = AdapterSlots(model, max_loras=2, max_rank=16)
+    slots.activate(1, big)
+    slots.activate(1, small)  # a smaller adapter on fewer modules into the same slot
+    for (layer, module), linear in slots.linears.items():
+        a, b = linear.lora_a[1], linear.lora_b[1]
+        if module == "q_proj":
+            sa, sb = small.weights[(layer, module)]
+            assert torch.equal(a[:4], sa) and torch.equal(b[:, :4], sb)
+            assert not a[4:].any() and not b[:, 4:].any()
+        else:
+            assert not a.any() and not b.any()
+    assert not slots.linears[(0, "q_proj")].lora_a[0].any()  # the other slot untouched
+    # The base weights are never modified.
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, base[k]), k
+
+
+def test_host_cache_evicts_least_recently_used_but_never_pinned():
+    cache = HostCache(capacity=2)
+    cache.add(1, "w1")
+    cache.add(2, "w2")
+    cache.pinned.add(1)
+    cache.get(2)
+    cache.add(3, "w3")  # 1 is pinned, so 2 goes although it was used more recently
+    assert 1 in cache and 3 in cache and 2 not in cache
+    cache.add(4, "w4")
+    assert cache.ids() == [1, 4]
