@@ -11,6 +11,7 @@ from loraplex.sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class CompletionOutput:
+    index: int  # which of the prompt's n completions
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens
     text: str
@@ -42,8 +43,9 @@ class LLM:
         adapters: list[str | Path | None] | None = None,
     ) -> list[CompletionOutput]:
         """Generate for every prompt, batched; adapters[i] (a PEFT dir or None) applies to
-        prompts[i]. A prompt whose adapter is broken gets an output with `.error` set; the
-        others are unaffected."""
+        prompts[i]. Returns the completions in prompt order (n consecutive ones per prompt when
+        sampling_params.n > 1). A prompt whose adapter is broken gets outputs with `.error`
+        set; the others are unaffected."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         )
@@ -63,16 +65,17 @@ class LLM:
         while self.engine.has_unfinished():
             for out in self.engine.step():
                 if out.finished:
-                    final[out.request_id] = out
+                    final[(out.request_id, out.index)] = out
         return [
             CompletionOutput(
+                index=out.index,
                 prompt_token_ids=out.prompt_token_ids,
                 token_ids=out.token_ids,
-                text=self.tokenizer.decode(out.token_ids),
+                text=out.text,
                 logprobs=out.logprobs,
                 top_logprobs=out.top_logprobs,
                 finish_reason=out.finish_reason,
                 error=out.error,
             )
-            for out in (final[i] for i in ids)
+            for out in (final[(i, k)] for i in ids for k in range(params.n))
         ]

@@ -76,6 +76,13 @@ class AdapterManager:
             self.host.pinned.add(adapter.adapter_id)
         return None
 
+    def load_now(self, adapter: AdapterRequest) -> None:
+        """Blocking disk -> host load (pre-warming); raises AdapterError for a broken adapter."""
+        while (problem := self.poll(adapter)) == "loading":
+            self._loads[adapter.adapter_id].result()
+        if problem is not None:
+            raise AdapterError(problem)
+
     def wait_for_loads(self, timeout: float) -> None:
         """Block until some pending load finishes (used when nothing else can run)."""
         pending = [f for f in self._loads.values() if not f.done()]
@@ -100,8 +107,11 @@ class AdapterManager:
             return None
         return slot
 
-    def acquire_slot(self, adapter_id: int, in_use: set[int], step: int) -> int | None:
-        """Activate a loaded adapter into a free or drained slot; reserve one if none is free."""
+    def acquire_slot(
+        self, adapter_id: int, in_use: set[int], step: int, may_reserve: bool = True
+    ) -> int | None:
+        """Activate a loaded adapter into a free or drained slot; if every candidate is busy,
+        reserve the least recently used one (unless may_reserve is False) and return None."""
         slot = self.slot_of(adapter_id)
         if slot is not None:
             if self.can_admit(adapter_id) is None:
@@ -122,7 +132,8 @@ class AdapterManager:
                                                           self.slot_last_used[s]))]
         slot = candidates[0]
         if self.slot_adapter[slot] in in_use:
-            self.reserved[slot] = adapter_id  # drain: admit nobody new for the old adapter
+            if may_reserve:
+                self.reserved[slot] = adapter_id  # drain: admit nobody new for the old adapter
             return None
         self.reserved.pop(slot, None)
         start = time.perf_counter()

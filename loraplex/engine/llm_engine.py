@@ -1,6 +1,8 @@
 """LLMEngine: one base model, many adapters, one `step()` at a time."""
 
 import os
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +20,7 @@ from loraplex.model.tokenizer import Tokenizer
 from loraplex.sampling_params import SamplingParams
 
 MAX_DEFAULT_MODEL_LEN = 4096
+TOKENS_PER_SECOND_WINDOW = 10.0  # seconds of history behind stats()["tokens_per_second"]
 
 
 class RequestError(ValueError):
@@ -26,9 +29,13 @@ class RequestError(ValueError):
 
 @dataclass
 class RequestOutput:
+    """The state of one completion (`index` of the request's n) after a step."""
+
     request_id: str
+    index: int
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated so far
+    text: str  # generated text so far, safe to show (never part of a stop string)
     logprobs: list[float] = field(default_factory=list)  # of each generated token
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finished: bool = False
@@ -65,8 +72,12 @@ class LLMEngine:
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.blocks, self.adapters)
-        self.sequences: dict[str, Sequence] = {}
+        self.requests: dict[str, list[Sequence]] = {}  # unfinished requests by id
         self._arrivals = 0
+        self.generator = torch.Generator()  # for requests without a seed
+        self.generator.seed()
+        self.num_generated_tokens = 0
+        self._recent_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) per step
 
     def _max_model_len(self) -> int:
         mc = self.model.config
@@ -88,7 +99,7 @@ class LLMEngine:
         params: SamplingParams,
         adapter: AdapterRequest | None = None,
     ) -> None:
-        if request_id in self.sequences:
+        if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
             prompt_ids = self.tokenizer.encode(prompt)
@@ -104,17 +115,51 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens; this engine's context length "
                 f"(max_model_len) is {self.max_model_len}, which leaves no room to generate"
             )
-        seq = Sequence(request_id, prompt_ids, params, adapter, arrival=self._arrivals)
-        self._arrivals += 1
-        self.sequences[request_id] = seq
-        self.scheduler.add(seq)
+        seqs = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator().manual_seed(params.seed + index)
+            seqs.append(Sequence(request_id, index, prompt_ids, params, adapter,
+                                 arrival=self._arrivals, generator=generator))
+            self._arrivals += 1
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
         if adapter is not None:
             self.adapters.poll(adapter)  # start reading it from disk right away
 
-    def abort(self, request_id: str) -> None:
-        seq = self.sequences.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request now; its KV blocks and adapter slot hold are freed at once."""
+        seqs = self.requests.get(request_id, [])
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        return [self._output(seq) for seq in seqs]
+
+    def prewarm(self, adapter: AdapterRequest, pin: bool = False) -> None:
+        """Load an adapter ahead of traffic: into the host cache now, and into a slot if one is
+        free. `pin` keeps it resident (host cache and slot) until `unpin`."""
+        self.adapters.load_now(adapter)
+        if pin:
+            self.adapters.pin(adapter.adapter_id)
+        in_use = {s.adapter_id for s in self.scheduler.running if s.adapter is not None}
+        self.adapters.acquire_slot(adapter.adapter_id, in_use, self.scheduler.step_count,
+                                   may_reserve=False)
+
+    def unpin(self, adapter_id: int) -> None:
+        self.adapters.unpin(adapter_id)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Finish every unfinished request with an error (after the model itself failed)."""
+        outputs = []
+        for seqs in list(self.requests.values()):
+            for seq in seqs:
+                if not seq.is_finished:
+                    seq.error = message
+                    self.scheduler.finish(seq, "error")
+            outputs += [self._output(seq) for seq in seqs]
+        return outputs
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -132,16 +177,37 @@ class LLMEngine:
                 self.adapters.wait_for_loads(timeout=0.05)  # nothing runnable until a load lands
             return [self._output(s) for s in changed]
         logits, outputs = self.runner.execute(batch)
-        sampled = sample(logits, [item.seq for item in outputs])
+        sampled = sample(logits, [item.seq for item in outputs], self.generator)
+        self.num_generated_tokens += len(sampled)
+        now = time.monotonic()
+        self._recent_tokens.append((now, len(sampled)))
+        while now - self._recent_tokens[0][0] > TOKENS_PER_SECOND_WINDOW:
+            self._recent_tokens.popleft()
         for item, token in zip(outputs, sampled, strict=True):
             seq = item.seq
             seq.output_token_ids.append(token.token_id)
             seq.output_logprobs.append({token.token_id: token.logprob, **token.top_logprobs})
-            reason = self._finish_reason(seq, token.token_id)
+            reason = self._update_text(seq) or self._finish_reason(seq, token.token_id)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             changed.append(seq)
         return [self._output(s) for s in changed]
+
+    def _update_text(self, seq: Sequence) -> str | None:
+        """Detokenize the output so far; cut it at a stop string and return "stop" if one shows."""
+        text = self.tokenizer.decode(seq.output_token_ids)
+        if text.endswith("\ufffd"):
+            return None  # a multi-byte character is only half there yet
+        stops = seq.params.stop
+        if stops:
+            # Only the new text (plus a stop string's length of overlap) can hold a new match.
+            start = max(0, len(seq.output_text) - max(len(x) for x in stops))
+            hits = [i for i in (text.find(x, start) for x in stops) if i >= 0]
+            if hits:
+                seq.output_text = text[: min(hits)]
+                return "stop"
+        seq.output_text = text
+        return None
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.params
@@ -154,12 +220,19 @@ class LLMEngine:
         return None
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        if seq.is_finished:
-            self.sequences.pop(seq.request_id, None)
+        seqs = self.requests.get(seq.request_id, [])
+        if seqs and all(s.is_finished for s in seqs):
+            del self.requests[seq.request_id]
+        text = seq.output_text
+        if not seq.is_finished and seq.params.stop:
+            # Hold back what could still become the start of a stop string.
+            text = text[: max(0, len(text) - max(len(x) for x in seq.params.stop) + 1)]
         return RequestOutput(
             request_id=seq.request_id,
+            index=seq.index,
             prompt_token_ids=seq.prompt_token_ids,
             token_ids=list(seq.output_token_ids),
+            text=text,
             logprobs=[lp[t] for lp, t in zip(seq.output_logprobs, seq.output_token_ids,
                                               strict=True)],
             top_logprobs=list(seq.output_logprobs),
@@ -169,14 +242,27 @@ class LLMEngine:
         )
 
     def stats(self) -> dict:
+        """A snapshot of the engine's state and counters (cheap; safe to call any time)."""
+        loads = sorted(self.adapters.stats.load_seconds)
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "kv_blocks_total": self.blocks.num_blocks,
             "kv_blocks_free": self.blocks.num_free,
             "preemptions": self.scheduler.num_preemptions,
+            "steps": self.scheduler.step_count,
+            "generated_tokens": self.num_generated_tokens,
+            "tokens_per_second": self._tokens_per_second(),
+            "adapter_load_ms_p50": 1e3 * loads[len(loads) // 2] if loads else None,
+            "adapter_load_ms_max": 1e3 * loads[-1] if loads else None,
             **self.adapters.snapshot(),
         }
+
+    def _tokens_per_second(self) -> float:
+        if len(self._recent_tokens) < 2:
+            return 0.0
+        span = self._recent_tokens[-1][0] - self._recent_tokens[0][0]
+        return sum(n for _, n in list(self._recent_tokens)[1:]) / span if span > 0 else 0.0
 
     def shutdown(self) -> None:
         self.adapters.shutdown()

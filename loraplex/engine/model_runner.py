@@ -51,7 +51,7 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slot_mapping.extend(table[i // bs] * bs + i % bs for i in range(start, end))
-            token_slots.extend([item.slot] * item.num_tokens)
+            token_slots.extend([seq.slot] * item.num_tokens)
             if item.num_tokens == 1:
                 decode_tables.append(table)
                 decode_lens.append(end)

@@ -19,7 +19,6 @@ from loraplex.engine.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens computed for it this step (1 when decoding)
-    slot: int  # adapter slot, or -1 for the base model
 
 
 class Scheduler:
@@ -29,7 +28,6 @@ class Scheduler:
         self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.slot_of_seq: dict[str, int] = {}  # request id -> slot, while running
         self.step_count = 0
         self.num_preemptions = 0
 
@@ -65,10 +63,9 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             self.blocks.allocate(seq, num)
-            slot = self.slot_of_seq[seq.request_id]
-            if slot >= 0:
-                self.adapters.touch(slot, self.step_count)
-            scheduled.append(ScheduledSeq(seq, num, slot))
+            if seq.slot >= 0:
+                self.adapters.touch(seq.slot, self.step_count)
+            scheduled.append(ScheduledSeq(seq, num))
             budget -= num
 
         # Admit waiting sequences in arrival order; none while we are short of memory.
@@ -97,10 +94,10 @@ class Scheduler:
             self.blocks.allocate(seq, num)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self.slot_of_seq[seq.request_id] = slot
+            seq.slot = slot
             if seq.adapter is not None:
                 in_use.add(seq.adapter_id)
-            scheduled.append(ScheduledSeq(seq, num, slot))
+            scheduled.append(ScheduledSeq(seq, num))
             budget -= num
         self.adapters.release_reservations(
             {s.adapter_id for s in self.waiting if s.adapter is not None}
@@ -113,7 +110,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
-        self.slot_of_seq.pop(seq.request_id, None)
+        seq.slot = -1
         self.num_preemptions += 1
         index = next((i for i, s in enumerate(self.waiting) if s.arrival > seq.arrival),
                      len(self.waiting))
@@ -124,7 +121,7 @@ class Scheduler:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.blocks.free(seq)
-            self.slot_of_seq.pop(seq.request_id, None)
+            seq.slot = -1
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED

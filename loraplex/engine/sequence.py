@@ -3,6 +3,8 @@
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from loraplex.sampling_params import SamplingParams
 
 
@@ -20,18 +22,24 @@ class AdapterRequest:
     path: str  # the PEFT directory on disk
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
+    """One completion being generated; a request with n > 1 has n of them."""
+
     request_id: str
+    index: int  # which of the request's n completions
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: AdapterRequest | None
     arrival: int  # admission order: FCFS fairness and preemption choose by it
+    generator: torch.Generator | None = None  # set when the request has a seed
+    output_text: str = ""  # detokenized output, cut at a stop string
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache
     block_table: list[int] = field(default_factory=list)
+    slot: int = -1  # adapter slot while running; -1 for the base model
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
 

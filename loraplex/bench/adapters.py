@@ -1,0 +1,33 @@
+"""Random PEFT-format LoRA adapters for benchmarks (no peft needed at run time)."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from loraplex.lora.modules import MLP_MODULES, TARGET_MODULES
+from loraplex.model.llama import ModelConfig
+
+
+def write_random_adapter(
+    out_dir: Path, config: ModelConfig, rank: int, targets=TARGET_MODULES, seed: int = 0
+) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors with small random A and B."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = config.module_shapes()
+    tensors = {}
+    for layer in range(config.num_layers):
+        for module in targets:
+            d_in, d_out = shapes[module]
+            block = "mlp" if module in MLP_MODULES else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) / d_in**0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) * 0.01
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / "adapter_model.safetensors")
+    (out_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
+        "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,
+    }))
+    return out_dir

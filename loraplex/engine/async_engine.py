@@ -1,0 +1,184 @@
+"""AsyncEngine: the asyncio front of the engine, used by the server.
+
+The engine runs its steps in one background thread, so the event loop never waits on the model.
+Requests and aborts travel to that thread through a queue and are applied between steps; each
+request's outputs come back to the event loop through its own asyncio queue.
+"""
+
+import asyncio
+import itertools
+import queue
+import threading
+import traceback
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from loraplex.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine, RequestOutput
+from loraplex.engine.sequence import AdapterRequest
+from loraplex.sampling_params import SamplingParams
+
+IDLE_WAIT_SECONDS = 0.05  # how long the engine thread sleeps on an empty inbox
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """What one completion gained since the last delta."""
+
+    request_id: str
+    index: int  # which of the request's n completions
+    text: str  # new text
+    token_ids: list[int]  # new tokens
+    logprobs: list[float]  # of the new tokens
+    top_logprobs: list[dict[int, float]]
+    finished: bool
+    finish_reason: str | None
+    error: str | None
+    prompt_tokens: int  # usage so far
+    completion_tokens: int
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine(config or EngineConfig())
+        self.tokenizer = self.engine.tokenizer
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    # -- event-loop side ------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter: AdapterRequest | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[StreamDelta]:
+        """Stream a request's deltas until every completion is finished. Raises the engine's
+        ValueError (a clear message) if the request is refused. Leaving the loop early (or a
+        cancelled task, e.g. a client disconnect) aborts the request."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, outputs)
+        self._inbox.put(("add", request_id, prompt, params, adapter))
+        sent: dict[int, RequestOutput] = {}
+        remaining = params.n
+        try:
+            while remaining:
+                item = await outputs.get()
+                if isinstance(item, Exception):
+                    raise item
+                delta = _delta(sent.get(item.index), item)
+                sent[item.index] = item
+                if item.finished:
+                    remaining -= 1
+                yield delta
+        finally:
+            self._streams.pop(request_id, None)
+            if remaining:
+                self._inbox.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def call(self, function, *args):
+        """Run `function(engine, *args)` on the engine thread between steps; returns a future."""
+        future = asyncio.get_running_loop().create_future()
+        self._inbox.put(("call", function, args, asyncio.get_running_loop(), future))
+        return future
+
+    async def prewarm(self, adapter: AdapterRequest, pin: bool = False) -> None:
+        await self.call(lambda engine: engine.prewarm(adapter, pin))
+
+    async def stats(self) -> dict:
+        return await self.call(lambda engine: engine.stats())
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+        self.engine.shutdown()
+
+    # -- engine-thread side ---------------------------------------------------------------------
+    def _publish(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, outputs = stream
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+    def _handle(self, message) -> None:
+        kind = message[0]
+        if kind == "add":
+            _, request_id, prompt, params, adapter = message
+            try:
+                self.engine.add_request(request_id, prompt, params, adapter)
+            except ValueError as e:  # a bad request fails alone, with its message
+                self._publish(request_id, e)
+        elif kind == "abort":
+            for out in self.engine.abort(message[1]):
+                self._publish(out.request_id, out)
+        elif kind == "call":
+            _, function, args, loop, future = message
+            try:
+                result = function(self.engine, *args)
+            except Exception as e:
+                loop.call_soon_threadsafe(_set_exception, future, e)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+    def _drain_inbox(self, wait: bool) -> None:
+        """Apply every queued message; when `wait`, first sleep until one arrives (briefly)."""
+        try:
+            if wait:
+                message = self._inbox.get(timeout=IDLE_WAIT_SECONDS)
+            else:
+                message = self._inbox.get_nowait()
+            while True:
+                self._handle(message)
+                message = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._drain_inbox(wait=not self.engine.has_unfinished())
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # the model failed: fail what is in flight, keep serving
+                traceback.print_exc()
+                outputs = self.engine.fail_all(f"engine error: {type(e).__name__}: {e}")
+            for out in outputs:
+                self._publish(out.request_id, out)
+
+
+def _set_result(future: asyncio.Future, result) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _delta(previous: RequestOutput | None, current: RequestOutput) -> StreamDelta:
+    num_tokens = len(previous.token_ids) if previous else 0
+    num_chars = len(previous.text) if previous else 0
+    return StreamDelta(
+        request_id=current.request_id,
+        index=current.index,
+        text=current.text[num_chars:],
+        token_ids=current.token_ids[num_tokens:],
+        logprobs=current.logprobs[num_tokens:],
+        top_logprobs=current.top_logprobs[num_tokens:],
+        finished=current.finished,
+        finish_reason=current.finish_reason,
+        error=current.error,
+        prompt_tokens=len(current.prompt_token_ids),
+        completion_tokens=len(current.token_ids),
+    )
