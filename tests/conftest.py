@@ -45,6 +45,42 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def sharp_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random llama with large weights, so greedy choices have clear margins (token
+    identity across batch compositions is then a meaningful test, not a coin toss)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, initializer_range=0.15, max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("sharp_llama")
+    model.save_pretrained(path, safe_serialization=True)
+    save_tiny_tokenizer(path, config.vocab_size)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sharp_adapters(sharp_llama_dir, tmp_path_factory) -> list[Path]:
+    """Twelve PEFT adapters for sharp_llama_dir: ranks 4/8/16, attention-only or all modules."""
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(sharp_llama_dir).eval()
+    root = tmp_path_factory.mktemp("sharp_adapters")
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    everything = attention + ["gate_proj", "up_proj", "down_proj"]
+    dirs = []
+    for i in range(12):
+        rank = (4, 8, 16)[i % 3]
+        targets = attention if i % 2 else everything
+        make_peft_adapter(base, root / f"a{i}", rank, 2 * rank, targets, seed=100 + i)
+        dirs.append(root / f"a{i}")
+    return dirs
+
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -7,7 +7,7 @@ from loraplex import LLM, SamplingParams
 from loraplex.lora.adapter import load_adapter
 from loraplex.lora.slots import AdapterSlots
 from loraplex.model.loader import load_model
-from tests.conftest import make_peft_adapter, prefill_logits, save_tiny_tokenizer
+from tests.conftest import make_peft_adapter, prefill_logits
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = ATTN + ["gate_proj", "up_proj", "down_proj"]
@@ -30,23 +30,6 @@ PROMPTS = [
     [7, 7, 7, 7, 7, 8, 9],
     [120, 3, 45, 6, 77, 8, 1, 2, 3],
 ]
-
-
-@pytest.fixture(scope="module")
-def sharp_llama_dir(tmp_path_factory):
-    """A tiny random llama with large weights, so greedy choices have clear margins."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, initializer_range=0.15, max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("sharp_llama")
-    model.save_pretrained(path, safe_serialization=True)
-    save_tiny_tokenizer(path, config.vocab_size)
-    return path
 
 
 @pytest.fixture(scope="module")

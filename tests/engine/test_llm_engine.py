@@ -1,0 +1,158 @@
+"""The engine: batching, preemption, chunked prefill and adapter slots never change a result."""
+
+import pytest
+
+from loraplex.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine, RequestError
+from loraplex.engine.sequence import AdapterRequest
+from loraplex.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, logprobs=2, ignore_eos=True)
+
+
+def make_engine(model_dir, **overrides) -> LLMEngine:
+    config = dict(model=str(model_dir), max_loras=4, max_cpu_loras=8, max_lora_rank=16,
+                  max_model_len=128, block_size=4, kv_cache_bytes=1 << 22)
+    return LLMEngine(EngineConfig(**{**config, **overrides}))
+
+
+def prompts(n: int) -> list[list[int]]:
+    """Deterministic prompts of varied lengths (3 to 40 tokens)."""
+    return [[(7 * i + 13 * j) % 125 + 3 for j in range(3 + (11 * i) % 38)] for i in range(n)]
+
+
+def run(engine: LLMEngine, requests: list[tuple[list[int], AdapterRequest | None]],
+        params: SamplingParams = GREEDY, max_steps: int = 5000) -> dict:
+    for i, (prompt, adapter) in enumerate(requests):
+        engine.add_request(f"r{i}", prompt, params, adapter)
+    final = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            if out.finished:
+                final[(out.request_id, out.index)] = out
+    assert not engine.has_unfinished(), "the engine did not finish in time"
+    return final
+
+
+def adapter(dirs, i) -> AdapterRequest:
+    return AdapterRequest(i, str(dirs[i]))
+
+
+@pytest.fixture(scope="module")
+def alone(sharp_llama_dir, sharp_adapters):
+    """Each (prompt, adapter) pair run alone: the reference every batched run must match."""
+    engine = make_engine(sharp_llama_dir)
+    results = {}
+    for i, prompt in enumerate(prompts(12)):
+        for a in (None, i):
+            req = None if a is None else adapter(sharp_adapters, a)
+            results[(i, a)] = run(engine, [(prompt, req)])[("r0", 0)]
+    return results
+
+
+def check_against_alone(final, alone, pairs):
+    for i, (p, a) in enumerate(pairs):
+        out = final[(f"r{i}", 0)]
+        ref = alone[(p, a)]
+        assert out.error is None
+        assert out.token_ids == ref.token_ids, f"prompt {p} adapter {a}"
+        assert max(abs(x - y) for x, y in zip(out.logprobs, ref.logprobs, strict=True)) < 1e-4
+
+
+def _pairs(n):
+    # Every prompt with its own adapter, and every third also with the base model.
+    return [(i, i) for i in range(n)] + [(i, None) for i in range(0, n, 3)]
+
+
+@pytest.mark.parametrize("setting", ["roomy", "chunked-prefill", "tiny-kv-cache"])
+def test_batched_equals_alone_with_12_adapters_in_4_slots(
+    setting, sharp_llama_dir, sharp_adapters, alone
+):
+    from loraplex.engine.model_runner import ModelRunner
+
+    overrides = {}
+    if setting == "chunked-prefill":
+        overrides = dict(max_num_batched_tokens=8)  # prompts go in in chunks of <= 8 tokens
+    if setting == "tiny-kv-cache":
+        # Room for 40 blocks of 4 tokens: forces preemption and recomputation.
+        probe = make_engine(sharp_llama_dir)
+        overrides = dict(kv_cache_bytes=40 * ModelRunner.kv_bytes_per_block(probe.model,
+                                                                            probe.config))
+    engine = make_engine(sharp_llama_dir, **overrides)
+    pairs = _pairs(12)
+    final = run(engine, [(prompts(12)[p], None if a is None else adapter(sharp_adapters, a))
+                         for p, a in pairs])
+    check_against_alone(final, alone, pairs)
+    stats = engine.stats()
+    assert stats["slot_misses"] >= 12  # 12 adapters went through 4 slots
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    if setting == "tiny-kv-cache":
+        assert stats["preemptions"] > 0
+
+
+def test_corrupt_adapter_fails_only_its_own_requests(sharp_llama_dir, sharp_adapters, alone,
+                                                     tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    broken = AdapterRequest(99, str(tmp_path))
+    engine = make_engine(sharp_llama_dir)
+    requests = [(prompts(12)[0], adapter(sharp_adapters, 0)), (prompts(12)[1], broken),
+                (prompts(12)[2], None), (prompts(12)[3], broken)]
+    final = run(engine, requests)
+    for rid in ("r1", "r3"):
+        assert final[(rid, 0)].finish_reason == "error"
+        assert str(tmp_path) in final[(rid, 0)].error
+    check_against_alone({("r0", 0): final[("r0", 0)], ("r1", 0): final[("r2", 0)]}, alone,
+                        [(0, 0), (2, None)])
+
+
+def test_prompt_longer_than_context_is_rejected(sharp_llama_dir):
+    engine = make_engine(sharp_llama_dir, max_model_len=32)
+    with pytest.raises(RequestError, match="40 tokens.*max_model_len.*32"):
+        engine.add_request("long", list(range(40)), GREEDY)
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request("empty", [], GREEDY)
+    with pytest.raises(RequestError, match=r"\[0, 128\)"):
+        engine.add_request("bad", [5, 500], GREEDY)
+
+
+def test_generation_stops_at_context_length(sharp_llama_dir):
+    engine = make_engine(sharp_llama_dir, max_model_len=32)
+    out = run(engine, [(list(range(1, 21)), None)],
+              SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[("r0", 0)]
+    assert out.finish_reason == "length" and len(out.token_ids) == 12
+
+
+def test_abort_frees_blocks_and_slot_hold_within_one_step(sharp_llama_dir, sharp_adapters):
+    engine = make_engine(sharp_llama_dir)
+    engine.add_request("a", prompts(3)[2], GREEDY, adapter(sharp_adapters, 0))
+    while not engine.scheduler.running:
+        engine.step()
+    engine.step()
+    assert engine.blocks.num_free < engine.blocks.num_blocks
+    outs = engine.abort("a")
+    assert outs[0].finished and outs[0].finish_reason == "abort"
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert not engine.scheduler.running and not engine.has_unfinished()
+
+
+def test_pinned_adapter_stays_in_its_slot(sharp_llama_dir, sharp_adapters):
+    engine = make_engine(sharp_llama_dir, max_loras=2, max_cpu_loras=2)
+    pinned = adapter(sharp_adapters, 5)
+    engine.prewarm(pinned, pin=True)
+    assert engine.adapters.slot_of(5) is not None
+    run(engine, [(prompts(12)[i], adapter(sharp_adapters, i)) for i in range(4)])
+    assert engine.adapters.slot_of(5) is not None and 5 in engine.adapters.host
+    with pytest.raises(ValueError, match="cannot pin more than 1"):
+        engine.prewarm(adapter(sharp_adapters, 6), pin=True)
+    engine.unpin(5)
+    run(engine, [(prompts(12)[i], adapter(sharp_adapters, i)) for i in range(4)])
+    assert engine.adapters.slot_of(5) is None
+
+
+def test_prewarm_of_a_broken_adapter_is_a_clear_error(sharp_llama_dir, tmp_path):
+    engine = make_engine(sharp_llama_dir)
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        engine.prewarm(AdapterRequest(1, str(tmp_path)))
