@@ -1,5 +1,6 @@
 """The command line: clear errors, no tracebacks; generate on a tiny model."""
 
+import pytest
 from typer.testing import CliRunner
 
 from loraplex.cli import app
@@ -30,3 +31,13 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 def test_pull_unknown_name():
     result = runner.invoke(app, ["pull", "gpt-9"])
     assert result.exit_code == 1 and "known models" in result.output
+
+
+@pytest.mark.real_model
+def test_pull_then_generate_answers_paris():
+    result = runner.invoke(app, ["pull", "smollm2-135m"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["generate", "--model", "smollm2-135m", "--max-tokens", "24",
+                                 "What is the capital of France?"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output

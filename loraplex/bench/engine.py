@@ -122,18 +122,22 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int,
                         help=f"tokens generated per request (default 64, at most "
                              f"{MAX_MODEL_LEN - 16})")
-    parser.add_argument("--concurrency", type=_int_list, default=[1, 8, 32, 64],
+    parser.add_argument("--concurrency", type=_int_list,
                         help="comma-separated concurrent request counts (default 1,8,32,64)")
-    parser.add_argument("--adapters", type=_int_list, default=[0, 1, 8, 32],
+    parser.add_argument("--adapters", type=_int_list,
                         help="comma-separated distinct adapter counts (default 0,1,8,32); "
                              "a count above the requests is capped at the requests")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: {QUICK_LOAD_SAMPLES} adapter loads, 16 tokens, 1 repeat "
-                             "(explicit --repeats / --max-tokens still win)")
+                        help=f"smoke run: {QUICK_LOAD_SAMPLES} adapter loads, 8 tokens, 1 repeat, "
+                             "concurrency 1,8, adapters 0,1,8 (explicit options still win)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
-    args.repeats = args.repeats or (1 if args.quick else 3)
-    args.max_tokens = args.max_tokens or (16 if args.quick else 64)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.max_tokens is None:
+        args.max_tokens = 8 if args.quick else 64
+    args.concurrency = args.concurrency or ([1, 8] if args.quick else [1, 8, 32, 64])
+    args.adapters = args.adapters or ([0, 1, 8] if args.quick else [0, 1, 8, 32])
     args.load_samples = QUICK_LOAD_SAMPLES if args.quick else LOAD_SAMPLES
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
