@@ -16,7 +16,7 @@ class CompletionOutput:
     token_ids: list[int]  # generated tokens
     text: str
     logprobs: list[float]  # log-probability of each generated token
-    top_logprobs: list[dict[int, float]]  # per token: chosen + top-k alternatives, if asked
+    top_logprobs: list[dict[int, float]]  # per token: the top-k alternatives, if asked
     finish_reason: str  # "stop" | "length" | "error"
     error: str | None = None  # why this prompt failed (e.g. its adapter is broken)
 

@@ -161,6 +161,8 @@ class AdapterManager:
                 f"{len(self.slot_adapter)}: one slot must stay free for everyone else"
             )
         self.pinned.add(adapter_id)
+        # Its slot may be draining for another adapter: cancel that, or the pin would not hold.
+        self.reserved.pop(self.slot_of(adapter_id), None)
         if adapter_id in self.host:
             self.host.pinned.add(adapter_id)
 

@@ -97,6 +97,9 @@ class AsyncEngine:
     async def stats(self) -> dict:
         return await self.call(lambda engine: engine.stats())
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
     def shutdown(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=10)

@@ -37,7 +37,7 @@ class RequestOutput:
     token_ids: list[int]  # generated so far
     text: str  # generated text so far, safe to show (never part of a stop string)
     logprobs: list[float] = field(default_factory=list)  # of each generated token
-    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)  # top-k alternatives
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
@@ -186,7 +186,8 @@ class LLMEngine:
         for item, token in zip(outputs, sampled, strict=True):
             seq = item.seq
             seq.output_token_ids.append(token.token_id)
-            seq.output_logprobs.append({token.token_id: token.logprob, **token.top_logprobs})
+            seq.output_logprobs.append(token.logprob)
+            seq.output_top_logprobs.append(token.top_logprobs)
             reason = self._update_text(seq) or self._finish_reason(seq, token.token_id)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
@@ -233,9 +234,8 @@ class LLMEngine:
             prompt_token_ids=seq.prompt_token_ids,
             token_ids=list(seq.output_token_ids),
             text=text,
-            logprobs=[lp[t] for lp, t in zip(seq.output_logprobs, seq.output_token_ids,
-                                              strict=True)],
-            top_logprobs=list(seq.output_logprobs),
+            logprobs=list(seq.output_logprobs),
+            top_logprobs=list(seq.output_top_logprobs),
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             error=seq.error,

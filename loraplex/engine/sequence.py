@@ -35,7 +35,8 @@ class Sequence:
     generator: torch.Generator | None = None  # set when the request has a seed
     output_text: str = ""  # detokenized output, cut at a stop string
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)  # of each generated token
+    output_top_logprobs: list[dict[int, float]] = field(default_factory=list)  # top-k each
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache
     block_table: list[int] = field(default_factory=list)

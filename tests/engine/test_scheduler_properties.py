@@ -3,11 +3,12 @@
 After any sequence of add / step / abort / prewarm / pin / unpin: no KV block is leaked or owned
 twice, no adapter a running sequence uses is evicted or overwritten, and every request ends
 finished ("stop", "length", "abort" or "error"). The engine is made small on purpose (2 slots,
-3 host-cached adapters for 5 on disk, 20 KV blocks of 4 tokens, 16 tokens a step) so that
+3 host-cached adapters for 5 on disk, 14 KV blocks of 4 tokens, 16 tokens a step) so that
 preemption, chunked prefill, slot draining and host-cache eviction all happen within a few steps.
 """
 
 import functools
+import re
 import tempfile
 from pathlib import Path
 
@@ -46,7 +47,7 @@ CORRUPT_ID = 99
 
 MAX_LORAS = 2
 BLOCK_SIZE = 4
-NUM_BLOCKS = 20
+NUM_BLOCKS = 14
 MAX_MODEL_LEN = 48  # a 40-token prompt can run into it: "length" by context, not max_tokens
 MAX_DRAIN_STEPS = 2000
 FINISH_REASONS = {"stop", "length", "abort", "error"}
@@ -100,6 +101,36 @@ def _fingerprint(engine: LLMEngine, adapter: AdapterRequest) -> tuple[tuple, tor
     return _fingerprints[adapter.adapter_id]
 
 
+def check_engine(engine: LLMEngine) -> None:
+    """Every KV block is free or owned by exactly one running sequence; every running sequence's
+    adapter is still in its slot, really (its weights), not just on paper."""
+    blocks, scheduler, adapters = engine.blocks, engine.scheduler, engine.adapters
+    owned = [b for seq in scheduler.running for b in seq.block_table]
+    everything = blocks.free_blocks + owned
+    assert len(everything) == len(set(everything)), "a block is free and owned, or owned twice"
+    assert sorted(everything) == list(range(blocks.num_blocks)), "a block leaked"
+    assert len(scheduler.running) <= engine.config.max_num_seqs
+    for seq in scheduler.running:
+        assert seq.status is SequenceStatus.RUNNING
+        assert seq.num_computed_tokens <= len(seq.block_table) * blocks.block_size
+    for seq in scheduler.waiting:
+        assert seq.status is SequenceStatus.WAITING
+        assert seq.block_table == [] and seq.num_computed_tokens == 0 and seq.slot == -1
+
+    in_slots = [a for a in adapters.slot_adapter if a is not None]
+    assert len(in_slots) == len(set(in_slots)), f"an adapter is in two slots: {in_slots}"
+    with_adapter = [s for s in scheduler.running if s.adapter is not None]
+    assert len({s.adapter_id for s in with_adapter}) <= len(adapters.slot_adapter)
+    for seq in scheduler.running:
+        if seq.adapter is None:
+            assert seq.slot == -1
+            continue
+        assert adapters.slot_adapter[seq.slot] == seq.adapter_id, "an in-use adapter was evicted"
+        (layer, name), lora_a = _fingerprint(engine, seq.adapter)
+        in_slot = adapters.slots.linears[(layer, name)].lora_a[seq.slot, : lora_a.shape[0]]
+        assert torch.equal(in_slot, lora_a), "an in-use slot was overwritten"
+
+
 # Draw the length first: st.lists alone favours short lists, and long prompts are what fill the
 # KV cache (preemption) and take several steps to prefill (chunking).
 prompts = st.integers(1, MAX_MODEL_LEN + 2).flatmap(
@@ -113,6 +144,8 @@ sampling_params = st.builds(
     max_tokens=st.integers(1, 12),
     ignore_eos=st.booleans(),
 )
+# (prompt, params, adapter index): -1 is the base model, -2 the corrupt adapter.
+requests = st.tuples(prompts, sampling_params, st.integers(-2, len(ADAPTERS) - 1))
 
 
 class EngineMachine(RuleBasedStateMachine):
@@ -120,12 +153,13 @@ class EngineMachine(RuleBasedStateMachine):
 
     @initialize()
     def start(self):
-        self.model_dir, self.adapter_list, self.corrupt = _assets()
+        self.model_dir, self.adapters, self.corrupt = _assets()
         self.engine = LLMEngine(_config(self.model_dir))
         assert self.engine.blocks.num_blocks == NUM_BLOCKS
         self.added: dict[str, tuple[int, AdapterRequest | None]] = {}  # id -> (n, adapter)
         self.final: dict[tuple[str, int], RequestOutput] = {}  # (id, index) -> finished output
         self.pinned: set[int] = set()
+        self.pinned_in_slot: set[int] = set()
         self.next_id = 0
 
     def teardown(self):
@@ -137,23 +171,22 @@ class EngineMachine(RuleBasedStateMachine):
             self.engine.shutdown()
 
     # -- rules ----------------------------------------------------------------------------------
-    @rule(
-        target=request_ids,
-        prompt=prompts,
-        params=sampling_params,
-        which=st.integers(-2, len(ADAPTERS) - 1),  # -2: the corrupt adapter, -1: base model
-    )
-    def add(self, prompt, params, which):
-        adapter = {-2: self.corrupt, -1: None}[which] if which < 0 else self.adapter_list[which]
-        request_id = f"r{self.next_id}"
-        self.next_id += 1
-        if len(prompt) >= MAX_MODEL_LEN:
-            with pytest.raises(RequestError, match="max_model_len"):
-                self.engine.add_request(request_id, prompt, params, adapter)
-            return multiple()  # rejected up front: never known to the engine
-        self.engine.add_request(request_id, prompt, params, adapter)
-        self.added[request_id] = (params.n, adapter)
-        return request_id
+    # Requests come in bursts of up to 3, so that several compete for blocks and slots at once.
+    @rule(target=request_ids, burst=st.lists(requests, min_size=1, max_size=3))
+    def add(self, burst):
+        accepted = []
+        for prompt, params, which in burst:
+            adapter = None if which == -1 else self.corrupt if which == -2 else self.adapters[which]
+            request_id = f"r{self.next_id}"
+            self.next_id += 1
+            if len(prompt) >= MAX_MODEL_LEN:
+                with pytest.raises(RequestError, match="max_model_len"):
+                    self.engine.add_request(request_id, prompt, params, adapter)
+                continue  # rejected up front: never known to the engine
+            self.engine.add_request(request_id, prompt, params, adapter)
+            self.added[request_id] = (params.n, adapter)
+            accepted.append(request_id)
+        return multiple(*accepted)
 
     @rule(request_id=request_ids)
     def add_duplicate_id(self, request_id):
@@ -177,9 +210,9 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(which=st.integers(-1, len(ADAPTERS) - 1), pin=st.booleans())
     def prewarm(self, which, pin):
-        adapter = self.corrupt if which == -1 else self.adapter_list[which]
+        adapter = self.corrupt if which == -1 else self.adapters[which]
         if adapter is self.corrupt:
-            with pytest.raises(ValueError, match=adapter.path):
+            with pytest.raises(ValueError, match=re.escape(adapter.path)):
                 self.engine.prewarm(adapter, pin=pin)
             return
         if pin and len(self.pinned | {adapter.adapter_id}) >= MAX_LORAS:
@@ -197,44 +230,20 @@ class EngineMachine(RuleBasedStateMachine):
         adapter_id = data.draw(st.sampled_from(sorted(self.pinned)))
         self.engine.unpin(adapter_id)
         self.pinned.discard(adapter_id)
+        self.pinned_in_slot.discard(adapter_id)
 
     # -- invariants -----------------------------------------------------------------------------
     @invariant()
-    def blocks_are_free_or_owned_once(self):
+    def engine_is_consistent(self):
         if not hasattr(self, "engine"):
-            return
-        blocks, scheduler = self.engine.blocks, self.engine.scheduler
-        owned = [b for seq in scheduler.running for b in seq.block_table]
-        everything = blocks.free_blocks + owned
-        assert len(everything) == len(set(everything)), "a block is free and owned, or owned twice"
-        assert sorted(everything) == list(range(NUM_BLOCKS)), "a block leaked"
-        for seq in scheduler.running:
-            assert seq.status is SequenceStatus.RUNNING
-            assert seq.num_computed_tokens <= len(seq.block_table) * BLOCK_SIZE
-        for seq in scheduler.waiting:
-            assert seq.status is SequenceStatus.WAITING
-            assert seq.block_table == [] and seq.num_computed_tokens == 0 and seq.slot == -1
-        assert len(scheduler.running) <= 4  # max_num_seqs
-
-    @invariant()
-    def running_adapters_stay_in_their_slots(self):
-        if not hasattr(self, "engine"):
-            return
+            return  # before start()
+        check_engine(self.engine)
         adapters = self.engine.adapters
-        in_slots = [a for a in adapters.slot_adapter if a is not None]
-        assert len(in_slots) == len(set(in_slots)), f"an adapter is in two slots: {in_slots}"
-        running = [s for s in self.engine.scheduler.running if s.adapter is not None]
-        assert len({s.adapter_id for s in running}) <= MAX_LORAS
-        for seq in running:
-            assert adapters.slot_adapter[seq.slot] == seq.adapter_id, "in-use adapter evicted"
-            (layer, name), lora_a = _fingerprint(self.engine, seq.adapter)
-            in_slot = adapters.slots.linears[(layer, name)].lora_a[seq.slot, : lora_a.shape[0]]
-            assert torch.equal(in_slot, lora_a), "an in-use slot was overwritten"
-        for seq in self.engine.scheduler.running:
-            if seq.adapter is None:
-                assert seq.slot == -1
         assert adapters.pinned == self.pinned
         assert self.pinned <= set(adapters.host.ids()), "a pinned adapter left the host cache"
+        for adapter_id in self.pinned_in_slot:
+            assert adapter_id in adapters.slot_adapter, f"pinned adapter {adapter_id} lost its slot"
+        self.pinned_in_slot = self.pinned & set(adapters.slot_adapter)
 
     # -- helpers --------------------------------------------------------------------------------
     def _record(self, outputs: list[RequestOutput]) -> None:
@@ -256,8 +265,7 @@ class EngineMachine(RuleBasedStateMachine):
             if not self.engine.has_unfinished():
                 break
             self._record(self.engine.step())
-            self.blocks_are_free_or_owned_once()
-            self.running_adapters_stay_in_their_slots()
+            self.engine_is_consistent()
         else:
             pytest.fail(f"still unfinished after {MAX_DRAIN_STEPS} steps: {self.engine.stats()}")
         assert self.engine.blocks.num_free == NUM_BLOCKS
@@ -276,11 +284,84 @@ class EngineMachine(RuleBasedStateMachine):
 
 TestEngineProperties = EngineMachine.TestCase
 TestEngineProperties.settings = settings(
-    max_examples=30,
-    stateful_step_count=35,
+    max_examples=40,
+    stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+# -- fixed scenarios ------------------------------------------------------------------------------
+def _drain(engine: LLMEngine) -> dict[str, RequestOutput]:
+    """Step until done, checking the engine after every step; the last output of each request."""
+    last = {}
+    for _ in range(MAX_DRAIN_STEPS):
+        if not engine.has_unfinished():
+            return last
+        for out in engine.step():
+            last[out.request_id] = out
+        check_engine(engine)
+    pytest.fail(f"still unfinished after {MAX_DRAIN_STEPS} steps: {engine.stats()}")
+
+
+def test_the_test_config_preempts_drains_slots_and_evicts_from_the_host_cache():
+    # The state machine only finds bugs on the paths it reaches: make sure this config forces them.
+    model_dir, adapters, _ = _assets()
+    engine = LLMEngine(_config(model_dir))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for adapter in adapters:  # short prompts: two run at once, so the others wait for a slot
+        engine.add_request(f"adapter {adapter.adapter_id}", [5, 6, 7, 8], params, adapter)
+    engine.add_request("base", [3] * 36, params)  # 12 of the 14 blocks by its end
+    drained = False
+    for _ in range(MAX_DRAIN_STEPS):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+        check_engine(engine)
+        drained |= bool(engine.adapters.reserved)
+    stats = engine.stats()
+    engine.shutdown()
+    assert not engine.has_unfinished() and stats["kv_blocks_free"] == NUM_BLOCKS
+    assert stats["preemptions"] > 0
+    assert drained, "no slot was ever reserved to drain"
+    assert stats["slot_misses"] >= len(adapters) > MAX_LORAS
+    assert stats["host_misses"] >= len(adapters) > len(stats["adapters_in_host_cache"])
+
+
+def test_pinning_an_adapter_cancels_a_drain_of_its_slot():
+    # Regression: a slot reserved to drain for adapter c was handed to c even after its occupant
+    # was pinned, evicting a pinned adapter from the device.
+    model_dir, (a, b, c, *_), _ = _assets()
+    engine = LLMEngine(_config(model_dir))
+    for adapter in (a, b, c):
+        engine.prewarm(adapter)
+    short = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add_request("a", [5, 6, 7], short, a)
+    engine.add_request("b", [5, 6, 7], SamplingParams(temperature=0, max_tokens=20), b)
+    engine.step()
+    engine.add_request("c", [5, 6, 7], short, c)
+    engine.step()  # both slots are busy: c reserves one to drain
+    [(slot, waiting_for)] = engine.adapters.reserved.items()
+    assert waiting_for == c.adapter_id
+    occupant = next(x for x in (a, b) if x.adapter_id == engine.adapters.slot_adapter[slot])
+    engine.prewarm(occupant, pin=True)
+    outputs = _drain(engine)
+    engine.shutdown()
+    assert occupant.adapter_id in engine.adapters.slot_adapter
+    assert {k: o.finish_reason for k, o in outputs.items()} == {"a": "length", "b": "length",
+                                                                  "c": "length"}
+
+
+def test_a_step_that_only_prefills_samples_nothing():
+    # A prompt longer than max_num_batched_tokens (16) is prefilled over several steps; the
+    # steps before the last have no token to sample.
+    model_dir, _, _ = _assets()
+    engine = LLMEngine(_config(model_dir))
+    engine.add_request("r", list(range(3, 23)), SamplingParams(temperature=0, max_tokens=2))
+    assert engine.step() == []
+    outputs = _drain(engine)
+    engine.shutdown()
+    assert outputs["r"].finish_reason in ("stop", "length")
 
 
 # -- BlockManager on its own ----------------------------------------------------------------------

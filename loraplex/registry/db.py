@@ -1,0 +1,178 @@
+"""The registry database: one SQLite file per loraplex home, and its migrations.
+
+Migrations are an append-only list of named functions. A released migration is never edited:
+a schema change is a new function at the end of MIGRATIONS, so every home, old or new, ends up
+with the same schema (tests/registry/test_db.py pins it).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+DB_FILE = "registry.sqlite3"
+
+
+def connect(home: Path) -> sqlite3.Connection:
+    """Open (creating and migrating if needed) the registry database of `home`."""
+    home.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: no implicit transactions; every write goes through transaction(),
+    # so what is atomic is spelled out where it happens. check_same_thread=False: the server
+    # shares one connection between threads, and the Registry facade serialises its use.
+    conn = sqlite3.connect(home / DB_FILE, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    # A CLI process may write while the server holds the file open: wait for its lock rather
+    # than failing at once, and use WAL so readers never block on that writer.
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    migrate(conn)
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, *, write: bool = True) -> Iterator[None]:
+    """All statements inside commit together or not at all, and read one snapshot.
+
+    write=True begins IMMEDIATE: it takes the write lock up front, so two processes that read
+    then write (e.g. the next version number) cannot interleave. A read-only transaction
+    still matters: reads of several tables agree with each other even if another process
+    commits in between.
+    """
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def now() -> str:
+    """The current UTC time as stored in every `*_at` column (ISO 8601, sorts as text)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Apply, in order, each migration not applied yet; each one in its own transaction."""
+    with transaction(conn):
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations"
+            " (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+    for migration in MIGRATIONS:
+        with transaction(conn):
+            # Checked inside the transaction: another process may have applied it meanwhile.
+            applied = conn.execute(
+                "SELECT 1 FROM _migrations WHERE name = ?", (migration.__name__,)
+            ).fetchone()
+            if applied is None:
+                migration(conn)
+                conn.execute(
+                    "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
+                    (migration.__name__, now()),
+                )
+
+
+def m001_initial(conn: sqlite3.Connection) -> None:
+    statements = [
+        """CREATE TABLE tenants (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+)""",
+        # One table for tenant keys and admin keys: authentication is the same lookup for both.
+        # Only the sha256 of a key's secret is stored, so a copy of the database grants nothing.
+        """CREATE TABLE api_keys (
+    key_id TEXT PRIMARY KEY,
+    role TEXT NOT NULL CHECK (role IN ('tenant', 'admin')),
+    tenant_id INTEGER REFERENCES tenants (id),
+    secret_sha256 TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT,
+    CHECK ((role = 'admin') = (tenant_id IS NULL))
+)""",
+        "CREATE INDEX api_keys_tenant ON api_keys (tenant_id)",
+        """CREATE TABLE adapters (
+    id INTEGER PRIMARY KEY,
+    tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+    name TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE (tenant_id, name)
+)""",
+        # id is the engine's adapter id. AUTOINCREMENT: an id is never handed out twice, even if
+        # versions are deleted one day, so an engine cache keyed by id can never serve stale
+        # weights under a reused id.
+        """CREATE TABLE versions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    adapter_id INTEGER NOT NULL REFERENCES adapters (id),
+    number INTEGER NOT NULL CHECK (number >= 1),
+    sha256 TEXT NOT NULL,
+    artifact_path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    rank INTEGER,
+    target_modules TEXT,
+    created_at TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    training_record TEXT,
+    UNIQUE (adapter_id, number)
+)""",
+        """CREATE TRIGGER versions_are_immutable BEFORE UPDATE ON versions
+BEGIN
+    SELECT RAISE(ABORT, 'versions are immutable');
+END""",
+        # The current split of an adapter is its row with the highest seq; older rows are what
+        # rollback restores. split: JSON object {version id: weight}.
+        """CREATE TABLE deployment_history (
+    adapter_id INTEGER NOT NULL REFERENCES adapters (id),
+    seq INTEGER NOT NULL,
+    split TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    PRIMARY KEY (adapter_id, seq)
+)""",
+        # Bumped by every change to adapters, versions or deployments; a running server compares
+        # it to drop its cached deployments when another process (the CLI) changed them.
+        """CREATE TABLE generation (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    value INTEGER NOT NULL
+)""",
+        "INSERT INTO generation (id, value) VALUES (1, 0)",
+        """CREATE TABLE version_stats (
+    version_id INTEGER PRIMARY KEY REFERENCES versions (id),
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    latency_ms_sum REAL NOT NULL,
+    ttft_ms_sum REAL NOT NULL
+)""",
+        # tenant_id: the tenant an entry concerns (NULL for operator-wide ones like admin keys),
+        # so a tenant's history can be listed without parsing targets.
+        """CREATE TABLE audit (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    tenant_id INTEGER REFERENCES tenants (id),
+    details TEXT NOT NULL
+)""",
+        "CREATE INDEX audit_tenant ON audit (tenant_id, id)",
+        """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only');
+END""",
+        """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only');
+END""",
+    ]
+    for statement in statements:
+        conn.execute(statement)
+
+
+MIGRATIONS = [m001_initial]

@@ -1,0 +1,226 @@
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from loraplex.registry import CONFIG_FILE, WEIGHTS_FILE, InvalidInput, NotFound, Registry
+from loraplex.registry.artifacts import ABANDONED_AFTER_S, ADAPTER_FILES
+
+from .conftest import fake_validate, write_adapter
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def artifact_dirs(home: Path) -> list[Path]:
+    return sorted(path for path in (home / "artifacts").iterdir() if path.name != ".tmp")
+
+
+def temp_dirs(home: Path) -> list[Path]:
+    return sorted((home / "artifacts" / ".tmp").iterdir())
+
+
+def test_only_the_two_adapter_files_are_copied(push, tmp_path):
+    version = push()
+    assert sorted(p.name for p in version.artifact_path.iterdir()) == sorted(ADAPTER_FILES)
+
+
+def test_other_files_in_the_source_are_never_opened(registry, acme, tmp_path, monkeypatch):
+    src = write_adapter(tmp_path / "src")
+    (src / "adapter_model.bin").write_bytes(b"pickle")
+    (src / "notes.txt").write_text("x")
+    opened = []
+    real_open = os.open
+
+    def spy(path, *args, **kwargs):
+        opened.append(Path(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    version = registry.push_version("acme", "bot", src, actor="alice", validate=fake_validate)
+    assert sorted(p.name for p in opened if p.parent == src) == sorted(ADAPTER_FILES)
+    assert sorted(p.name for p in version.artifact_path.iterdir()) == sorted(ADAPTER_FILES)
+
+
+def test_sha256_is_the_sha256sum_manifest(push, tmp_path):
+    version = push(seed=3)
+    src = write_adapter(tmp_path / "again", seed=3)
+    manifest = "".join(
+        f"{hashlib.sha256((src / name).read_bytes()).hexdigest()}  {name}\n"
+        for name in ADAPTER_FILES
+    )
+    assert version.sha256 == hashlib.sha256(manifest.encode()).hexdigest()
+
+
+def test_same_content_twice_shares_one_artifact(home, push):
+    first = push(seed=1)
+    second = push(seed=1)
+    other = push(seed=2)
+    assert (first.number, second.number) == (1, 2)
+    assert first.id != second.id
+    assert first.sha256 == second.sha256 != other.sha256
+    assert first.artifact_path == second.artifact_path
+    assert artifact_dirs(home) == sorted([first.artifact_path, other.artifact_path])
+    assert temp_dirs(home) == []
+
+
+def test_validate_sees_the_copy_not_the_source(registry, home, acme, tmp_path):
+    src = write_adapter(tmp_path / "src")
+    seen = []
+
+    def validate(adapter_dir):
+        seen.append((adapter_dir, sorted(p.name for p in adapter_dir.iterdir())))
+        return fake_validate(adapter_dir)
+
+    registry.push_version("acme", "bot", src, actor="alice", validate=validate)
+    ((adapter_dir, names),) = seen
+    assert adapter_dir.parent == home / "artifacts" / ".tmp"
+    assert names == sorted(ADAPTER_FILES)
+
+
+def test_refused_by_validate(registry, home, acme, tmp_path):
+    def refuse(adapter_dir):
+        raise ValueError("adapter_model.safetensors: rank 64 exceeds max_lora_rank 16")
+
+    src = write_adapter(tmp_path / "src")
+    with pytest.raises(
+        InvalidInput, match="^adapter_model.safetensors: rank 64 exceeds max_lora_rank 16$"
+    ):
+        registry.push_version("acme", "bot", src, actor="alice", validate=refuse)
+    assert registry.list_adapters("acme") == []
+    assert artifact_dirs(home) == [] and temp_dirs(home) == []
+
+
+@pytest.mark.parametrize("missing", ADAPTER_FILES)
+def test_missing_file(registry, home, acme, tmp_path, missing):
+    src = write_adapter(tmp_path / "src")
+    (src / missing).unlink()
+    with pytest.raises(InvalidInput, match=f"^{src} has no {missing}$"):
+        registry.push_version("acme", "bot", src, actor="alice", validate=fake_validate)
+    assert registry.list_adapters("acme") == []
+    assert artifact_dirs(home) == [] and temp_dirs(home) == []
+
+
+@pytest.mark.parametrize("linked", ADAPTER_FILES)
+def test_symlinks_are_refused(registry, acme, tmp_path, linked):
+    real = write_adapter(tmp_path / "real")
+    src = write_adapter(tmp_path / "src")
+    (src / linked).unlink()
+    (src / linked).symlink_to(real / linked)
+    with pytest.raises(InvalidInput, match="is a symlink"):
+        registry.push_version("acme", "bot", src, actor="alice", validate=fake_validate)
+
+
+def test_not_a_regular_file(registry, acme, tmp_path):
+    src = write_adapter(tmp_path / "src")
+    (src / WEIGHTS_FILE).unlink()
+    (src / WEIGHTS_FILE).mkdir()
+    with pytest.raises(InvalidInput, match="is not a regular file"):
+        registry.push_version("acme", "bot", src, actor="alice", validate=fake_validate)
+
+
+@pytest.mark.parametrize("make", ["missing", "file"])
+def test_source_is_not_a_directory(registry, acme, tmp_path, make):
+    src = tmp_path / "src"
+    if make == "file":
+        src.write_text("{}")
+    with pytest.raises(InvalidInput, match=f"^{src} is not a directory$"):
+        registry.push_version("acme", "bot", src, actor="alice", validate=fake_validate)
+
+
+def test_abandoned_temp_dirs_are_removed_by_the_next_push(home, push):
+    push(seed=1)
+    tmp_root = home / "artifacts" / ".tmp"
+    old, young = tmp_root / "push-old", tmp_root / "push-young"
+    for leftover in (old, young):
+        leftover.mkdir()
+        (leftover / CONFIG_FILE).write_text("{}")
+    long_ago = time.time() - ABANDONED_AFTER_S - 60
+    os.utime(old, (long_ago, long_ago))
+    push(seed=2)
+    # The young one may be a push in progress in another process: left alone.
+    assert temp_dirs(home) == [young]
+
+
+# Pushes, then hangs at `stage` so the test can SIGKILL it there:
+#   validate: files copied to the temp dir, not yet renamed into place;
+#   insert: artifact renamed into place, version row not yet written (write lock held).
+CRASHING_PUSH = """
+import sys, time
+from pathlib import Path
+from loraplex.registry import Registry, adapters
+
+home, src, stage, ready = sys.argv[1:]
+
+def hang(*args, **kwargs):
+    Path(ready).touch()
+    time.sleep(60)
+
+def validate(adapter_dir):
+    if stage == "validate":
+        hang()
+    return {"rank": 8, "target_modules": ["q_proj"]}
+
+if stage == "insert":
+    adapters.insert_version = hang
+Registry(Path(home)).push_version("acme", "bot", Path(src), actor="alice", validate=validate)
+"""
+
+
+@pytest.mark.parametrize("stage", ["validate", "insert"])
+def test_a_push_killed_midway_leaves_no_version(registry, home, acme, tmp_path, stage):
+    src = write_adapter(tmp_path / "src", num_bytes=1 << 20)
+    ready = tmp_path / "ready"
+    process = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_PUSH, str(home), str(src), stage, str(ready)],
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "the push never reached its hanging point"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+
+    assert registry.list_adapters("acme") == []
+    with pytest.raises(NotFound):
+        registry.resolve(acme.id, "bot", "user-1")
+    assert len(temp_dirs(home) if stage == "validate" else artifact_dirs(home)) == 1
+
+    # The home is fully usable: the same push now succeeds (reusing a published artifact).
+    version = registry.push_version("acme", "bot", src, actor="alice", validate=fake_validate)
+    assert version.number == 1
+    assert registry.resolve(acme.id, "bot", "user-1").version_id == version.id
+    assert artifact_dirs(home) == [version.artifact_path]
+    with Registry(home) as fresh:
+        assert [v.number for v in fresh.show_adapter("acme", "bot").versions] == [1]
+
+
+def test_concurrent_pushes_of_the_same_content(registry, home, acme, tmp_path):
+    sources = [write_adapter(tmp_path / f"src-{i}", seed=1) for i in range(4)]
+    versions = []
+
+    def push(src):
+        versions.append(
+            registry.push_version("acme", "bot", src, actor="alice", validate=fake_validate)
+        )
+
+    threads = [threading.Thread(target=push, args=(src,)) for src in sources]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(v.number for v in versions) == [1, 2, 3, 4]
+    assert len({v.artifact_path for v in versions}) == 1
+    assert artifact_dirs(home) == [versions[0].artifact_path] and temp_dirs(home) == []

@@ -1,0 +1,202 @@
+import sqlite3
+
+import pytest
+
+from loraplex.registry import db
+from loraplex.registry.db import DB_FILE, connect, migrate, transaction
+
+# The schema every home ends up with. A new migration changes this on purpose; anything else
+# that changes it is a bug.
+EXPECTED_SCHEMA = [
+    (
+        "table",
+        "_migrations",
+        "CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
+    ),
+    (
+        "table",
+        "adapters",
+        """CREATE TABLE adapters (
+    id INTEGER PRIMARY KEY,
+    tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+    name TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE (tenant_id, name)
+)""",
+    ),
+    (
+        "table",
+        "api_keys",
+        """CREATE TABLE api_keys (
+    key_id TEXT PRIMARY KEY,
+    role TEXT NOT NULL CHECK (role IN ('tenant', 'admin')),
+    tenant_id INTEGER REFERENCES tenants (id),
+    secret_sha256 TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT,
+    CHECK ((role = 'admin') = (tenant_id IS NULL))
+)""",
+    ),
+    ("index", "api_keys_tenant", "CREATE INDEX api_keys_tenant ON api_keys (tenant_id)"),
+    (
+        "table",
+        "audit",
+        """CREATE TABLE audit (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    tenant_id INTEGER REFERENCES tenants (id),
+    details TEXT NOT NULL
+)""",
+    ),
+    (
+        "trigger",
+        "audit_no_delete",
+        """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only');
+END""",
+    ),
+    (
+        "trigger",
+        "audit_no_update",
+        """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only');
+END""",
+    ),
+    ("index", "audit_tenant", "CREATE INDEX audit_tenant ON audit (tenant_id, id)"),
+    (
+        "table",
+        "deployment_history",
+        """CREATE TABLE deployment_history (
+    adapter_id INTEGER NOT NULL REFERENCES adapters (id),
+    seq INTEGER NOT NULL,
+    split TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    PRIMARY KEY (adapter_id, seq)
+)""",
+    ),
+    (
+        "table",
+        "generation",
+        """CREATE TABLE generation (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    value INTEGER NOT NULL
+)""",
+    ),
+    ("index", "sqlite_autoindex__migrations_1", None),
+    ("index", "sqlite_autoindex_adapters_1", None),
+    ("index", "sqlite_autoindex_api_keys_1", None),
+    ("index", "sqlite_autoindex_deployment_history_1", None),
+    ("index", "sqlite_autoindex_tenants_1", None),
+    ("index", "sqlite_autoindex_versions_1", None),
+    ("table", "sqlite_sequence", "CREATE TABLE sqlite_sequence(name,seq)"),
+    (
+        "table",
+        "tenants",
+        """CREATE TABLE tenants (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+)""",
+    ),
+    (
+        "table",
+        "version_stats",
+        """CREATE TABLE version_stats (
+    version_id INTEGER PRIMARY KEY REFERENCES versions (id),
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    latency_ms_sum REAL NOT NULL,
+    ttft_ms_sum REAL NOT NULL
+)""",
+    ),
+    (
+        "table",
+        "versions",
+        """CREATE TABLE versions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    adapter_id INTEGER NOT NULL REFERENCES adapters (id),
+    number INTEGER NOT NULL CHECK (number >= 1),
+    sha256 TEXT NOT NULL,
+    artifact_path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    rank INTEGER,
+    target_modules TEXT,
+    created_at TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    training_record TEXT,
+    UNIQUE (adapter_id, number)
+)""",
+    ),
+    (
+        "trigger",
+        "versions_are_immutable",
+        """CREATE TRIGGER versions_are_immutable BEFORE UPDATE ON versions
+BEGIN
+    SELECT RAISE(ABORT, 'versions are immutable');
+END""",
+    ),
+]
+
+
+def schema(conn: sqlite3.Connection) -> list[tuple]:
+    rows = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name")
+    return [tuple(row) for row in rows]
+
+
+def applied(conn: sqlite3.Connection) -> list[tuple]:
+    return [tuple(row) for row in conn.execute("SELECT name, applied_at FROM _migrations")]
+
+
+def test_schema_is_exactly_the_expected_one(tmp_path):
+    conn = connect(tmp_path)
+    assert (tmp_path / DB_FILE).is_file()
+    assert schema(conn) == EXPECTED_SCHEMA
+    assert [name for name, _ in applied(conn)] == [m.__name__ for m in db.MIGRATIONS]
+
+
+def test_migrating_twice_is_a_no_op(tmp_path):
+    conn = connect(tmp_path)
+    before = (schema(conn), applied(conn))
+    migrate(conn)
+    assert (schema(conn), applied(conn)) == before
+    # A second process opening the same home migrates nothing either.
+    assert (schema(connect(tmp_path)), applied(connect(tmp_path))) == before
+
+
+def test_a_new_migration_is_applied_once(tmp_path, monkeypatch):
+    conn = connect(tmp_path)
+    calls = []
+
+    def m002_example(conn):
+        calls.append(conn)
+        conn.execute("CREATE TABLE example (id INTEGER PRIMARY KEY)")
+
+    monkeypatch.setattr(db, "MIGRATIONS", [*db.MIGRATIONS, m002_example])
+    migrate(conn)
+    migrate(conn)
+    assert len(calls) == 1
+    assert [name for name, _ in applied(conn)] == ["m001_initial", "m002_example"]
+
+
+def test_connection_settings(tmp_path):
+    conn = connect(tmp_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+
+
+def test_transaction_rolls_back_on_error(tmp_path):
+    conn = connect(tmp_path)
+    with pytest.raises(RuntimeError), transaction(conn):
+        conn.execute("INSERT INTO tenants (name, created_at) VALUES ('acme', 'now')")
+        raise RuntimeError
+    assert conn.execute("SELECT COUNT(*) FROM tenants").fetchone()[0] == 0
+    assert not conn.in_transaction

@@ -1,0 +1,67 @@
+import time
+
+import pytest
+
+from loraplex.registry import NotFound, Registry, ResolvedVersion
+
+from .conftest import fake_validate, write_adapter
+
+
+def test_resolve(registry, acme, push):
+    v1 = push(seed=1)
+    assert registry.resolve(acme.id, "bot", "user-1") == ResolvedVersion(
+        v1.id, 1, v1.artifact_path, "bot"
+    )
+    assert v1.artifact_path.is_absolute() and v1.artifact_path.is_dir()
+
+
+def test_a_tenant_cannot_resolve_another_tenants_adapter(registry, acme, push):
+    beta = registry.create_tenant("beta", actor="operator")
+    with pytest.raises(NotFound) as before_it_exists:
+        registry.resolve(beta.id, "bot", "user-1")
+    push()  # acme's "bot"
+    with pytest.raises(NotFound) as someone_elses:
+        registry.resolve(beta.id, "bot", "user-1")
+    assert str(someone_elses.value) == str(before_it_exists.value) == "adapter 'bot' does not exist"
+    assert registry.resolve(acme.id, "bot", "user-1").adapter_name == "bot"
+
+
+def test_resolve_follows_the_split(registry, acme, push):
+    v1, v2 = push(seed=1), push(seed=2)
+    registry.split("acme", "bot", {1: 50, 2: 50}, actor="bob")
+    chosen = {u: registry.resolve(acme.id, "bot", f"user-{u}").version_id for u in range(200)}
+    assert set(chosen.values()) == {v1.id, v2.id}
+    # Sticky: asking again gives every user the same version.
+    assert chosen == {u: registry.resolve(acme.id, "bot", f"user-{u}").version_id for u in chosen}
+
+
+def test_changes_are_seen_at_once(registry, acme, push):
+    push(seed=1)
+    v2 = push(seed=2)
+    assert registry.resolve(acme.id, "bot", "u").number == 1
+    registry.promote("acme", "bot", 2, actor="bob")
+    assert registry.resolve(acme.id, "bot", "u").version_id == v2.id
+
+
+def test_a_change_from_another_process_is_seen_within_a_second(registry, home, acme, push):
+    push(seed=1)
+    push(seed=2)
+    assert registry.resolve(acme.id, "bot", "u").number == 1  # now cached
+    with Registry(home) as cli:  # another connection, as the CLI process would have
+        cli.promote("acme", "bot", 2, actor="cli")
+        promoted_at = time.monotonic()
+        while registry.resolve(acme.id, "bot", "u").number != 2:
+            assert time.monotonic() - promoted_at < 1.0
+            time.sleep(0.01)
+        cli.rollback("acme", "bot", actor="cli")
+    assert registry.resolve(acme.id, "bot", "u").number == 1
+
+
+def test_an_adapter_created_by_another_process_resolves(registry, home, acme, tmp_path):
+    with pytest.raises(NotFound):
+        registry.resolve(acme.id, "bot", "u")
+    with Registry(home) as cli:
+        cli.push_version(
+            "acme", "bot", write_adapter(tmp_path / "src"), actor="cli", validate=fake_validate
+        )
+    assert registry.resolve(acme.id, "bot", "u").number == 1
