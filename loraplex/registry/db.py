@@ -175,4 +175,14 @@ END""",
         conn.execute(statement)
 
 
-MIGRATIONS = [m001_initial]
+def m002_base_model_access(conn: sqlite3.Connection) -> None:
+    """Tenants allowed to call the bare base model (by default a tenant sees only its own
+    adapters)."""
+    conn.execute(
+        """CREATE TABLE base_model_access (
+    tenant_id INTEGER PRIMARY KEY REFERENCES tenants (id)
+)"""
+    )
+
+
+MIGRATIONS = [m001_initial, m002_base_model_access]

@@ -64,6 +64,23 @@ class Registry:
             audit.record(conn, actor, "tenant.create", name, {}, tenant_id=tenant.id)
         return tenant
 
+    def set_base_model_access(self, tenant: str, allowed: bool, *, actor: str) -> None:
+        """Let a tenant call the bare base model by its name (or stop it)."""
+        with self._change() as conn:
+            tenant_id = tenants.get_tenant(conn, tenant).id
+            if allowed:
+                conn.execute("INSERT OR IGNORE INTO base_model_access VALUES (?)", (tenant_id,))
+            else:
+                conn.execute("DELETE FROM base_model_access WHERE tenant_id = ?", (tenant_id,))
+            audit.record(conn, actor, "tenant.base_model_access", tenant, {"allowed": allowed},
+                         tenant_id=tenant_id)
+
+    def tenant_may_use_base(self, tenant_id: int) -> bool:
+        with self._read() as conn:
+            row = conn.execute("SELECT 1 FROM base_model_access WHERE tenant_id = ?",
+                               (tenant_id,)).fetchone()
+        return row is not None
+
     def get_tenant(self, name: str) -> Tenant:
         with self._read() as conn:
             return tenants.get_tenant(conn, name)

@@ -31,6 +31,7 @@ from loraplex.server.protocol import (
 )
 
 DISCONNECT_POLL_SECONDS = 0.25
+VERSION_HEADER = "x-loraplex-adapter-version"
 
 
 @dataclass
@@ -52,7 +53,10 @@ class Target:
     version_id: int | None
 
 
-def create_app(engine: AsyncEngine, registry: Registry, settings: ServerSettings) -> FastAPI:
+def create_app(
+    engine: AsyncEngine, registry: Registry, settings: ServerSettings, validate=None
+) -> FastAPI:
+    """`validate(adapter_dir)` checks uploads against the base model (validation.py)."""
     metrics = Metrics()
     in_flight: Counter[int] = Counter()  # tenant id -> running requests
     tokenizer = engine.tokenizer
@@ -174,6 +178,8 @@ def create_app(engine: AsyncEngine, registry: Registry, settings: ServerSettings
 
         response_id = new_id("chatcmpl" if chat else "cmpl")
         with_logprobs = params.logprobs is not None
+        # Which version of the adapter answered: what an A/B comparison needs per response.
+        headers = {VERSION_HEADER: target.labels[2]}
         if stream:
             async def sse():
                 try:
@@ -186,13 +192,13 @@ def create_app(engine: AsyncEngine, registry: Registry, settings: ServerSettings
                 finally:
                     finish()
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
         try:
             collected = await _collect_unless_disconnected(request, deltas())
         finally:
             finish()
-        return _full_response(collected, response_id, target, chat, tokenizer, params.n,
-                              with_logprobs)
+        return JSONResponse(_full_response(collected, response_id, target, chat, tokenizer,
+                                           params.n, with_logprobs), headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -250,7 +256,7 @@ def create_app(engine: AsyncEngine, registry: Registry, settings: ServerSettings
         return Response(metrics.render(await engine.stats()),
                         media_type="text/plain; version=0.0.4")
 
-    app.include_router(admin_router(registry, engine))
+    app.include_router(admin_router(registry, engine, validate))
     return app
 
 

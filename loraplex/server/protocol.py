@@ -10,7 +10,7 @@ from loraplex.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 class OpenAIError(Exception):
-    """An error answered as an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
+    """An error answered as an OpenAI-style body {"error": {message, type, param, code}}."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,

@@ -70,6 +70,13 @@ END""",
     ("index", "audit_tenant", "CREATE INDEX audit_tenant ON audit (tenant_id, id)"),
     (
         "table",
+        "base_model_access",
+        """CREATE TABLE base_model_access (
+    tenant_id INTEGER PRIMARY KEY REFERENCES tenants (id)
+)""",
+    ),
+    (
+        "table",
         "deployment_history",
         """CREATE TABLE deployment_history (
     adapter_id INTEGER NOT NULL REFERENCES adapters (id),
@@ -175,15 +182,16 @@ def test_a_new_migration_is_applied_once(tmp_path, monkeypatch):
     conn = connect(tmp_path)
     calls = []
 
-    def m002_example(conn):
+    def m999_example(conn):
         calls.append(conn)
         conn.execute("CREATE TABLE example (id INTEGER PRIMARY KEY)")
 
-    monkeypatch.setattr(db, "MIGRATIONS", [*db.MIGRATIONS, m002_example])
+    monkeypatch.setattr(db, "MIGRATIONS", [*db.MIGRATIONS, m999_example])
     migrate(conn)
     migrate(conn)
     assert len(calls) == 1
-    assert [name for name, _ in applied(conn)] == ["m001_initial", "m002_example"]
+    assert [name for name, _ in applied(conn)][-1] == "m999_example"
+    assert [name for name, _ in applied(conn)] == [m.__name__ for m in db.MIGRATIONS]
 
 
 def test_connection_settings(tmp_path):

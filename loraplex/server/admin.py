@@ -1,0 +1,182 @@
+"""Administration over HTTP under /admin/ (admin key only): the same operations as the CLI."""
+
+import asyncio
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+
+from loraplex.engine.sequence import AdapterRequest
+from loraplex.registry import AlreadyExists, InvalidInput, NotFound, Registry
+from loraplex.server.auth import require_admin
+from loraplex.server.protocol import OpenAIError
+
+UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class TenantBody(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    allow_base_model: bool = False
+
+
+class PromoteBody(BaseModel):
+    version: int = Field(ge=1)
+
+
+class SplitBody(BaseModel):
+    split: dict[str, int]  # {"v1": 90, "v2": 10}
+
+
+def _registry_call(function, *args, **kwargs):
+    """Map registry errors to HTTP statuses with their messages."""
+    try:
+        return function(*args, **kwargs)
+    except NotFound as e:
+        raise OpenAIError(404, str(e), code="not_found") from None
+    except AlreadyExists as e:
+        raise OpenAIError(409, str(e), code="already_exists") from None
+    except InvalidInput as e:
+        raise OpenAIError(400, str(e)) from None
+
+
+def parse_split(spec: dict[str, int]) -> dict[int, int]:
+    """{"v1": 90, "2": 10} -> {1: 90, 2: 10}, with a clear error for anything else."""
+    split = {}
+    for version, weight in spec.items():
+        number = version.removeprefix("v")
+        if not number.isdigit():
+            raise InvalidInput(f"version {version!r} should look like v1")
+        split[int(number)] = weight
+    return split
+
+
+def admin_router(registry: Registry, engine, validate=None) -> APIRouter:
+    """`validate` checks an uploaded adapter against the base model (see validation.py)."""
+    router = APIRouter(prefix="/admin")
+
+    def actor(request: Request) -> str:
+        return f"admin-key:{require_admin(registry, request).key_id}"
+
+    @router.post("/tenants")
+    async def create_tenant(body: TenantBody, request: Request):
+        who = actor(request)
+        tenant = _registry_call(registry.create_tenant, body.name, actor=who)
+        if body.allow_base_model:
+            registry.set_base_model_access(body.name, True, actor=who)
+        return asdict(tenant)
+
+    @router.get("/tenants")
+    async def list_tenants(request: Request):
+        actor(request)
+        return {"tenants": [asdict(t) for t in registry.list_tenants()]}
+
+    @router.post("/tenants/{tenant}/keys")
+    async def create_key(tenant: str, request: Request):
+        key_id, key = _registry_call(registry.create_key, tenant, actor=actor(request))
+        return {"key_id": key_id, "key": key, "note": "shown once; store it now"}
+
+    @router.delete("/keys/{key_id}")
+    async def revoke_key(key_id: str, request: Request):
+        _registry_call(registry.revoke_key, key_id, actor=actor(request))
+        return {"revoked": key_id}
+
+    @router.post("/tenants/{tenant}/adapters/{name}/versions")
+    async def push_version(tenant: str, name: str, request: Request, promote: bool = False):
+        """Multipart upload of adapter_config.json and adapter_model.safetensors."""
+        who = actor(request)
+        form = await request.form()
+        with tempfile.TemporaryDirectory(prefix="loraplex-upload-") as tmp:
+            for field in UPLOAD_FILES:
+                upload = form.get(field)
+                if not isinstance(upload, UploadFile):
+                    raise OpenAIError(400, f"missing file field {field!r}", param=field)
+                with open(Path(tmp) / field, "wb") as out:
+                    shutil.copyfileobj(upload.file, out)
+            version = await asyncio.to_thread(
+                _registry_call, registry.push_version, tenant, name, Path(tmp), actor=who,
+                validate=validate, promote=promote)
+        return _version_json(version)
+
+    @router.get("/tenants/{tenant}/adapters")
+    async def list_adapters(tenant: str, request: Request):
+        actor(request)
+        adapters = _registry_call(registry.list_adapters, tenant)
+        return {"adapters": [_adapter_json(a) for a in adapters]}
+
+    @router.get("/tenants/{tenant}/adapters/{name}")
+    async def show_adapter(tenant: str, name: str, request: Request):
+        actor(request)
+        return _adapter_json(_registry_call(registry.show_adapter, tenant, name))
+
+    @router.post("/tenants/{tenant}/adapters/{name}/promote")
+    async def promote(tenant: str, name: str, body: PromoteBody, request: Request):
+        split = _registry_call(registry.promote, tenant, name, body.version,
+                               actor=actor(request))
+        return {"split": _split_json(split)}
+
+    @router.post("/tenants/{tenant}/adapters/{name}/rollback")
+    async def rollback(tenant: str, name: str, request: Request):
+        return {"split": _split_json(_registry_call(registry.rollback, tenant, name,
+                                                    actor=actor(request)))}
+
+    @router.put("/tenants/{tenant}/adapters/{name}/split")
+    async def split(tenant: str, name: str, body: SplitBody, request: Request):
+        who = actor(request)
+        parsed = _registry_call(parse_split, body.split)
+        return {"split": _split_json(_registry_call(registry.split, tenant, name, parsed,
+                                                    actor=who))}
+
+    @router.get("/tenants/{tenant}/adapters/{name}/stats")
+    async def stats(tenant: str, name: str, request: Request):
+        actor(request)
+        return {"versions": _registry_call(registry.version_stats, tenant, name)}
+
+    @router.get("/tenants/{tenant}/usage")
+    async def usage(tenant: str, request: Request):
+        actor(request)
+        return _registry_call(registry.tenant_usage, tenant)
+
+    @router.post("/tenants/{tenant}/adapters/{name}/prewarm")
+    async def prewarm(tenant: str, name: str, request: Request, pin: bool = False):
+        """Load the adapter's active version into memory ahead of traffic (optionally pinned)."""
+        actor(request)
+        found = _registry_call(registry.resolve, registry.get_tenant(tenant).id, name, "")
+        try:
+            await engine.prewarm(AdapterRequest(found.version_id, str(found.artifact_path)), pin)
+        except ValueError as e:
+            raise OpenAIError(400, str(e)) from None
+        return {"prewarmed": f"{name} v{found.number}", "pinned": pin}
+
+    @router.get("/audit")
+    async def audit(request: Request, limit: int = 100, tenant: str | None = None):
+        actor(request)
+        entries = _registry_call(registry.audit_log, limit=limit, tenant=tenant)
+        return {"entries": [asdict(e) for e in entries]}
+
+    @router.get("/engine")
+    async def engine_stats(request: Request):
+        actor(request)
+        return await engine.stats()
+
+    return router
+
+
+def _split_json(split: dict[int, int]) -> dict[str, int]:
+    return {f"v{number}": weight for number, weight in split.items()}
+
+
+def _version_json(version) -> dict:
+    data = asdict(version)
+    data["artifact_path"] = str(data["artifact_path"])
+    data["label"] = version.label
+    return data
+
+
+def _adapter_json(info) -> dict:
+    return {"name": info.name, "created_at": info.created_at, "active": info.active,
+            "split": _split_json(info.split),
+            "versions": [_version_json(v) for v in info.versions]}
