@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from loraplex.engine.sequence import AdapterRequest
-from loraplex.registry import AlreadyExists, InvalidInput, NotFound, Registry
+from loraplex.registry import InvalidInput, Registry
 from loraplex.server.auth import require_admin
 from loraplex.server.protocol import OpenAIError
 
@@ -29,18 +29,6 @@ class PromoteBody(BaseModel):
 
 class SplitBody(BaseModel):
     split: dict[str, int]  # {"v1": 90, "v2": 10}
-
-
-def _registry_call(function, *args, **kwargs):
-    """Map registry errors to HTTP statuses with their messages."""
-    try:
-        return function(*args, **kwargs)
-    except NotFound as e:
-        raise OpenAIError(404, str(e), code="not_found") from None
-    except AlreadyExists as e:
-        raise OpenAIError(409, str(e), code="already_exists") from None
-    except InvalidInput as e:
-        raise OpenAIError(400, str(e)) from None
 
 
 def parse_split(spec: dict[str, int]) -> dict[int, int]:
@@ -64,7 +52,7 @@ def admin_router(registry: Registry, engine, validate=None) -> APIRouter:
     @router.post("/tenants")
     async def create_tenant(body: TenantBody, request: Request):
         who = actor(request)
-        tenant = _registry_call(registry.create_tenant, body.name, actor=who)
+        tenant = registry.create_tenant(body.name, actor=who)
         if body.allow_base_model:
             registry.set_base_model_access(body.name, True, actor=who)
         return asdict(tenant)
@@ -76,12 +64,12 @@ def admin_router(registry: Registry, engine, validate=None) -> APIRouter:
 
     @router.post("/tenants/{tenant}/keys")
     async def create_key(tenant: str, request: Request):
-        key_id, key = _registry_call(registry.create_key, tenant, actor=actor(request))
+        key_id, key = registry.create_key(tenant, actor=actor(request))
         return {"key_id": key_id, "key": key, "note": "shown once; store it now"}
 
     @router.delete("/keys/{key_id}")
     async def revoke_key(key_id: str, request: Request):
-        _registry_call(registry.revoke_key, key_id, actor=actor(request))
+        registry.revoke_key(key_id, actor=actor(request))
         return {"revoked": key_id}
 
     @router.post("/tenants/{tenant}/adapters/{name}/versions")
@@ -97,54 +85,51 @@ def admin_router(registry: Registry, engine, validate=None) -> APIRouter:
                 with open(Path(tmp) / field, "wb") as out:
                     shutil.copyfileobj(upload.file, out)
             version = await asyncio.to_thread(
-                _registry_call, registry.push_version, tenant, name, Path(tmp), actor=who,
-                validate=validate, promote=promote)
+                registry.push_version, tenant, name, Path(tmp), actor=who, validate=validate,
+                promote=promote)
         return _version_json(version)
 
     @router.get("/tenants/{tenant}/adapters")
     async def list_adapters(tenant: str, request: Request):
         actor(request)
-        adapters = _registry_call(registry.list_adapters, tenant)
+        adapters = registry.list_adapters(tenant)
         return {"adapters": [_adapter_json(a) for a in adapters]}
 
     @router.get("/tenants/{tenant}/adapters/{name}")
     async def show_adapter(tenant: str, name: str, request: Request):
         actor(request)
-        return _adapter_json(_registry_call(registry.show_adapter, tenant, name))
+        return _adapter_json(registry.show_adapter(tenant, name))
 
     @router.post("/tenants/{tenant}/adapters/{name}/promote")
     async def promote(tenant: str, name: str, body: PromoteBody, request: Request):
-        split = _registry_call(registry.promote, tenant, name, body.version,
-                               actor=actor(request))
+        split = registry.promote(tenant, name, body.version, actor=actor(request))
         return {"split": _split_json(split)}
 
     @router.post("/tenants/{tenant}/adapters/{name}/rollback")
     async def rollback(tenant: str, name: str, request: Request):
-        return {"split": _split_json(_registry_call(registry.rollback, tenant, name,
-                                                    actor=actor(request)))}
+        return {"split": _split_json(registry.rollback(tenant, name, actor=actor(request)))}
 
     @router.put("/tenants/{tenant}/adapters/{name}/split")
     async def split(tenant: str, name: str, body: SplitBody, request: Request):
         who = actor(request)
-        parsed = _registry_call(parse_split, body.split)
-        return {"split": _split_json(_registry_call(registry.split, tenant, name, parsed,
-                                                    actor=who))}
+        parsed = parse_split(body.split)
+        return {"split": _split_json(registry.split(tenant, name, parsed, actor=who))}
 
     @router.get("/tenants/{tenant}/adapters/{name}/stats")
     async def stats(tenant: str, name: str, request: Request):
         actor(request)
-        return {"versions": _registry_call(registry.version_stats, tenant, name)}
+        return {"versions": registry.version_stats(tenant, name)}
 
     @router.get("/tenants/{tenant}/usage")
     async def usage(tenant: str, request: Request):
         actor(request)
-        return _registry_call(registry.tenant_usage, tenant)
+        return registry.tenant_usage(tenant)
 
     @router.post("/tenants/{tenant}/adapters/{name}/prewarm")
     async def prewarm(tenant: str, name: str, request: Request, pin: bool = False):
         """Load the adapter's active version into memory ahead of traffic (optionally pinned)."""
         actor(request)
-        found = _registry_call(registry.resolve, registry.get_tenant(tenant).id, name, "")
+        found = registry.resolve(registry.get_tenant(tenant).id, name, "")
         try:
             await engine.prewarm(AdapterRequest(found.version_id, str(found.artifact_path)), pin)
         except ValueError as e:
@@ -154,7 +139,7 @@ def admin_router(registry: Registry, engine, validate=None) -> APIRouter:
     @router.get("/audit")
     async def audit(request: Request, limit: int = 100, tenant: str | None = None):
         actor(request)
-        entries = _registry_call(registry.audit_log, limit=limit, tenant=tenant)
+        entries = registry.audit_log(limit=limit, tenant=tenant)
         return {"entries": [asdict(e) for e in entries]}
 
     @router.get("/engine")

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraplex.engine.async_engine import AsyncEngine, StreamDelta
 from loraplex.engine.sequence import AdapterRequest
-from loraplex.registry import NotFound, Registry
+from loraplex.registry import AlreadyExists, InvalidInput, NotFound, Registry, RegistryError
 from loraplex.server.admin import admin_router
 from loraplex.server.auth import bearer_key
 from loraplex.server.metrics import Metrics
@@ -74,6 +74,11 @@ def create_app(
     @app.exception_handler(OpenAIError)
     async def _openai_error(_request, exc: OpenAIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RegistryError)
+    async def _registry_error(_request, exc: RegistryError):
+        status = {NotFound: 404, AlreadyExists: 409, InvalidInput: 400}.get(type(exc), 400)
+        return JSONResponse(OpenAIError(status, str(exc)).body(), status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, exc: RequestValidationError):
