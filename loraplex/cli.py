@@ -286,3 +286,7 @@ def serve(
     app_ = create_app(engine, registry, settings, validate)
     err.print(f"serving {model} on http://{host}:{port} (OpenAI API under /v1)")
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+
+
+if __name__ == "__main__":
+    app()

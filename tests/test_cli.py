@@ -41,3 +41,94 @@ def test_pull_then_generate_answers_paris():
                                  "What is the capital of France?"])
     assert result.exit_code == 0, result.output
     assert "Paris" in result.output
+
+
+def test_admin_commands(tmp_path, monkeypatch, sharp_llama_dir, sharp_adapters):
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
+
+    def ok(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def fails(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        return result.output
+
+    ok("tenant", "create", "acme")
+    assert "already exists" in fails("tenant", "create", "acme")
+    assert "acme" in ok("tenant", "list")
+    key = ok("key", "create", "acme").strip().splitlines()[-1]
+    assert key.startswith("lpx_")
+    model = ["--model", sharp_llama_dir]
+    assert "v1" in ok("adapter", "push", "acme", "bot", sharp_adapters[0], *model)
+    assert "v2" in ok("adapter", "push", "acme", "bot", sharp_adapters[1], *model)
+    assert "does not exist" in fails("adapter", "push", "nobody", "bot", sharp_adapters[0],
+                                     *model)
+    assert "adapter_config.json" in fails("adapter", "push", "acme", "bot", tmp_path, *model)
+    assert "v1=90 v2=10" in ok("adapter", "split", "acme", "bot", "v1=90", "v2=10")
+    assert "should look like" in fails("adapter", "split", "acme", "bot", "v1:90")
+    assert "v2=100" in ok("adapter", "promote", "acme", "bot", "v2")
+    assert "v1=90 v2=10" in ok("adapter", "rollback", "acme", "bot")
+    assert "v1, v2" in ok("adapter", "list", "acme")
+    assert "sha256" in ok("adapter", "show", "acme", "bot")
+    assert "v2" in ok("adapter", "stats", "acme", "bot")
+    key_id = key.split("_")[1]
+    ok("key", "revoke", key_id)
+    log = ok("audit")
+    for action in ("tenant.create", "key.create", "key.revoke", "rollback", "split"):
+        assert action in log
+
+
+def test_serve_finishes_running_requests_on_sigterm(tmp_path, sharp_llama_dir, sharp_adapters):
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from loraplex.registry import Registry
+
+    env = {**os.environ, "LORAPLEX_HOME": str(tmp_path)}
+    registry = Registry(tmp_path)
+    registry.create_tenant("acme", actor="test")
+    registry.push_version("acme", "bot", sharp_adapters[0], actor="test", validate=None)
+    _, key = registry.create_key("acme", actor="test")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(sharp_llama_dir),
+         "--port", str(port), "--max-model-len", "256"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"model": "bot", "prompt": "go", "max_tokens": 120, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        finish, sent_signal = None, False
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as response:
+            for line in response.iter_lines():
+                if not sent_signal:
+                    server.send_signal(signal.SIGTERM)  # mid-stream
+                    sent_signal = True
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    finish = chunk["choices"][0]["finish_reason"] or finish
+        assert finish == "length"  # the running request completed
+        # uvicorn re-raises the signal once it has shut down gracefully.
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        server.kill()
