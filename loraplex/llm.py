@@ -15,7 +15,7 @@ class CompletionOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens
     text: str
-    logprobs: list[float]  # log-probability of each generated token
+    logprobs: list[float]  # log-probability of each generated token (when logprobs was set)
     top_logprobs: list[dict[int, float]]  # per token: the top-k alternatives, if asked
     finish_reason: str  # "stop" | "length" | "error"
     error: str | None = None  # why this prompt failed (e.g. its adapter is broken)

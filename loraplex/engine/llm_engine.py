@@ -36,7 +36,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated so far
     text: str  # generated text so far, safe to show (never part of a stop string)
-    logprobs: list[float] = field(default_factory=list)  # of each generated token
+    logprobs: list[float] = field(default_factory=list)  # of each token, if logprobs was asked
     top_logprobs: list[dict[int, float]] = field(default_factory=list)  # top-k alternatives
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
@@ -177,6 +177,8 @@ class LLMEngine:
                 self.adapters.wait_for_loads(timeout=0.05)  # nothing runnable until a load lands
             return [self._output(s) for s in changed]
         logits, outputs = self.runner.execute(batch)
+        if not outputs:  # every sequence was mid-prefill: nothing to sample yet
+            return [self._output(s) for s in changed]
         sampled = sample(logits, [item.seq for item in outputs], self.generator)
         self.num_generated_tokens += len(sampled)
         now = time.monotonic()
@@ -186,8 +188,9 @@ class LLMEngine:
         for item, token in zip(outputs, sampled, strict=True):
             seq = item.seq
             seq.output_token_ids.append(token.token_id)
-            seq.output_logprobs.append(token.logprob)
-            seq.output_top_logprobs.append(token.top_logprobs)
+            if token.logprob is not None:
+                seq.output_logprobs.append(token.logprob)
+                seq.output_top_logprobs.append(token.top_logprobs)
             reason = self._update_text(seq) or self._finish_reason(seq, token.token_id)
             if reason is not None:
                 self.scheduler.finish(seq, reason)

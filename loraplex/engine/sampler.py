@@ -17,7 +17,7 @@ from loraplex.engine.sequence import Sequence
 @dataclass(frozen=True)
 class SampledToken:
     token_id: int
-    logprob: float  # log-probability of the chosen token under the model
+    logprob: float | None  # log-probability of the chosen token (None unless logprobs asked)
     top_logprobs: dict[int, float]  # the k most likely alternatives, when logprobs=k was asked
 
 
@@ -79,26 +79,32 @@ def _draw(probs: torch.Tensor, seqs: list[Sequence], generator: torch.Generator)
 def sample(
     logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
 ) -> list[SampledToken]:
-    """logits [num_seqs, vocab] float32 -> one token per sequence."""
-    logprobs = torch.log_softmax(logits, dim=-1)  # [num_seqs, vocab], the model's distribution
+    """logits [num_seqs, vocab] float32 -> one token per sequence. Logprobs (a full-vocabulary
+    log-softmax) are only computed for the rows whose request asked for them."""
     if any(s.params.has_penalties for s in seqs):
-        logits = apply_penalties(logits.clone(), seqs)
-    chosen = logits.argmax(dim=-1)  # [num_seqs], right for the greedy rows
+        logits_for_choice = apply_penalties(logits.clone(), seqs)
+    else:
+        logits_for_choice = logits
+    chosen = logits_for_choice.argmax(dim=-1)  # [num_seqs], right for the greedy rows
     random_rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
     if random_rows:
         rows = torch.tensor(random_rows, device=logits.device)
         random_seqs = [seqs[i] for i in random_rows]
-        probs = _filtered_probs(logits[rows], random_seqs)
+        probs = _filtered_probs(logits_for_choice[rows], random_seqs)
         chosen[rows] = _draw(probs, random_seqs, generator)
-    chosen_logprobs = logprobs.gather(1, chosen[:, None])[:, 0]
-    max_k = max((s.params.logprobs or 0) for s in seqs)
-    top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
-    results = []
-    chosen_list, chosen_logprob_list = chosen.tolist(), chosen_logprobs.tolist()
-    for i, seq in enumerate(seqs):
-        k = seq.params.logprobs or 0
-        top = {}
-        if k:
-            top = dict(zip(top_ids[i, :k].tolist(), top_values[i, :k].tolist(), strict=True))
-        results.append(SampledToken(chosen_list[i], chosen_logprob_list[i], top))
+    chosen_list = chosen.tolist()
+    results = [SampledToken(token, None, {}) for token in chosen_list]
+    wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if wanted:
+        rows = torch.tensor(wanted, device=logits.device)
+        logprobs = torch.log_softmax(logits[rows], dim=-1)  # the model's own distribution
+        chosen_logprobs = logprobs.gather(1, chosen[rows][:, None])[:, 0].tolist()
+        max_k = max(seqs[i].params.logprobs for i in wanted)
+        top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
+        for j, i in enumerate(wanted):
+            k = seqs[i].params.logprobs
+            top = {}
+            if k:
+                top = dict(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist(), strict=True))
+            results[i] = SampledToken(chosen_list[i], chosen_logprobs[j], top)
     return results

@@ -23,10 +23,13 @@ class AdapterBatch:
 
     Tokens with an adapter are split into pieces: runs of at most `piece_len` tokens that use the
     same slot. Short pieces are padded with token 0; padded positions are dropped on scatter.
+    When the groups are balanced (decode steps), piece i is simply slot i (`piece_slots` is
+    None), so the matmuls read the slot buffers in place instead of gathering a copy of every
+    active adapter's weights each layer.
     """
 
     token_slots: torch.Tensor  # [num_tokens] int64, slot of each token or NO_ADAPTER
-    piece_slots: torch.Tensor  # [num_pieces] int64, the slot every token of a piece uses
+    piece_slots: torch.Tensor | None  # [num_pieces] int64 slot per piece; None: piece i = slot i
     piece_tokens: torch.Tensor  # [num_pieces, piece_len] int64, token index (0 where padded)
     valid_positions: torch.Tensor  # [num_lora_tokens] int64, flat index into num_pieces * piece_len
     valid_tokens: torch.Tensor  # [num_lora_tokens] int64, the token at each valid position
@@ -41,26 +44,33 @@ class AdapterBatch:
         if not by_slot:
             return None
         num_lora_tokens = sum(len(tokens) for tokens in by_slot.values())
-        # A piece length near the mean group size keeps padding under ~2x in every mix:
-        # 32 single-token decodes give pieces of 1; one 256-token prefill next to 31 decodes is
-        # split into several pieces instead of padding all 32 groups to 256.
-        piece_len = 1 << max(0, (num_lora_tokens // len(by_slot) - 1).bit_length())
+        longest = max(len(tokens) for tokens in by_slot.values())
+        dense = longest * (max(by_slot) + 1) <= 2 * num_lora_tokens
+        if dense:  # one piece per slot 0..max slot, padding at most doubles the work
+            piece_len = longest
+            groups = [(slot, by_slot.get(slot, [])) for slot in range(max(by_slot) + 1)]
+        else:
+            # A piece length near the mean group size keeps padding under ~2x in every mix: one
+            # 256-token prefill next to 31 decodes is split into several pieces instead of
+            # padding all 32 groups to 256.
+            piece_len = 1 << max(0, (num_lora_tokens // len(by_slot) - 1).bit_length())
+            groups = [(slot, tokens[start : start + piece_len])
+                      for slot, tokens in by_slot.items()
+                      for start in range(0, len(tokens), piece_len)]
         piece_slots, piece_tokens, valid_positions, valid_tokens = [], [], [], []
-        for slot, tokens in by_slot.items():
-            for start in range(0, len(tokens), piece_len):
-                chunk = tokens[start : start + piece_len]
-                base = len(piece_slots) * piece_len
-                valid_positions.extend(range(base, base + len(chunk)))
-                valid_tokens.extend(chunk)
-                piece_slots.append(slot)
-                piece_tokens.append(chunk + [0] * (piece_len - len(chunk)))
+        for slot, chunk in groups:
+            base = len(piece_slots) * piece_len
+            valid_positions.extend(range(base, base + len(chunk)))
+            valid_tokens.extend(chunk)
+            piece_slots.append(slot)
+            piece_tokens.append(chunk + [0] * (piece_len - len(chunk)))
 
         def as_tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
         return cls(
             token_slots=as_tensor(token_slots),
-            piece_slots=as_tensor(piece_slots),
+            piece_slots=None if dense else as_tensor(piece_slots),
             piece_tokens=as_tensor(piece_tokens),
             valid_positions=as_tensor(valid_positions),
             valid_tokens=as_tensor(valid_tokens),
@@ -85,9 +95,14 @@ def add_lora(
     Shapes: x [num_tokens, in], y [num_tokens, out], lora_a [max_loras, r, in],
     lora_b [max_loras, out, r].
     """
+    num_pieces = batch.piece_tokens.shape[0]
+    if batch.piece_slots is None:  # piece i is slot i: views of the slot buffers, no copy
+        a, b = lora_a[:num_pieces], lora_b[:num_pieces]
+    else:
+        a, b = lora_a[batch.piece_slots], lora_b[batch.piece_slots]
     xs = x[batch.piece_tokens]  # [num_pieces, piece_len, in]
-    shrunk = torch.bmm(xs, lora_a[batch.piece_slots].transpose(1, 2))  # [num_pieces, piece_len, r]
-    delta = torch.bmm(shrunk, lora_b[batch.piece_slots].transpose(1, 2))  # [pieces, piece_len, out]
+    shrunk = torch.bmm(xs, a.transpose(1, 2))  # [num_pieces, piece_len, r]
+    delta = torch.bmm(shrunk, b.transpose(1, 2))  # [num_pieces, piece_len, out]
     delta = delta.reshape(-1, y.shape[-1])[batch.valid_positions]  # [num_lora_tokens, out]
     return y.index_add_(0, batch.valid_tokens, delta)
 
