@@ -224,3 +224,16 @@ def test_admin_api(live, sharp_adapters):
     actions = [e["action"] for e in httpx.get(f"{live.url}/admin/audit",
                                               headers=admin).json()["entries"]]
     assert "tenant.create" in actions and "key.create" in actions
+
+
+def test_full_server_gets_503_with_retry_after(live):
+    saved = live.settings.max_in_flight
+    live.settings.max_in_flight = 0  # as if every slot of the server's queue were taken
+    try:
+        r = httpx.post(f"{live.url}/v1/completions",
+                       headers={"Authorization": f"Bearer {live.keys['acme']}"},
+                       json={"model": "support", "prompt": "hi", "max_tokens": 2})
+    finally:
+        live.settings.max_in_flight = saved
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "capacity" in r.json()["error"]["message"]
