@@ -277,6 +277,15 @@ class Registry:
 
     # -- audit -----------------------------------------------------------------------------
 
+    def record_audit(
+        self, actor: str, action: str, target: str, details: dict, tenant: str | None = None
+    ) -> None:
+        """Record an administrative action done outside the registry (data upload, training,
+        export) in the same append-only log."""
+        with self._change() as conn:
+            tenant_id = None if tenant is None else tenants.get_tenant(conn, tenant).id
+            audit.record(conn, actor, action, target, details, tenant_id=tenant_id)
+
     def audit_log(self, limit: int = 100, tenant: str | None = None) -> list[AuditEntry]:
         """The newest entries first; only those concerning `tenant` if given."""
         with self._read() as conn:

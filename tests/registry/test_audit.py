@@ -75,3 +75,14 @@ def test_the_log_is_append_only(registry, acme):
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         registry._conn.execute("DELETE FROM audit")
     assert not [name for name in dir(audit) if "update" in name or "delete" in name]
+
+
+def test_record_audit_for_actions_outside_the_registry(tmp_path):
+    from loraplex.registry import Registry
+
+    registry = Registry(tmp_path)
+    registry.create_tenant("acme", actor="op")
+    registry.record_audit("cli:op", "export.gguf", "acme/bot@v1", {"dtype": "f32"},
+                          tenant="acme")
+    entry = registry.audit_log(limit=1, tenant="acme")[0]
+    assert (entry.actor, entry.action, entry.target) == ("cli:op", "export.gguf", "acme/bot@v1")
