@@ -103,11 +103,16 @@ def test_mixed_batch_greedy_generation_matches_peft(sharp_llama_dir, adapter_dir
         assert max(abs(a - b) for a, b in zip(out.logprobs, want_logprobs, strict=True)) < 1e-4
 
 
-# bf16 tolerance: bf16 keeps 8 significant bits (relative step 2**-8 = 0.4%); rounding of the
-# weights and of every activation compounds over the layers. We compare bf16 against the fp32
-# PEFT reference, relative to the logits' scale: max |ours - ref| <= BF16_RTOL * max |ref|.
-# PEFT itself run in bf16 shows the same order of error against fp32 (asserted below too).
+# bf16 tolerance table, against the fp32 PEFT reference `ref` of the same row:
+#   tiny model:  max |ours - ref| <= BF16_RTOL * max |ref|            (measured ~1e-2 relative)
+#   any model:   max |ours - ref| <= BF16_VS_PEFT * max |peft_bf16 - ref|
+# Why: bf16 keeps 8 significant bits (relative step 2**-8 = 0.4%) and rounding of weights and
+# activations compounds over the layers, so the absolute error grows with depth and logit scale
+# (on SmolLM2-135M with random adapters PEFT's own bf16 run is off by ~16% of max |logit|). The
+# second line is the one that transfers: we must be as accurate as the reference library at the
+# same precision, with some slack for different (equally valid) rounding orders.
 BF16_RTOL = 0.05
+BF16_VS_PEFT = 1.5
 
 
 def test_mixed_batch_bf16_logits_within_tolerance(sharp_llama_dir, adapter_dirs):
@@ -128,7 +133,7 @@ def test_mixed_batch_bf16_logits_within_tolerance(sharp_llama_dir, adapter_dirs)
         ours_err = (logits - ref).abs().max().item()
         peft_err = (peft_bf16 - ref).abs().max().item()
         assert ours_err <= BF16_RTOL * scale, (adapter, ours_err, scale)
-        assert peft_err <= BF16_RTOL * scale  # the table holds for the reference library too
+        assert ours_err <= BF16_VS_PEFT * peft_err + 1e-3, (adapter, ours_err, peft_err)
 
 
 def test_broken_adapter_fails_only_its_rows(sharp_llama_dir, adapter_dirs, tmp_path):
@@ -177,3 +182,53 @@ def test_default_model_mixed_batch_matches_peft(tmp_path):
         diff = max(abs(a - b) for a, b in zip(out.logprobs, want_logprobs, strict=True))
         print(f"adapter {adapter}: max logprob difference {diff:.2e}")
         assert diff < 1e-3
+
+
+@pytest.mark.real_model
+def test_default_model_mixed_batch_logits_fp32_and_bf16(tmp_path):
+    """Logit figures on SmolLM2-135M for the closing notes, held to the tolerance table."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.model.pull import resolve_model
+    from loraplex.model.tokenizer import Tokenizer
+
+    model_dir = resolve_model("smollm2-135m")
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    dirs = []
+    for i, (r, alpha, targets, rslora) in enumerate(ADAPTERS):
+        make_peft_adapter(base, tmp_path / f"a{i}", r, alpha, targets, use_rslora=rslora,
+                          seed=i + 1)
+        dirs.append(tmp_path / f"a{i}")
+    tokenizer = Tokenizer(model_dir)
+    questions = ["What is the capital of France?", "Name a fruit.", "Say hello.",
+                 "What is 2+2?", "Describe the sea.", "Who wrote Hamlet?", "Count to five."]
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    references = {}  # row -> (fp32 logits, bf16 logits) of PEFT with that row's adapter
+    for row, (prompt, adapter) in enumerate(zip(prompts, ROW_ADAPTERS, strict=True)):
+        reference = AutoModelForCausalLM.from_pretrained(model_dir)
+        if adapter is not None:
+            reference = PeftModel.from_pretrained(reference, dirs[adapter])
+        with torch.no_grad():
+            fp32 = reference.eval()(torch.tensor([prompt])).logits[0]
+            bf16 = reference.to(torch.bfloat16)(torch.tensor([prompt])).logits[0].float()
+        references[row] = (fp32, bf16)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(model_dir, dtype, torch.device("cpu"))
+        slots = AdapterSlots(model, max_loras=len(ADAPTERS), max_rank=16)
+        shapes = model.config.module_shapes()
+        for i, d in enumerate(dirs):
+            slots.activate(i, load_adapter(d, num_layers=model.config.num_layers,
+                                           module_shapes=shapes, max_rank=16, dtype=dtype))
+        got = prefill_logits(model, prompts, [-1 if a is None else a for a in ROW_ADAPTERS])
+        for row, logits in enumerate(got):
+            fp32, bf16 = references[row]
+            ours_err = (logits - fp32).abs().max().item()
+            if dtype == torch.float32:
+                print(f"fp32 row {row}: max |ours - PEFT| = {ours_err:.2e}")
+                assert ours_err <= 1e-5 * fp32.abs().max().item() + 1e-3
+            else:
+                peft_err = (bf16 - fp32).abs().max().item()
+                print(f"bf16 row {row}: ours {ours_err:.2f}, PEFT bf16 {peft_err:.2f} "
+                      f"(max |logit| {fp32.abs().max().item():.1f})")
+                assert ours_err <= BF16_VS_PEFT * peft_err + 1e-3
