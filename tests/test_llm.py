@@ -151,43 +151,13 @@ def test_broken_adapter_fails_only_its_rows(sharp_llama_dir, adapter_dirs, tmp_p
     assert len(llm.generate([[9, 9]], params)[0].token_ids) == 4
 
 
-@pytest.mark.real_model
-def test_default_model_mixed_batch_matches_peft(tmp_path):
-    """The same five-adapter mix on SmolLM2-135M: logits within 1e-3, 32 greedy tokens equal."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from loraplex.model.pull import resolve_model
-
-    model_dir = resolve_model("smollm2-135m")
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    dirs = []
-    for i, (r, alpha, targets, rslora) in enumerate(ADAPTERS):
-        make_peft_adapter(base, tmp_path / f"a{i}", r, alpha, targets, use_rslora=rslora,
-                          seed=i + 1)
-        dirs.append(tmp_path / f"a{i}")
-    llm = LLM("smollm2-135m", max_loras=len(ADAPTERS), max_lora_rank=16, max_model_len=512,
-              kv_cache_bytes=1 << 27)
-    questions = ["What is the capital of France?", "Name a fruit.", "Say hello.",
-                 "What is 2+2?", "Describe the sea.", "Who wrote Hamlet?", "Count to five."]
-    prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
-    adapters = [None if a is None else dirs[a] for a in ROW_ADAPTERS]
-    params = SamplingParams(temperature=0, max_tokens=32, logprobs=0, ignore_eos=True)
-    outs = llm.generate(prompts, params, adapters=adapters)
-    for prompt, adapter, out in zip(prompts, ROW_ADAPTERS, outs, strict=True):
-        reference = base if adapter is None else PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(model_dir), dirs[adapter]).eval()
-        want_tokens, want_logprobs = _peft_greedy(reference, prompt, 32)
-        assert out.token_ids == want_tokens, f"adapter {adapter}"
-        diff = max(abs(a - b) for a, b in zip(out.logprobs, want_logprobs, strict=True))
-        print(f"adapter {adapter}: max logprob difference {diff:.2e}")
-        assert diff < 1e-3
+QUESTIONS = ["What is the capital of France?", "Name a fruit.", "Say hello.", "What is 2+2?",
+             "Describe the sea.", "Who wrote Hamlet?", "Count to five."]
 
 
-@pytest.mark.real_model
-def test_default_model_mixed_batch_logits_fp32_and_bf16(tmp_path):
-    """Logit figures on SmolLM2-135M for the closing notes, held to the tolerance table."""
-    from peft import PeftModel
+@pytest.fixture(scope="module")
+def default_model(tmp_path_factory):
+    """SmolLM2-135M, the five adapters of ADAPTERS for it, and the chat prompts of QUESTIONS."""
     from transformers import AutoModelForCausalLM
 
     from loraplex.model.pull import resolve_model
@@ -195,22 +165,53 @@ def test_default_model_mixed_batch_logits_fp32_and_bf16(tmp_path):
 
     model_dir = resolve_model("smollm2-135m")
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    root = tmp_path_factory.mktemp("default_model_adapters")
     dirs = []
     for i, (r, alpha, targets, rslora) in enumerate(ADAPTERS):
-        make_peft_adapter(base, tmp_path / f"a{i}", r, alpha, targets, use_rslora=rslora,
+        make_peft_adapter(base, root / f"a{i}", r, alpha, targets, use_rslora=rslora,
                           seed=i + 1)
-        dirs.append(tmp_path / f"a{i}")
+        dirs.append(root / f"a{i}")
     tokenizer = Tokenizer(model_dir)
-    questions = ["What is the capital of France?", "Name a fruit.", "Say hello.",
-                 "What is 2+2?", "Describe the sea.", "Who wrote Hamlet?", "Count to five."]
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    return model_dir, dirs, prompts
+
+
+def _peft_reference(model_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    return model.eval()
+
+
+@pytest.mark.real_model
+def test_default_model_mixed_batch_matches_peft(default_model):
+    """The same five-adapter mix on SmolLM2-135M: 32 greedy tokens equal, logprobs close."""
+    model_dir, dirs, prompts = default_model
+    llm = LLM(str(model_dir), max_loras=len(ADAPTERS), max_lora_rank=16, max_model_len=512,
+              kv_cache_bytes=1 << 27)
+    adapters = [None if a is None else dirs[a] for a in ROW_ADAPTERS]
+    params = SamplingParams(temperature=0, max_tokens=32, logprobs=0, ignore_eos=True)
+    outs = llm.generate(prompts, params, adapters=adapters)
+    for prompt, adapter, out in zip(prompts, adapters, outs, strict=True):
+        want_tokens, want_logprobs = _peft_greedy(_peft_reference(model_dir, adapter), prompt, 32)
+        assert out.token_ids == want_tokens, f"adapter {adapter}"
+        diff = max(abs(a - b) for a, b in zip(out.logprobs, want_logprobs, strict=True))
+        print(f"adapter {adapter}: max logprob difference {diff:.2e}")
+        assert diff < 1e-3
+
+
+@pytest.mark.real_model
+def test_default_model_mixed_batch_logits_fp32_and_bf16(default_model):
+    """Logit figures on SmolLM2-135M for the closing notes, held to the tolerance table."""
+    model_dir, dirs, prompts = default_model
     references = {}  # row -> (fp32 logits, bf16 logits) of PEFT with that row's adapter
     for row, (prompt, adapter) in enumerate(zip(prompts, ROW_ADAPTERS, strict=True)):
-        reference = AutoModelForCausalLM.from_pretrained(model_dir)
-        if adapter is not None:
-            reference = PeftModel.from_pretrained(reference, dirs[adapter])
+        reference = _peft_reference(model_dir, None if adapter is None else dirs[adapter])
         with torch.no_grad():
-            fp32 = reference.eval()(torch.tensor([prompt])).logits[0]
+            fp32 = reference(torch.tensor([prompt])).logits[0]
             bf16 = reference.to(torch.bfloat16)(torch.tensor([prompt])).logits[0].float()
         references[row] = (fp32, bf16)
     for dtype in (torch.float32, torch.bfloat16):
