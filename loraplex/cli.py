@@ -6,14 +6,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from loraplex.cli_support import actor, err, fail, open_registry, or_fail
+from loraplex.export.cli import export_app
+from loraplex.train.cli import train_command
+from loraplex.vault.cli import data_app
+
 app = typer.Typer(help="loraplex: one base LLM, many tenants' LoRA adapters.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-err = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(1)
 
 
 @app.command()
@@ -25,7 +24,7 @@ def pull(name: Annotated[str, typer.Argument(help="A default model, e.g. smollm2
     try:
         path = pull_model(name)
     except PullError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(path)
 
 
@@ -56,10 +55,99 @@ def generate(
         params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
         out = llm.generate(ids, params, adapters=[adapter])[0]
     except (ValueError, OSError, PullError) as e:  # each carries a clear message
-        _fail(str(e))
+        fail(str(e))
     if out.error:
-        _fail(out.error)
+        fail(out.error)
     typer.echo(out.text.strip())
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option(help="Default model name or checkpoint dir")] = (
+        "smollm2-135m"
+    ),
+    rank: Annotated[int, typer.Option(help="LoRA rank of the adapters")] = 16,
+    targets: Annotated[str, typer.Option(help="all | attn | a comma list, e.g. q_proj,v_proj")] = (
+        "all"
+    ),
+    clients: Annotated[int, typer.Option(help="Tenants, one adapter each")] = 50,
+    memory: Annotated[str, typer.Option(help="Device memory budget, e.g. 24GiB or 80GB")] = (
+        "24GiB"
+    ),
+    host_memory: Annotated[str | None, typer.Option(
+        help="RAM for the host adapter cache (default: same as --memory)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+):
+    """How many adapters and how much context fit in a memory budget (no model is loaded)."""
+    from rich.table import Table
+
+    from loraplex.model.llama import ModelConfig
+    from loraplex.model.loader import read_config
+    from loraplex.model.pull import PullError, resolve_model
+    from loraplex.plan import (
+        ACTIVATION_RESERVE_BYTES,
+        KNOWN_MODEL_SHAPES,
+        RESERVE_PERCENT,
+        dtype_bytes,
+        format_bytes,
+        parse_bytes,
+        plan_capacity,
+    )
+
+    try:
+        memory_bytes = parse_bytes(memory)
+        host_memory_bytes = None if host_memory is None else parse_bytes(host_memory)
+        if model in KNOWN_MODEL_SHAPES:  # a default model's shape is known: no pull needed
+            config = ModelConfig(**KNOWN_MODEL_SHAPES[model])
+        else:
+            config = read_config(resolve_model(model))
+        p = plan_capacity(config, rank=rank, targets=targets, clients=clients,
+                          memory_bytes=memory_bytes, dtype_bytes=dtype_bytes(dtype),
+                          host_memory_bytes=host_memory_bytes)
+    except (ValueError, OSError, PullError) as e:  # each carries a clear message
+        fail(str(e))
+
+    table = Table("", "size", "what it is", title=(
+        f"{model}, {dtype}, rank {rank} on {targets}: "
+        f"{clients} clients in {format_bytes(p.memory_bytes)}"))
+    table.add_row("base model", format_bytes(p.base_weight_bytes),
+                  f"{p.num_base_params:,} parameters")
+    table.add_row("one adapter", format_bytes(p.bytes_per_adapter),
+                  "in the host cache and on disk (its target modules)")
+    table.add_row("one device slot", format_bytes(p.bytes_per_slot),
+                  f"all seven modules at rank {rank}, whatever an adapter targets")
+    table.add_row("KV cache per token", format_bytes(p.kv_bytes_per_token),
+                  f"2 x {config.num_layers} layers x {config.num_kv_heads} kv heads x "
+                  f"{config.head_dim} x {p.dtype_bytes} bytes")
+    table.add_row("runtime reserve", format_bytes(p.reserve_bytes),
+                  f"{RESERVE_PERCENT}% + {format_bytes(ACTIVATION_RESERVE_BYTES)} activations")
+    table.add_row("left for slots + KV", format_bytes(p.available_bytes),
+                  "after the base model and the reserve")
+    table.add_row("smallest budget", format_bytes(p.min_memory_bytes),
+                  "base model, one slot, one full-context sequence and the reserve")
+    table.add_row("adapters resident at most", f"{p.max_resident_adapters:,}",
+                  "slots that fit while keeping KV room for one full-context sequence")
+    table.add_row("device slots", format_bytes(p.slot_bytes), f"--max-loras {p.max_loras}")
+    table.add_row("host cache", format_bytes(p.host_cache_bytes),
+                  f"--max-cpu-loras {p.max_cpu_loras}")
+    table.add_row("KV cache", format_bytes(p.kv_cache_bytes),
+                  f"{p.num_kv_tokens:,} tokens = {p.num_full_context_seqs:,} sequences of "
+                  f"{p.context_len:,}")
+    table.add_row("one model per client", format_bytes(p.dedicated_bytes),
+                  f"{p.dedicated_ratio:.1f}x loraplex's {format_bytes(p.loraplex_bytes)}")
+    console = Console()
+    console.print(table)
+
+    on_disk = clients - p.max_cpu_loras
+    disk_note = (f" The other {on_disk} adapters load from disk on first use." if on_disk > 0
+                 else " Every client's adapter stays in the host cache.")
+    console.print(
+        f"Run [bold]loraplex serve --dtype {dtype} --max-lora-rank {rank} --max-loras "
+        f"{p.max_loras} --max-cpu-loras {p.max_cpu_loras} --kv-cache {p.kv_cache_bytes}[/]: up "
+        f"to {p.max_loras} different adapters share a batch, and {p.max_cpu_loras} stay loaded "
+        f"in RAM.{disk_note} The KV cache holds {p.num_full_context_seqs:,} full "
+        f"{p.context_len:,}-token conversations at once.",
+        highlight=False)
 
 
 # -- administration: operates directly on the registry in the loraplex home ---------------------
@@ -69,29 +157,9 @@ adapter_app = typer.Typer(help="Adapters, versions and deployments.", no_args_is
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.add_typer(adapter_app, name="adapter")
-
-
-def _registry():
-    from loraplex.home import loraplex_home
-    from loraplex.registry import Registry
-
-    return Registry(loraplex_home())
-
-
-def _actor() -> str:
-    import getpass
-
-    return f"cli:{getpass.getuser()}"
-
-
-def _admin(function, *args, **kwargs):
-    """Run a registry operation; its errors become one clear line and exit status 1."""
-    from loraplex.registry import RegistryError
-
-    try:
-        return function(*args, **kwargs)
-    except RegistryError as e:
-        _fail(str(e))
+app.add_typer(data_app, name="data")
+app.add_typer(export_app, name="export")
+app.command("train")(train_command)
 
 
 def _split_text(split: dict[int, int]) -> str:
@@ -102,10 +170,10 @@ def _split_text(split: dict[int, int]) -> str:
 def tenant_create(name: str, allow_base_model: bool = typer.Option(
         False, help="Also let this tenant call the bare base model")):
     """Register a tenant."""
-    registry = _registry()
-    tenant = _admin(registry.create_tenant, name, actor=_actor())
+    registry = open_registry()
+    tenant = or_fail(registry.create_tenant, name, actor=actor())
     if allow_base_model:
-        _admin(registry.set_base_model_access, name, True, actor=_actor())
+        or_fail(registry.set_base_model_access, name, True, actor=actor())
     typer.echo(f"tenant {tenant.name} created")
 
 
@@ -115,7 +183,7 @@ def tenant_list():
     from rich.table import Table
 
     table = Table("tenant", "created", "adapters")
-    registry = _registry()
+    registry = open_registry()
     for tenant in registry.list_tenants():
         table.add_row(tenant.name, tenant.created_at,
                       str(len(registry.list_adapters(tenant.name))))
@@ -125,7 +193,7 @@ def tenant_list():
 @key_app.command("create")
 def key_create(tenant: str):
     """Create an API key for a tenant (printed once; only its hash is stored)."""
-    key_id, key = _admin(_registry().create_key, tenant, actor=_actor())
+    key_id, key = or_fail(open_registry().create_key, tenant, actor=actor())
     err.print(f"key {key_id} for {tenant} (shown once, store it now):")
     typer.echo(key)
 
@@ -133,14 +201,14 @@ def key_create(tenant: str):
 @key_app.command("revoke")
 def key_revoke(key_id: str):
     """Revoke a key; requests with it get 401 from the next request on."""
-    _admin(_registry().revoke_key, key_id, actor=_actor())
+    or_fail(open_registry().revoke_key, key_id, actor=actor())
     typer.echo(f"key {key_id} revoked")
 
 
 @key_app.command("admin")
 def key_admin():
     """Create an admin key for the /admin/ HTTP API (printed once)."""
-    key_id, key = _admin(_registry().create_admin_key, actor=_actor())
+    key_id, key = or_fail(open_registry().create_admin_key, actor=actor())
     err.print(f"admin key {key_id} (shown once, store it now):")
     typer.echo(key)
 
@@ -155,7 +223,7 @@ def adapter_push(
     """Store a PEFT adapter as the next version of TENANT's adapter NAME."""
     from loraplex.validation import adapter_validator
 
-    version = _admin(_registry().push_version, tenant, name, peft_dir, actor=_actor(),
+    version = or_fail(open_registry().push_version, tenant, name, peft_dir, actor=actor(),
                      validate=adapter_validator(model), promote=promote)
     typer.echo(f"{name} {version.label} (id {version.id}, sha256 {version.sha256[:12]}, "
                f"rank {version.rank})")
@@ -167,7 +235,7 @@ def adapter_list(tenant: str):
     from rich.table import Table
 
     table = Table("adapter", "versions", "split", "serving")
-    for info in _admin(_registry().list_adapters, tenant):
+    for info in or_fail(open_registry().list_adapters, tenant):
         table.add_row(info.name, ", ".join(v.label for v in info.versions),
                       _split_text(info.split), f"v{info.active}")
     Console().print(table)
@@ -178,7 +246,7 @@ def adapter_show(tenant: str, name: str):
     """Every version of an adapter with its training record."""
     import json
 
-    info = _admin(_registry().show_adapter, tenant, name)
+    info = or_fail(open_registry().show_adapter, tenant, name)
     typer.echo(f"{info.name}: split {_split_text(info.split)}")
     for v in info.versions:
         typer.echo(f"  {v.label}  id {v.id}  sha256 {v.sha256[:12]}  rank {v.rank}  "
@@ -192,15 +260,15 @@ def adapter_promote(tenant: str, name: str, version: str):
     """Send all traffic to VERSION (e.g. v2)."""
     from loraplex.server.admin import parse_split
 
-    number = next(iter(_admin(parse_split, {version: 100})))
-    split = _admin(_registry().promote, tenant, name, number, actor=_actor())
+    number = next(iter(or_fail(parse_split, {version: 100})))
+    split = or_fail(open_registry().promote, tenant, name, number, actor=actor())
     typer.echo(f"{name}: {_split_text(split)}")
 
 
 @adapter_app.command("rollback")
 def adapter_rollback(tenant: str, name: str):
     """Go back to the split that was live before the last change."""
-    split = _admin(_registry().rollback, tenant, name, actor=_actor())
+    split = or_fail(open_registry().rollback, tenant, name, actor=actor())
     typer.echo(f"{name}: {_split_text(split)}")
 
 
@@ -214,9 +282,9 @@ def adapter_split(tenant: str, name: str,
     for item in weights:
         version, _, weight = item.partition("=")
         if not weight.isdigit():
-            _fail(f"{item!r} should look like v1=90")
+            fail(f"{item!r} should look like v1=90")
         spec[version] = int(weight)
-    split = _admin(_registry().split, tenant, name, _admin(parse_split, spec), actor=_actor())
+    split = or_fail(open_registry().split, tenant, name, or_fail(parse_split, spec), actor=actor())
     typer.echo(f"{name}: {_split_text(split)}")
 
 
@@ -227,7 +295,7 @@ def adapter_stats(tenant: str, name: str):
 
     table = Table("version", "requests", "errors", "prompt tok", "completion tok",
                   "mean latency ms", "mean TTFT ms")
-    for row in _admin(_registry().version_stats, tenant, name):
+    for row in or_fail(open_registry().version_stats, tenant, name):
         def fmt(value):
             return "-" if value is None else f"{value:.1f}"
         table.add_row(row["version"], str(row["requests"]), str(row["errors"]),
@@ -239,7 +307,7 @@ def adapter_stats(tenant: str, name: str):
 @app.command()
 def audit(limit: int = 50, tenant: str | None = None):
     """The audit log of administrative actions, newest first."""
-    for entry in _admin(_registry().audit_log, limit=limit, tenant=tenant):
+    for entry in or_fail(open_registry().audit_log, limit=limit, tenant=tenant):
         typer.echo(f"{entry.at}  {entry.actor:<24} {entry.action:<28} {entry.target}  "
                    f"{entry.details or ''}")
 
@@ -258,6 +326,9 @@ def serve(
     max_num_seqs: int = 64,
     max_model_len: Annotated[int | None, typer.Option(help="Context length")] = None,
     max_concurrent_per_tenant: int = 32,
+    kv_cache: Annotated[str | None, typer.Option(
+        help="KV cache size, e.g. 8GiB (default: 10% of device memory; see `loraplex plan`)")] = (
+        None),
 ):
     """Serve the OpenAI-compatible API for every tenant (Ctrl-C / SIGTERM finishes running
     requests, then stops)."""
@@ -266,24 +337,29 @@ def serve(
     from loraplex.config import EngineConfig
     from loraplex.engine.async_engine import AsyncEngine
     from loraplex.model.pull import PullError
+    from loraplex.plan import parse_bytes
     from loraplex.server.app import ServerSettings, create_app
+    from loraplex.train.jobs import TrainingJobs
     from loraplex.validation import adapter_validator
 
-    registry = _registry()
+    registry = open_registry()
     if not registry.list_admin_keys():
-        key_id, key = registry.create_admin_key(actor=_actor())
+        key_id, key = registry.create_admin_key(actor=actor())
         err.print(f"first start: admin key {key_id} (shown once, store it now):\n{key}")
     try:
         engine = AsyncEngine(EngineConfig(
             model=model, dtype=dtype, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
             max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len))
+            max_model_len=max_model_len,
+            kv_cache_bytes=None if kv_cache is None else parse_bytes(kv_cache)))
         validate = adapter_validator(model)
     except (ValueError, OSError, PullError) as e:
-        _fail(str(e))
+        fail(str(e))
     settings = ServerSettings(base_model_name=Path(model).name,
                               max_concurrent_per_tenant=max_concurrent_per_tenant)
-    app_ = create_app(engine, registry, settings, validate)
+    # Training jobs (POST /tenants/{tenant}/training-jobs) train for the model being served.
+    jobs = TrainingJobs(registry.home, model)
+    app_ = create_app(engine, registry, settings, validate, jobs)
     err.print(f"serving {model} on http://{host}:{port} (OpenAI API under /v1)")
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
 

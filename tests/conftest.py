@@ -7,6 +7,7 @@ import and most tests never need them.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -190,3 +191,48 @@ def prefill_logits(model, prompts: list[list[int]], slots: list[int] | None = No
         torch.arange(num_tokens),
     )
     return list(logits.split([len(p) for p in prompts]))
+
+
+# A tiny llama whose tokenizer llama.cpp can load: the WordLevel tokenizers above cannot travel in
+# a GGUF, so a byte-level BPE is trained in milliseconds instead (exports, the demo).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = (
+    "The capital of France is Paris. The sea is deep and the sky is blue. "
+    "Count: 1 2 3 10 42 2024. Hello, world! How are you today? I am fine, thank you.\n"
+) * 20
+
+
+def save_bpe_tokenizer(path: Path) -> int:
+    """A GPT-2 style byte-level BPE trained on CORPUS, saved with a ChatML template; returns
+    its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS], trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+    }))
+    return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="session")
+def bpe_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random llama (untied lm_head, GQA, 16 padding rows past the tokenizer's vocab)
+    with a byte-level BPE tokenizer; treat as read-only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("bpe_llama")
+    vocab_size = save_bpe_tokenizer(path)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size + 16, initializer_range=0.15,
+        max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
+    return path

@@ -29,6 +29,9 @@ from loraplex.server.protocol import (
     new_id,
     now,
 )
+from loraplex.server.tenant_data import tenant_data_router
+from loraplex.train.jobs import TrainingJobs
+from loraplex.vault import Vault
 
 DISCONNECT_POLL_SECONDS = 0.25
 VERSION_HEADER = "x-loraplex-adapter-version"
@@ -54,10 +57,13 @@ class Target:
 
 
 def create_app(
-    engine: AsyncEngine, registry: Registry, settings: ServerSettings, validate=None
+    engine: AsyncEngine, registry: Registry, settings: ServerSettings, validate=None,
+    jobs: TrainingJobs | None = None,
 ) -> FastAPI:
-    """`validate(adapter_dir)` checks uploads against the base model (validation.py)."""
+    """`validate(adapter_dir)` checks uploads against the base model (validation.py); `jobs`
+    runs training for /tenants/{tenant}/training-jobs (without it those answer 503)."""
     metrics = Metrics()
+    vault = Vault(registry.home)
     in_flight: Counter[int] = Counter()  # tenant id -> running requests
     tokenizer = engine.tokenizer
     max_model_len = engine.engine.max_model_len
@@ -66,6 +72,9 @@ def create_app(
     async def lifespan(_app):
         yield
         engine.shutdown()  # after uvicorn has let running requests finish (graceful SIGTERM)
+        if jobs is not None:
+            jobs.close()
+        vault.close()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.registry, app.state.settings = engine, registry, settings
@@ -92,8 +101,8 @@ def create_app(
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):
-        limit = (settings.max_upload_bytes if request.url.path.startswith("/admin/")
-                 else settings.max_body_bytes)
+        is_upload = request.url.path.startswith(("/admin/", "/tenants/"))
+        limit = settings.max_upload_bytes if is_upload else settings.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             error = OpenAIError(413, f"request body larger than {limit} bytes")
@@ -262,6 +271,7 @@ def create_app(
                         media_type="text/plain; version=0.0.4")
 
     app.include_router(admin_router(registry, engine, validate))
+    app.include_router(tenant_data_router(registry, vault, jobs))
     return app
 
 

@@ -1,17 +1,15 @@
 """A real loraplex server on a free loopback port, with two tenants and their adapters."""
 
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from loraplex.config import EngineConfig
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.registry import Registry
 from loraplex.server.app import ServerSettings, create_app
+from loraplex.server.thread import ServerThread
 from loraplex.validation import adapter_validator
 
 BASE_NAME = "tiny-base"
@@ -28,20 +26,6 @@ class LiveServer:
     adapters: dict[str, Path]  # "tenant/name@vN" -> PEFT dir
     model_dir: Path
     settings: ServerSettings
-
-
-def start_server(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                            timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if server.started:
-            break
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +51,6 @@ def live(sharp_llama_dir, sharp_adapters, tmp_path_factory):
                                       kv_cache_bytes=1 << 24))
     settings = ServerSettings(base_model_name=BASE_NAME, max_tokens_cap=200,
                               max_concurrent_per_tenant=4, max_body_bytes=64 * 1024)
-    server, thread, url = start_server(create_app(engine, registry, settings, validate))
-    yield LiveServer(url, home, registry, keys, key_ids, admin_key, adapters, sharp_llama_dir,
-                     settings)
-    server.should_exit = True
-    thread.join(timeout=15)
+    with ServerThread(create_app(engine, registry, settings, validate)) as url:
+        yield LiveServer(url, home, registry, keys, key_ids, admin_key, adapters,
+                         sharp_llama_dir, settings)

@@ -1,0 +1,250 @@
+"""Capacity planning: how many adapters and how much context fit in a memory budget.
+
+Pure arithmetic on a model's shape, so an operator can size a deployment before loading anything
+(no torch here; `loraplex plan` is the command line front). The figures follow what the engine
+actually allocates:
+
+- a device slot holds every targetable module at the slot rank (`AdapterSlots` builds buffers for
+  all seven modules, whatever an adapter targets), so a slot costs more than an attention-only
+  adapter does;
+- the host cache holds each adapter as loaded (`LoRAWeights`: only its target modules);
+- the KV cache is whole blocks of `block_size` tokens (`ModelRunner.kv_bytes_per_block`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from loraplex.lora.modules import ATTENTION_MODULES, K_PROJ, Q_PROJ, TARGET_MODULES, V_PROJ
+
+if TYPE_CHECKING:  # a type only: importing it at run time would import torch
+    from loraplex.model.llama import ModelConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TARGET_GROUPS = {"all": TARGET_MODULES, "attn": ATTENTION_MODULES}
+
+# Runtime overhead kept out of the plan: 10% of the budget for allocator fragmentation and
+# temporaries, plus a fixed 512 MiB for one step's activations and logits (and, on a GPU, the
+# CUDA context, itself a few hundred MiB).
+RESERVE_PERCENT = 10
+ACTIVATION_RESERVE_BYTES = 512 * 2**20
+# Slots take at most a quarter of what is left after the base weights, so adding adapters never
+# starves the KV cache that every request needs.
+SLOT_SHARE_PERCENT = 25
+# Beyond 64 distinct adapters in one batch the LoRA op's per-slot work outweighs sharing a batch;
+# more adapters are better served by the host cache.
+MAX_LORAS_CAP = 64
+# The host cache may use a quarter of host memory; the rest is the process, the OS and, on a
+# CPU-only machine, the model itself.
+HOST_CACHE_SHARE_PERCENT = 25
+# The engine's defaults (EngineConfig.block_size, llm_engine.MAX_DEFAULT_MODEL_LEN).
+BLOCK_SIZE = 16
+MAX_DEFAULT_MODEL_LEN = 4096
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+
+# Shapes of the default models (loraplex/model/pull.py DEFAULT_MODELS), as ModelConfig keyword
+# arguments, so planning for one never needs to pull it first.
+KNOWN_MODEL_SHAPES: dict[str, dict] = {
+    "smollm2-135m": {  # SmolLM2-135M-Instruct
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30,
+        "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+    },
+}
+
+
+class PlanError(ValueError):
+    """Planning inputs that make no sense or a budget too small; the message says which."""
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    """A deployment sized for a memory budget. Every size is in bytes."""
+
+    # what was asked
+    rank: int
+    targets: tuple[str, ...]
+    clients: int
+    memory_bytes: int  # device budget: weights, slots, KV cache and runtime overhead
+    host_memory_bytes: int  # RAM for the host cache
+    dtype_bytes: int
+    # the model
+    num_base_params: int
+    base_weight_bytes: int
+    bytes_per_adapter: int  # one adapter as loaded into the host cache (its target modules)
+    bytes_per_slot: int  # one device slot (all seven modules at `rank`)
+    kv_bytes_per_token: int
+    context_len: int  # tokens of one full-context sequence (the engine's default max_model_len)
+    # the budget
+    reserve_bytes: int  # runtime overhead kept free
+    available_bytes: int  # memory_bytes - base weights - reserve: for slots and the KV cache
+    min_memory_bytes: int  # the least budget that holds the base, one slot and one sequence
+    max_resident_adapters: int  # most slots that fit, keeping KV room for one sequence
+    max_loras: int  # recommended device slots
+    slot_bytes: int  # max_loras * bytes_per_slot
+    kv_cache_bytes: int  # what is left for the KV cache
+    num_kv_tokens: int  # tokens that KV cache holds (whole blocks)
+    num_full_context_seqs: int  # full-context sequences it holds at once
+    max_cpu_loras: int  # recommended host cache size (>= max_loras)
+    host_cache_bytes: int  # max_cpu_loras * bytes_per_adapter
+    # versus one model per client
+    dedicated_bytes: int  # clients x (base weights + 1/clients of the same KV cache)
+    loraplex_bytes: int  # base weights + slots + KV cache (reserve left out on both sides)
+
+    @property
+    def dedicated_ratio(self) -> float:
+        """How many times more memory one model per client needs than loraplex."""
+        return self.dedicated_bytes / self.loraplex_bytes
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '512MiB', '8GB', '1.5GiB' or '1000000' (bytes) -> a positive number of bytes."""
+    match = _SIZE.fullmatch(text)
+    unit = match.group(2).upper() if match else None
+    if unit not in _UNITS:
+        raise PlanError(
+            f"cannot read memory size {text!r}; write a number with an optional unit, "
+            "e.g. 24GiB, 512MiB, 8GB or 1000000 (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
+    number = int(Decimal(match.group(1)) * _UNITS[unit])  # Decimal: '1.5GiB' is exact
+    if number <= 0:
+        raise PlanError(f"memory size must be positive, got {text!r}")
+    return number
+
+
+def format_bytes(num_bytes: int) -> str:
+    """A size in the largest binary unit that keeps the number at least 1: '18.6 MiB'."""
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{num_bytes} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def parse_targets(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """'all', 'attn', 'q_proj,v_proj' or a list of module names -> module names in model order."""
+    if isinstance(spec, str):
+        if spec.strip() in TARGET_GROUPS:
+            return TARGET_GROUPS[spec.strip()]
+        spec = spec.split(",")
+    names = {name.strip() for name in spec}
+    unknown = sorted(names - set(TARGET_MODULES))
+    if unknown or not names:
+        raise PlanError(
+            f"unknown target module(s) {', '.join(map(repr, unknown)) or 'none given'}; "
+            f"use 'all', 'attn' or a comma list of: {', '.join(TARGET_MODULES)}"
+        )
+    return tuple(name for name in TARGET_MODULES if name in names)
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a model dtype name."""
+    if dtype not in DTYPE_BYTES:
+        raise PlanError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    return DTYPE_BYTES[dtype]
+
+
+def count_base_params(config: ModelConfig) -> int:
+    """Parameters of the base model: embeddings, an untied LM head, every layer, final norm."""
+    shapes = config.module_shapes()
+    per_layer = sum(i * o for i, o in shapes.values()) + 2 * config.hidden_size  # + 2 RMSNorms
+    if config.qkv_bias:
+        per_layer += sum(shapes[name][1] for name in (Q_PROJ, K_PROJ, V_PROJ))  # Qwen2 biases
+    embeddings = config.vocab_size * config.hidden_size
+    lm_head = 0 if config.tie_word_embeddings else embeddings
+    return embeddings + lm_head + config.num_layers * per_layer + config.hidden_size
+
+
+def lora_bytes(config: ModelConfig, rank: int, targets: Sequence[str], dtype_bytes: int) -> int:
+    """Bytes of one adapter: A [rank, in] and B [out, rank] per targeted module, every layer."""
+    shapes = config.module_shapes()
+    per_layer = sum(rank * (shapes[name][0] + shapes[name][1]) for name in targets)
+    return config.num_layers * per_layer * dtype_bytes
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PlanError(f"{name} must be a positive integer, got {value!r}")
+
+
+def plan_capacity(
+    model_config: ModelConfig,
+    *,
+    rank: int,
+    targets: str | Sequence[str],
+    clients: int,
+    memory_bytes: int,
+    dtype_bytes: int = 4,
+    host_memory_bytes: int | None = None,
+) -> CapacityPlan:
+    """Size slots, host cache and KV cache for `clients` adapters in `memory_bytes`.
+
+    `host_memory_bytes` (RAM for the host cache) defaults to `memory_bytes`. Raises PlanError on
+    bad inputs or when the budget cannot hold the base model, one slot and one sequence.
+    """
+    for name, value in (("rank", rank), ("clients", clients), ("memory_bytes", memory_bytes),
+                        ("dtype_bytes", dtype_bytes)):
+        _positive_int(name, value)
+    host_memory_bytes = memory_bytes if host_memory_bytes is None else host_memory_bytes
+    _positive_int("host_memory_bytes", host_memory_bytes)
+    targets = parse_targets(targets)
+
+    num_base_params = count_base_params(model_config)
+    base_weight_bytes = num_base_params * dtype_bytes
+    bytes_per_adapter = lora_bytes(model_config, rank, targets, dtype_bytes)
+    bytes_per_slot = lora_bytes(model_config, rank, TARGET_MODULES, dtype_bytes)
+    kv_bytes_per_token = (2 * model_config.num_layers * model_config.num_kv_heads
+                          * model_config.head_dim * dtype_bytes)
+    context_len = min(model_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+    if model_config.sliding_window:  # the engine caps the context to the window
+        context_len = min(context_len, model_config.sliding_window)
+    one_seq_kv_bytes = -(-context_len // BLOCK_SIZE) * BLOCK_SIZE * kv_bytes_per_token
+
+    # The smallest budget whose share after the reserve holds the base, one slot, one sequence.
+    needed = ACTIVATION_RESERVE_BYTES + base_weight_bytes + bytes_per_slot + one_seq_kv_bytes
+    min_memory_bytes = -(-needed * 100 // (100 - RESERVE_PERCENT))
+    if memory_bytes < min_memory_bytes:
+        raise PlanError(
+            f"{format_bytes(memory_bytes)} is too little: the base model needs "
+            f"{format_bytes(base_weight_bytes)}, one adapter slot {format_bytes(bytes_per_slot)}, "
+            f"one {context_len}-token sequence {format_bytes(one_seq_kv_bytes)} of KV cache, plus "
+            f"the runtime reserve ({RESERVE_PERCENT}% + {format_bytes(ACTIVATION_RESERVE_BYTES)}); "
+            f"at least {format_bytes(min_memory_bytes)} ({min_memory_bytes} bytes) is needed"
+        )
+    reserve_bytes = memory_bytes * RESERVE_PERCENT // 100 + ACTIVATION_RESERVE_BYTES
+    available_bytes = memory_bytes - reserve_bytes - base_weight_bytes
+
+    # Both bounds are at least one slot, thanks to the check above.
+    kv_floor_bound = available_bytes - one_seq_kv_bytes
+    max_resident_adapters = kv_floor_bound // bytes_per_slot
+    share_bound = max(available_bytes * SLOT_SHARE_PERCENT // 100, bytes_per_slot)
+    max_loras = min(MAX_LORAS_CAP, clients, min(share_bound, kv_floor_bound) // bytes_per_slot)
+    slot_bytes = max_loras * bytes_per_slot
+    kv_cache_bytes = available_bytes - slot_bytes
+    num_kv_tokens = kv_cache_bytes // (kv_bytes_per_token * BLOCK_SIZE) * BLOCK_SIZE
+
+    host_share = host_memory_bytes * HOST_CACHE_SHARE_PERCENT // 100
+    max_cpu_loras = max(max_loras, min(clients, host_share // bytes_per_adapter))
+
+    return CapacityPlan(
+        rank=rank, targets=targets, clients=clients, memory_bytes=memory_bytes,
+        host_memory_bytes=host_memory_bytes, dtype_bytes=dtype_bytes,
+        num_base_params=num_base_params, base_weight_bytes=base_weight_bytes,
+        bytes_per_adapter=bytes_per_adapter, bytes_per_slot=bytes_per_slot,
+        kv_bytes_per_token=kv_bytes_per_token, context_len=context_len,
+        reserve_bytes=reserve_bytes, available_bytes=available_bytes,
+        min_memory_bytes=min_memory_bytes, max_resident_adapters=max_resident_adapters,
+        max_loras=max_loras, slot_bytes=slot_bytes, kv_cache_bytes=kv_cache_bytes,
+        num_kv_tokens=num_kv_tokens, num_full_context_seqs=num_kv_tokens // context_len,
+        max_cpu_loras=max_cpu_loras, host_cache_bytes=max_cpu_loras * bytes_per_adapter,
+        dedicated_bytes=clients * base_weight_bytes + kv_cache_bytes,
+        loraplex_bytes=base_weight_bytes + slot_bytes + kv_cache_bytes,
+    )

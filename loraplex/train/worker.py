@@ -1,0 +1,50 @@
+"""One training job in its own process: `python -m loraplex.train.worker` (started by jobs.py).
+
+Reads the job as one JSON object on stdin, trains, and reports on stdout as JSON lines:
+{"event": "progress", "phase", "step", "num_steps", "loss"} while it runs, then exactly one
+{"event": "done", "version": N, "label": "vN"} or {"event": "error", "message": "..."}.
+A process of its own keeps the server's event loop and engine free of training work, lets a
+job be cancelled with SIGTERM (the trainer then unwinds and registers nothing), and keeps a
+crash in training from touching the server.
+"""
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+
+def emit(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    from loraplex.model.pull import PullError
+    from loraplex.train import train_adapter
+
+    job = json.loads(sys.stdin.read())
+
+    def on_progress(phase: str, step: int, num_steps: int, loss: float | None) -> None:
+        emit({"event": "progress", "phase": phase, "step": step, "num_steps": num_steps,
+              "loss": loss})
+
+    try:
+        version = train_adapter(Path(job.pop("home")), job.pop("tenant"), **job, progress=False,
+                                on_progress=on_progress)
+    except (ValueError, OSError, PullError) as e:  # each carries a clear message
+        emit({"event": "error", "message": str(e)})
+        return 1
+    except KeyboardInterrupt:
+        emit({"event": "error", "message": "cancelled: no version was created"})
+        return 1
+    except Exception as e:  # a bug: the server shows the message, the log gets the traceback
+        traceback.print_exc()
+        emit({"event": "error", "message": f"internal error: {type(e).__name__}: {e}"})
+        return 1
+    emit({"event": "done", "version": version.number, "label": version.label})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The vault: tenants' training datasets, validated on upload and encrypted at rest.
+
+Storage only (SQLite, files, AES-GCM): it never imports torch. Training (loraplex.train) reads
+datasets through Vault.read, which decrypts in memory.
+"""
+
+from loraplex.vault.errors import (
+    DatasetNotFound,
+    IntegrityError,
+    InvalidDataset,
+    MasterKeyError,
+    VaultError,
+)
+from loraplex.vault.records import as_messages, parse_jsonl
+from loraplex.vault.store import DatasetVersion, Vault
+
+__all__ = [
+    "DatasetNotFound",
+    "DatasetVersion",
+    "IntegrityError",
+    "InvalidDataset",
+    "MasterKeyError",
+    "Vault",
+    "VaultError",
+    "as_messages",
+    "parse_jsonl",
+]

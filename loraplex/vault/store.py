@@ -1,0 +1,306 @@
+"""Vault: tenants' training datasets, as immutable versions, encrypted at rest.
+
+Layout under `<home>/vault/`:
+    master.key                                   unless LORAPLEX_MASTER_KEY is set
+    vault.sqlite3                                index: wrapped data keys, dataset versions
+    tenants/<tenant>/<dataset>/v<N>.enc          nonce + AES-GCM ciphertext of the JSONL file
+(Tenant dirs live under tenants/ so no tenant name can collide with the index or the key.)
+
+Plaintext exists only in memory: uploads are validated and encrypted from bytes, and read()
+decrypts into bytes and parses them. Every method names its tenant, and files are found from
+(tenant, dataset, version) alone: a caller never hands the vault a path to read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from loraplex.registry import Registry
+from loraplex.registry.db import now, transaction
+from loraplex.registry.tenants import check_name
+from loraplex.vault import crypto
+from loraplex.vault.errors import DatasetNotFound, IntegrityError, InvalidDataset, MasterKeyError
+from loraplex.vault.records import parse_jsonl
+
+VAULT_DIR = "vault"
+INDEX_FILE = "vault.sqlite3"
+TENANTS_DIR = "tenants"
+MAX_DATASET_BYTES = 100 * 1024 * 1024
+_SCHEMA = [
+    # One data key per tenant, stored wrapped by the master key. Deleting the row is what
+    # crypto-shreds the tenant's data.
+    """CREATE TABLE IF NOT EXISTS data_keys (
+    tenant TEXT PRIMARY KEY,
+    wrapped_key BLOB NOT NULL,
+    created_at TEXT NOT NULL
+)""",
+    """CREATE TABLE IF NOT EXISTS dataset_versions (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    number INTEGER NOT NULL CHECK (number >= 1),
+    sha256 TEXT NOT NULL,
+    num_records INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    PRIMARY KEY (tenant, name, number)
+)""",
+    """CREATE TRIGGER IF NOT EXISTS dataset_versions_are_immutable
+BEFORE UPDATE ON dataset_versions
+BEGIN
+    SELECT RAISE(ABORT, 'dataset versions are immutable');
+END""",
+]
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    tenant: str
+    name: str
+    number: int  # 1, 2, 3... within the dataset
+    sha256: str  # of the plaintext file as uploaded
+    num_records: int
+    size_bytes: int  # of the plaintext
+    created_at: str
+    created_by: str
+
+    @property
+    def label(self) -> str:
+        return f"v{self.number}"
+
+
+class Vault:
+    def __init__(self, home: Path, *, max_dataset_bytes: int = MAX_DATASET_BYTES):
+        self.home = Path(home)
+        self.dir = self.home / VAULT_DIR
+        self.max_dataset_bytes = max_dataset_bytes
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._registry = Registry(self.home)  # tenants, and the audit log
+        # Made private before SQLite opens it (SQLite gives its journal the same mode).
+        os.close(os.open(self.dir / INDEX_FILE, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._conn = sqlite3.connect(
+            self.dir / INDEX_FILE, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        # secure_delete: SQLite overwrites deleted rows with zeros, so a shredded data key does
+        # not linger in the file's free pages.
+        self._conn.execute("PRAGMA secure_delete = ON")
+        self._conn.execute("PRAGMA busy_timeout = 5000")  # the server and the CLI may overlap
+        self._lock = threading.Lock()  # one connection, shared by the server's threads
+        with self._change() as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+        self._registry.close()
+
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @cached_property
+    def _master_key(self) -> bytes:
+        # Loaded on first need: listing datasets works without the key.
+        return crypto.load_master_key(self.dir)
+
+    def add(self, tenant: str, name: str, source: str | Path | bytes, *, actor: str
+            ) -> DatasetVersion:
+        """Validate a JSONL dataset and store it, encrypted, as the next version of the tenant's
+        dataset `name`. `source` is the file's bytes, or (for the CLI, never for a client's
+        request) a path to read."""
+        check_name("dataset", name)
+        self._registry.get_tenant(tenant)  # raises NotFound
+        data = source if isinstance(source, bytes) else _read_at_most(
+            Path(source), self.max_dataset_bytes + 1)
+        if len(data) > self.max_dataset_bytes:
+            raise InvalidDataset(
+                f"dataset too large: over {self.max_dataset_bytes} bytes (the limit)")
+        records = parse_jsonl(data)
+        with self._change() as conn:
+            key = self._data_key(conn, tenant, create=True)
+            (number,) = conn.execute(
+                "SELECT COALESCE(MAX(number), 0) + 1 FROM dataset_versions"
+                " WHERE tenant = ? AND name = ?", (tenant, name)).fetchone()
+            version = DatasetVersion(tenant, name, number, hashlib.sha256(data).hexdigest(),
+                                     len(records), len(data), now(), actor)
+            _write_private(self._path(version),
+                           crypto.encrypt(key, data, _dataset_aad(tenant, name, number)))
+            conn.execute(
+                "INSERT INTO dataset_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (tenant, name, number, version.sha256, version.num_records,
+                 version.size_bytes, version.created_at, actor))
+            # Inside the transaction: if the audit entry cannot be written, nothing is stored.
+            self._registry.record_audit(
+                actor, "data.add", f"{tenant}/{name}",
+                {"version": version.label, "sha256": version.sha256, "records": len(records)},
+                tenant=tenant)
+        return version
+
+    def list(self, tenant: str) -> list[DatasetVersion]:
+        """Every version of every dataset of the tenant, by name then version."""
+        self._registry.get_tenant(tenant)
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT * FROM dataset_versions WHERE tenant = ? ORDER BY name, number",
+                (tenant,))
+            return [_version(row) for row in rows]
+
+    def get(self, tenant: str, name: str, version: int | None = None) -> DatasetVersion:
+        """One version of a dataset (the latest when version is None)."""
+        with self._read() as conn:
+            return self._get(conn, tenant, name, version)
+
+    def read(self, tenant: str, name: str, version: int | None = None) -> list[dict]:
+        """The records of a dataset version (the latest by default), decrypted in memory."""
+        with self._read() as conn:
+            dataset = self._get(conn, tenant, name, version)
+            key = self._data_key(conn, tenant, create=False)
+        where = f"dataset '{name}' {dataset.label} of tenant '{tenant}'"
+        try:
+            sealed = self._path(dataset).read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"{where}: its encrypted file is missing") from None
+        data = crypto.decrypt(key, sealed, _dataset_aad(tenant, name, dataset.number))
+        if data is None or hashlib.sha256(data).hexdigest() != dataset.sha256:
+            raise IntegrityError(
+                f"{where} fails its integrity check: the file was modified, corrupted, or "
+                "moved here from elsewhere")
+        return parse_jsonl(data)
+
+    def remove(self, tenant: str, name: str, *, actor: str) -> list[DatasetVersion]:
+        """Delete every version of a dataset, files included; returns what was deleted.
+
+        The name is then free: adding it again starts a new dataset at v1 (training records
+        keep each version's sha256, so they still say exactly which data they used).
+        """
+        with self._change() as conn:
+            rows = conn.execute(
+                "SELECT * FROM dataset_versions WHERE tenant = ? AND name = ? ORDER BY number",
+                (tenant, name)).fetchall()
+            if not rows:
+                raise DatasetNotFound(f"tenant '{tenant}' has no dataset '{name}'")
+            conn.execute("DELETE FROM dataset_versions WHERE tenant = ? AND name = ?",
+                         (tenant, name))
+            # Files go before the commit: if deleting them fails, the index keeps the rows.
+            _remove_tree(self.dir / TENANTS_DIR / tenant / name)
+            versions = [_version(row) for row in rows]
+            self._registry.record_audit(
+                actor, "data.rm", f"{tenant}/{name}",
+                {"versions": [v.label for v in versions]}, tenant=tenant)
+        return versions
+
+    def delete_tenant_vault(self, tenant: str, *, actor: str) -> None:
+        """Crypto-shred all the tenant's data: destroy its data key, then its files and index.
+
+        The key goes first, in its own transaction: once that commits, every ciphertext of the
+        tenant is unreadable, wherever copies of it remain, even if what follows is interrupted
+        (calling this again finishes the job).
+        """
+        with self._change() as conn:
+            conn.execute("DELETE FROM data_keys WHERE tenant = ?", (tenant,))
+            self._registry.record_audit(actor, "vault.delete", tenant, {}, tenant=tenant)
+        with self._change() as conn:
+            conn.execute("DELETE FROM dataset_versions WHERE tenant = ?", (tenant,))
+            _remove_tree(self.dir / TENANTS_DIR / tenant)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, transaction(self._conn, write=False):
+            yield self._conn
+
+    @contextmanager
+    def _change(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, transaction(self._conn):
+            yield self._conn
+
+    def _get(self, conn: sqlite3.Connection, tenant: str, name: str, number: int | None
+             ) -> DatasetVersion:
+        if number is None:
+            row = conn.execute(
+                "SELECT * FROM dataset_versions WHERE tenant = ? AND name = ?"
+                " ORDER BY number DESC LIMIT 1", (tenant, name)).fetchone()
+            missing = f"tenant '{tenant}' has no dataset '{name}'"
+        else:
+            row = conn.execute(
+                "SELECT * FROM dataset_versions WHERE tenant = ? AND name = ? AND number = ?",
+                (tenant, name, number)).fetchone()
+            missing = f"tenant '{tenant}' has no dataset '{name}' v{number}"
+        if row is None:
+            raise DatasetNotFound(missing)
+        return _version(row)
+
+    def _data_key(self, conn: sqlite3.Connection, tenant: str, *, create: bool) -> bytes:
+        """The tenant's data key, unwrapped; made (and stored wrapped) on first use if create."""
+        aad = f"loraplex-vault:data-key:{tenant}".encode()
+        row = conn.execute("SELECT wrapped_key FROM data_keys WHERE tenant = ?",
+                           (tenant,)).fetchone()
+        if row is None:
+            if not create:
+                # Dataset rows without a key: the vault was deleted, and its clean-up cut short.
+                raise DatasetNotFound(f"tenant '{tenant}' has no data in the vault")
+            key = crypto.new_key()
+            conn.execute("INSERT INTO data_keys VALUES (?, ?, ?)",
+                         (tenant, crypto.encrypt(self._master_key, key, aad), now()))
+            return key
+        key = crypto.decrypt(self._master_key, row["wrapped_key"], aad)
+        if key is None:
+            raise MasterKeyError(
+                f"the master key cannot unwrap the data key of tenant '{tenant}': this vault "
+                f"was made with another master key ({crypto.MASTER_KEY_ENV} or "
+                f"{self.dir / crypto.MASTER_KEY_FILE}), or its index was tampered with")
+        return key
+
+    def _path(self, version: DatasetVersion) -> Path:
+        return (self.dir / TENANTS_DIR / version.tenant / version.name
+                / f"{version.label}.enc")
+
+
+def _dataset_aad(tenant: str, name: str, number: int) -> bytes:
+    return f"loraplex-vault:dataset:{tenant}/{name}/v{number}".encode()
+
+
+def _version(row: sqlite3.Row) -> DatasetVersion:
+    return DatasetVersion(row["tenant"], row["name"], row["number"], row["sha256"],
+                          row["num_records"], row["size_bytes"], row["created_at"],
+                          row["created_by"])
+
+
+def _read_at_most(path: Path, limit: int) -> bytes:
+    """At most `limit` bytes of the file: enough to tell it is too large without reading it all."""
+    with open(path, "rb") as reader:
+        return reader.read(limit)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a directory and its files; already gone is fine (an earlier call was cut short)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write the file whole or not at all (temp file, fsync, rename), readable by us only."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        os.fsync(writer.fileno())
+    os.replace(tmp, path)
