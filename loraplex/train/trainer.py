@@ -86,7 +86,10 @@ def train_adapter(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     started = time.monotonic()
-    with _sigterm_raises_keyboard_interrupt():
+    # transformers' deprecation notices about its own internals (raised from PEFT's calls) say
+    # nothing a user can act on.
+    with _sigterm_raises_keyboard_interrupt(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         report("loading", 0, num_steps, None)
         peft_model = _lora_model(model_dir, rank, alpha, targets, seed).to(device)
         report("evaluating", 0, num_steps, None)
@@ -145,17 +148,15 @@ def _lora_model(model_dir: Path, rank: int, alpha: float, targets: Sequence[str]
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    # Our own progress bar says what is happening; transformers' weight-loading bar and its
-    # deprecation notices (raised inside PEFT) would only interleave with it.
+    # Our own progress bar says what is happening; transformers' weight-loading bar would only
+    # interleave with it.
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-        torch.manual_seed(seed)  # LoRA's A matrices are drawn here (B starts at zero)
-        return get_peft_model(base, config)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(seed)  # LoRA's A matrices are drawn here (B starts at zero)
+    return get_peft_model(base, config)
 
 
 def _train(model, train_set: list[Example], num_steps: int, lr: float, batch_size: int,
