@@ -339,7 +339,6 @@ def serve(
     from loraplex.model.pull import PullError
     from loraplex.plan import parse_bytes
     from loraplex.server.app import ServerSettings, create_app
-    from loraplex.train.jobs import TrainingJobs
     from loraplex.validation import adapter_validator
 
     registry = open_registry()
@@ -357,9 +356,7 @@ def serve(
         fail(str(e))
     settings = ServerSettings(base_model_name=Path(model).name,
                               max_concurrent_per_tenant=max_concurrent_per_tenant)
-    # Training jobs (POST /tenants/{tenant}/training-jobs) train for the model being served.
-    jobs = TrainingJobs(registry.home, model)
-    app_ = create_app(engine, registry, settings, validate, jobs)
+    app_ = create_app(engine, registry, settings, validate)
     err.print(f"serving {model} on http://{host}:{port} (OpenAI API under /v1)")
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
 

@@ -61,9 +61,11 @@ def create_app(
     jobs: TrainingJobs | None = None,
 ) -> FastAPI:
     """`validate(adapter_dir)` checks uploads against the base model (validation.py); `jobs`
-    runs training for /tenants/{tenant}/training-jobs (without it those answer 503)."""
+    runs /tenants/{tenant}/training-jobs (default: one job at a time, on the served model)."""
     metrics = Metrics()
     vault = Vault(registry.home)
+    if jobs is None:
+        jobs = TrainingJobs(registry.home, str(engine.engine.config.model))
     in_flight: Counter[int] = Counter()  # tenant id -> running requests
     tokenizer = engine.tokenizer
     max_model_len = engine.engine.max_model_len
@@ -72,8 +74,7 @@ def create_app(
     async def lifespan(_app):
         yield
         engine.shutdown()  # after uvicorn has let running requests finish (graceful SIGTERM)
-        if jobs is not None:
-            jobs.close()
+        jobs.close()
         vault.close()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
