@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from loraplex.bench.cli import bench_command
 from loraplex.cli_support import actor, err, fail, open_registry, or_fail
 from loraplex.export.cli import export_app
 from loraplex.train.cli import train_command
@@ -160,6 +161,7 @@ app.add_typer(adapter_app, name="adapter")
 app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
 app.command("train")(train_command)
+app.command("bench")(bench_command)
 
 
 def _split_text(split: dict[int, int]) -> str:
@@ -329,36 +331,79 @@ def serve(
     kv_cache: Annotated[str | None, typer.Option(
         help="KV cache size, e.g. 8GiB (default: 10% of device memory; see `loraplex plan`)")] = (
         None),
+    use_ray: Annotated[bool, typer.Option(
+        "--ray", help="Scale out on Ray Serve: a gateway and engine replicas (pip install "
+        "'loraplex\\[ray]'); the loraplex home must be on storage every node shares")] = False,
+    replicas: Annotated[int, typer.Option(min=1, help="With --ray: engine replicas")] = 2,
+    address: Annotated[str | None, typer.Option(
+        help="With --ray: an existing cluster (auto, or ray://host:10001); default: start a "
+        "local Ray instance")] = None,
+    cpus_per_replica: Annotated[float, typer.Option(
+        help="With --ray: CPUs each replica reserves (fractions are fine)")] = 1.0,
+    gpus_per_replica: Annotated[float, typer.Option(
+        help="With --ray: GPUs each replica reserves (1: each on its own GPU)")] = 0.0,
 ):
     """Serve the OpenAI-compatible API for every tenant (Ctrl-C / SIGTERM finishes running
     requests, then stops)."""
-    import uvicorn
-
     from loraplex.config import EngineConfig
-    from loraplex.engine.async_engine import AsyncEngine
-    from loraplex.model.pull import PullError
+    from loraplex.model.pull import PullError, resolve_model
     from loraplex.plan import parse_bytes
-    from loraplex.server.app import ServerSettings, create_app
-    from loraplex.validation import adapter_validator
+    from loraplex.server.app import ServerSettings
 
     registry = open_registry()
     if not registry.list_admin_keys():
         key_id, key = registry.create_admin_key(actor=actor())
         err.print(f"first start: admin key {key_id} (shown once, store it now):\n{key}")
     try:
-        engine = AsyncEngine(EngineConfig(
+        config = EngineConfig(
             model=model, dtype=dtype, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
             max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
-            kv_cache_bytes=None if kv_cache is None else parse_bytes(kv_cache)))
-        validate = adapter_validator(model)
+            kv_cache_bytes=None if kv_cache is None else parse_bytes(kv_cache))
+        resolve_model(model)  # pull a default model once here, not in every engine at once
     except (ValueError, OSError, PullError) as e:
         fail(str(e))
     settings = ServerSettings(base_model_name=Path(model).name,
                               max_concurrent_per_tenant=max_concurrent_per_tenant)
+    if use_ray:
+        _serve_on_ray(config, registry.home, settings, host=host, port=port, replicas=replicas,
+                      address=address, cpus_per_replica=cpus_per_replica,
+                      gpus_per_replica=gpus_per_replica)
+        return
+
+    import uvicorn
+
+    from loraplex.engine.async_engine import AsyncEngine
+    from loraplex.server.app import create_app
+    from loraplex.validation import adapter_validator
+
+    try:
+        engine = AsyncEngine(config)
+        validate = adapter_validator(model)
+    except (ValueError, OSError, PullError) as e:
+        fail(str(e))
     app_ = create_app(engine, registry, settings, validate)
     err.print(f"serving {model} on http://{host}:{port} (OpenAI API under /v1)")
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+
+
+def _serve_on_ray(config, home: Path, settings, *, host: str, port: int, replicas: int,
+                  address: str | None, cpus_per_replica: float, gpus_per_replica: float):
+    try:
+        from loraplex.ray_serve.deploy import build_app, connect, serve_forever
+    except ImportError as e:  # Ray is an optional extra; the single-machine server never needs it
+        # "\\[": a literal bracket, not rich markup.
+        fail(f"--ray needs Ray Serve ({e}): pip install 'loraplex\\[ray]'")
+    try:
+        connect(address, replicas * cpus_per_replica)
+    except (ValueError, ConnectionError) as e:
+        fail(str(e))
+    app_ = build_app(config, home, settings, num_replicas=replicas,
+                     num_cpus_per_replica=cpus_per_replica,
+                     num_gpus_per_replica=gpus_per_replica)
+    err.print(f"serving {config.model} on {replicas} Ray Serve replicas at http://{host}:{port} "
+              "(OpenAI API under /v1; first start takes a while)")
+    serve_forever(app_, host=host, port=port)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine, RequestOutput
 from loraplex.engine.sequence import AdapterRequest
+from loraplex.lora.adapter import AdapterError
 from loraplex.sampling_params import SamplingParams
 
 IDLE_WAIT_SECONDS = 0.05  # how long the engine thread sleeps on an empty inbox
+LOAD_POLL_SECONDS = 0.005  # how often `load` looks whether its disk read has finished
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,17 @@ class AsyncEngine:
 
     async def prewarm(self, adapter: AdapterRequest, pin: bool = False) -> None:
         await self.call(lambda engine: engine.prewarm(adapter, pin))
+
+    async def load(self, adapter: AdapterRequest) -> None:
+        """Pre-warm without pausing running requests: the disk read runs on the loader thread
+        while the engine keeps stepping (`prewarm` reads on the engine thread), then the adapter
+        takes a free slot if there is one. Raises AdapterError for a broken adapter."""
+        while (problem := await self.call(lambda engine: engine.adapters.poll(adapter))
+               ) == "loading":
+            await asyncio.sleep(LOAD_POLL_SECONDS)
+        if problem is not None:
+            raise AdapterError(problem)
+        await self.prewarm(adapter)  # in the host cache now: this only takes a free slot
 
     async def stats(self) -> dict:
         return await self.call(lambda engine: engine.stats())

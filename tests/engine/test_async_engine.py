@@ -102,3 +102,22 @@ def test_broken_adapter_fails_its_stream_with_a_message(engine, tmp_path):
 
     deltas = asyncio.run(main())
     assert deltas[-1].finish_reason == "error" and "adapter_config.json" in deltas[-1].error
+
+
+def test_load_during_a_request_fills_host_cache_and_slot(engine, sharp_adapters, tmp_path):
+    adapter = AdapterRequest(5, str(sharp_adapters[5]))
+
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+        running = asyncio.create_task(collect(engine, prompts(1)[0], params))
+        await engine.load(adapter)
+        with pytest.raises(ValueError, match="adapter_config.json"):
+            await engine.load(AdapterRequest(6, str(tmp_path)))
+        await running
+        await collect(engine, prompts(2)[1], adapter=adapter)
+        return await engine.stats()
+
+    stats = asyncio.run(main())
+    assert 5 in stats["adapters_in_host_cache"] and 5 in stats["adapters_in_slots"]
+    assert stats["host_misses"] == 2  # adapter 5 once (not again for its request), and the broken
+    assert stats["slot_hits"] == 1  # its request found it already in a slot
