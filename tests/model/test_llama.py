@@ -84,3 +84,23 @@ def test_refuses_unsupported_rope_scaling(tiny_llama_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="yarn"):
         load_model(tmp_path, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_matmul_attention_matches_sdpa(dtype, tolerance):
+    """The CPU half-precision decode path (two matmuls) against PyTorch's SDPA in float32."""
+    from loraplex.model.llama import Attention, ModelConfig
+
+    config = ModelConfig(vocab_size=32, hidden_size=48, intermediate_size=64, num_layers=1,
+                         num_heads=6, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5,
+                         rope_theta=1e4, max_position_embeddings=64, tie_word_embeddings=True)
+    attention = Attention(config)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 6, 8, generator=gen)  # [nd, heads, dim]
+    k, v = torch.randn(2, 5, 11, 2, 8, generator=gen)  # [nd, ctx, kv_heads, dim]
+    lengths = torch.tensor([1, 4, 11, 7, 2])
+    mask = (torch.arange(11)[None] < lengths[:, None])[:, None, None, :]
+    want = attention._sdpa(q[:, None], k, v, mask)[:, 0]
+    got = attention._decode_matmul(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert (got.float() - want).abs().max() < tolerance
