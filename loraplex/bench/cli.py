@@ -66,6 +66,9 @@ def bench_command(
     seed: Annotated[int, typer.Option(help="Seeds the workload and the adapters")] = 0,
     out: Annotated[Path, typer.Option(help="Where results.json, results.md and plots go")] = (
         Path("bench-results")),
+    isolate: Annotated[bool, typer.Option(
+        "--isolate/--in-process",
+        help="One process per system, so they cannot disturb each other")] = True,
 ):
     """Benchmark systems side by side on one seeded workload (alternating, repeated, medians):
     throughput, TTFT / ITL and adapter cache figures; writes JSON, markdown and PNG plots."""
@@ -93,7 +96,7 @@ def bench_command(
         if "loraplex-base" not in names and any(s.num_adapters == 0 for s in specs):
             err.print("note: with 0 adapters every system runs the base model", highlight=False)
         results = run_benchmark(model, names, specs, repeats=repeats, dtype=dtype, out_dir=out,
-                                rank=rank, targets=modules,
+                                rank=rank, targets=modules, isolate=isolate,
                                 log=lambda line: err.print(line, highlight=False))
     except (ValueError, OSError, PullError) as e:  # BenchError, WorkloadError: clear messages
         fail(str(e))

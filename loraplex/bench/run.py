@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loraplex.bench.isolated import IsolatedSystem
 from loraplex.bench.loraplex_systems import (
     LoraplexEngineSystem,
     LoraplexHTTPSystem,
@@ -134,9 +135,11 @@ def run_benchmark(
     rank: int = 16,
     targets: Sequence[str] = TARGET_MODULES,
     log: Callable[[str], None] = lambda line: None,
+    isolate: bool = False,
 ) -> dict:
     """Run every system on every workload `repeats` times; returns the results (see report.py
-    for their shape) and, when `out_dir` is given, writes the report files there."""
+    for their shape) and, when `out_dir` is given, writes the report files there. With
+    `isolate`, each system runs in a process of its own (see isolated.py)."""
     from loraplex.model.loader import read_config
     from loraplex.model.pull import resolve_model
 
@@ -165,7 +168,8 @@ def run_benchmark(
     num_adapters = max(s.num_adapters for s in specs)
     results = {
         "model": model, "dtype": dtype, "repeats": repeats, "rank": rank,
-        "targets": list(targets), "machine": machine_info(dtype), "systems": [],
+        "targets": list(targets), "machine": machine_info(dtype), "isolated": isolate,
+        "systems": [],
         "points": [{"spec": asdict(spec), "systems": {}} for spec in specs],
     }
     built: list[tuple[str, System]] = []
@@ -179,7 +183,7 @@ def run_benchmark(
             for key in systems:
                 start = time.perf_counter()
                 try:
-                    system = SYSTEMS[key](options)
+                    system = IsolatedSystem(key, options) if isolate else SYSTEMS[key](options)
                     built.append((key, system))
                     log(f"setting up {system.name}")
                     system.setup(model_dir, adapters, dtype=dtype)
