@@ -1,11 +1,11 @@
 """Run a benchmarked system in a process of its own, behind the same System interface.
 
 Systems sharing one process disturb each other: llama.cpp's ggml brings its own OpenMP runtime
-next to torch's, PEFT and transformers change allocator and threading state, and every model
-stays resident. Measured here (bf16, 32 requests, 32 adapters, 2 cores): loraplex alone with its
-no-adapter twin ran at 76 output tokens/s; the same system in a process that also held the HTTP
-server, transformers, PEFT and llama.cpp ran at 50. One process per system, waiting on a pipe
-while the others run, gives each the machine as a user would.
+next to torch's, and every model, thread pool and allocator stays resident (which of these
+costs most was not pinned down). Measured here (bf16, 32 requests, 32 adapters, 2 cores):
+loraplex alone with its no-adapter twin ran at 76 output tokens/s; the same system in a process
+that also held the HTTP server, transformers, PEFT and llama.cpp ran at 50. One process per
+system, waiting on a pipe while the others run, gives each the machine as a user would.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from loraplex.lora.adapter import AdapterError
 from loraplex.sampling_params import SamplingParams
 
 IDLE_WAIT_SECONDS = 0.05  # how long the engine thread sleeps on an empty inbox
-LOAD_POLL_SECONDS = 0.005  # how often `load` looks whether its disk read has finished
+LOAD_POLL_SECONDS = 0.005  # how often `prewarm` looks whether its disk read has finished
 
 
 @dataclass(frozen=True)
@@ -94,18 +94,15 @@ class AsyncEngine:
         return future
 
     async def prewarm(self, adapter: AdapterRequest, pin: bool = False) -> None:
-        await self.call(lambda engine: engine.prewarm(adapter, pin))
-
-    async def load(self, adapter: AdapterRequest) -> None:
-        """Pre-warm without pausing running requests: the disk read runs on the loader thread
-        while the engine keeps stepping (`prewarm` reads on the engine thread), then the adapter
-        takes a free slot if there is one. Raises AdapterError for a broken adapter."""
+        """Load an adapter ahead of traffic without pausing running requests: the disk read runs
+        on the loader thread while the engine keeps stepping, then the adapter takes a free slot
+        (and is pinned if asked). Raises AdapterError for a broken adapter."""
         while (problem := await self.call(lambda engine: engine.adapters.poll(adapter))
                ) == "loading":
             await asyncio.sleep(LOAD_POLL_SECONDS)
         if problem is not None:
             raise AdapterError(problem)
-        await self.prewarm(adapter)  # in the host cache now: this only takes a free slot
+        await self.call(lambda engine: engine.prewarm(adapter, pin))  # in host memory: no read
 
     async def stats(self) -> dict:
         return await self.call(lambda engine: engine.stats())

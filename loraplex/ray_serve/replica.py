@@ -34,7 +34,7 @@ class EngineReplica:
         # evicts on its own, so unloading is a no-op and can never fail or run twice.
         async def load(model_id: str) -> AdapterRequest:
             adapter = AdapterRequest(int(model_id), self._paths[int(model_id)])
-            await self.engine.load(adapter)  # awaits the loader thread; decoding goes on
+            await self.engine.prewarm(adapter)  # awaits the loader thread; decoding goes on
             self.loads[adapter.adapter_id] += 1
             return adapter
 
@@ -58,7 +58,7 @@ class EngineReplica:
     async def prewarm(self, adapter: AdapterRequest, pin: bool) -> None:
         await self._ensure_loaded(adapter)
         if pin:
-            await self.engine.prewarm(adapter, pin=True)
+            await self.engine.prewarm(adapter, pin=True)  # loaded already: this only pins
 
     def max_model_len(self) -> int:
         return self.engine.engine.max_model_len

@@ -186,9 +186,10 @@ class TrainingJobs:
             if outcome is not None and outcome["event"] == "done":
                 job.version = outcome["label"]
                 self._finish(job, SUCCEEDED)
-            elif self._closed or (outcome and outcome["message"].startswith("cancelled")):
-                self._finish(job, CANCELLED, error="cancelled: no version was created")
-            elif code < 0 and -code == signal.SIGTERM:
+            # SIGTERM (cancel, shutdown) ends a worker by its own message or, before its signal
+            # handler was set, by the signal itself.
+            elif self._closed or code == -signal.SIGTERM or (
+                    outcome and outcome["message"].startswith("cancelled")):
                 self._finish(job, CANCELLED, error="cancelled: no version was created")
             else:
                 message = outcome["message"] if outcome else f"the training process died ({code})"

@@ -104,15 +104,15 @@ def test_broken_adapter_fails_its_stream_with_a_message(engine, tmp_path):
     assert deltas[-1].finish_reason == "error" and "adapter_config.json" in deltas[-1].error
 
 
-def test_load_during_a_request_fills_host_cache_and_slot(engine, sharp_adapters, tmp_path):
+def test_prewarm_during_a_request_fills_host_cache_and_slot(engine, sharp_adapters, tmp_path):
     adapter = AdapterRequest(5, str(sharp_adapters[5]))
 
     async def main():
         params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
         running = asyncio.create_task(collect(engine, prompts(1)[0], params))
-        await engine.load(adapter)
+        await engine.prewarm(adapter)
         with pytest.raises(ValueError, match="adapter_config.json"):
-            await engine.load(AdapterRequest(6, str(tmp_path)))
+            await engine.prewarm(AdapterRequest(6, str(tmp_path)))
         await running
         await collect(engine, prompts(2)[1], adapter=adapter)
         return await engine.stats()

@@ -186,3 +186,25 @@ def test_cancel_queued_and_running_jobs_leaves_no_version(server):
     assert actions.count("train.start") == 2 and actions.count("train.cancel") == 2
     assert call(server, "DELETE", "/tenants/globex/training-jobs/train-nope",
                 "globex").status_code == 404
+
+
+def test_a_job_failing_in_its_worker_does_not_stop_the_queue(server):
+    """globex's dataset vanishes while its job waits; the job fails with a clear message and the
+    next tenant's job still trains."""
+    call(server, "POST", "/tenants/globex/datasets/gone", "globex", content=CHATS)
+    call(server, "POST", "/tenants/acme/datasets/chat", "acme", content=CHATS)
+    blocker = call(server, "POST", "/tenants/acme/training-jobs", "acme",
+                   json={"dataset": "chat", "adapter": "blocker", **FAST,
+                         "max_steps": 100_000}).json()
+    doomed = call(server, "POST", "/tenants/globex/training-jobs", "globex",
+                  json={"dataset": "gone", "adapter": "doomed", **FAST}).json()
+    after = call(server, "POST", "/tenants/acme/training-jobs", "acme",
+                 json={"dataset": "chat", "adapter": "after", **FAST}).json()
+    assert call(server, "DELETE", "/tenants/globex/datasets/gone", "globex").status_code == 200
+    call(server, "DELETE", f"/tenants/acme/training-jobs/{blocker['id']}", "acme")
+    failed = wait_for(server, "globex", doomed["id"], "globex",
+                      lambda j: j["state"] not in ("queued", "running"))
+    assert failed["state"] == "failed" and "gone" in failed["error"]
+    done = wait_for(server, "acme", after["id"], "acme",
+                    lambda j: j["state"] not in ("queued", "running"))
+    assert done["state"] == "succeeded" and done["version"] == "v1"
