@@ -30,7 +30,7 @@ from loraplex.export.tokenizer import add_tokenizer
 from loraplex.lora.adapter import LoRAWeights, load_adapter
 from loraplex.lora.modules import ATTENTION_MODULES, K_PROJ, Q_PROJ
 from loraplex.model.llama import ModelConfig
-from loraplex.model.loader import load_model, read_config
+from loraplex.model.loader import checkpoint_state_dict, load_model, read_config
 from loraplex.model.tokenizer import Tokenizer
 
 QType = gguf.GGMLQuantizationType
@@ -117,7 +117,7 @@ def export_adapter(
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
-    for (layer, module), (a, b) in sorted(lora.weights.items()):
+    for (layer, module), (a, b) in sorted(lora.pairs()):
         pad = lora.rank - a.shape[0]
         a = F.pad(a, (0, 0, 0, pad))  # [rank, in]
         b = F.pad(b, (0, pad))  # [out, rank]
@@ -224,11 +224,11 @@ def _merged_weights(
     model_dir: Path, config: ModelConfig, lora: LoRAWeights | None
 ) -> dict[str, torch.Tensor]:
     """Every tensor llama.cpp needs, by our parameter name, float32, with the adapter merged."""
-    weights = load_model(model_dir, torch.float32, torch.device("cpu")).state_dict()
+    weights = checkpoint_state_dict(load_model(model_dir, torch.float32, torch.device("cpu")))
     if config.tie_word_embeddings:
         # With no output.weight in the file, llama.cpp projects with token_embd, as HF ties.
         del weights["lm_head.weight"]
-    for (layer, module), (a, b) in (lora.weights.items() if lora else ()):
+    for (layer, module), (a, b) in (lora.pairs() if lora else ()):
         name = _linear_weight(layer, module)
         # W + B_scaled @ A as a new tensor: [out, in] + [out, r] @ [r, in].
         weights[name] = torch.addmm(weights[name], b, a)

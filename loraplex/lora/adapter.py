@@ -48,15 +48,28 @@ class AdapterError(ValueError):
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value, so compare by identity
 class LoRAWeights:
+    """An adapter's matrices, stacked over layers per module so that activating it into a
+    device slot is one copy per module, not one per layer and module."""
+
     path: Path
     rank: int  # the largest rank over its modules (rank_pattern may vary it)
     target_modules: tuple[str, ...]  # which of TARGET_MODULES it touches, in TARGET_MODULES order
-    # (layer index, module name) -> (lora_a [r, in_features], lora_b_scaled [out_features, r]);
-    # lora_b already carries the module's scaling, so the delta is x @ a.T @ b.T.
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    # module name -> (lora_a [num_layers, r, in_features], lora_b_scaled [num_layers, out, r]),
+    # r the module's largest rank; a layer with a smaller rank is zero-padded, one the adapter
+    # does not touch is all zeros. lora_b carries the scaling: the delta is x @ a.T @ b.T.
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    layer_ranks: dict[str, tuple[int, ...]]  # module name -> rank in each layer (0: untouched)
 
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.weights.values() for t in pair)
+        return sum(t.numel() * t.element_size() for pair in self.modules.values() for t in pair)
+
+    def pairs(self):
+        """((layer, module), (lora_a [r, in], lora_b_scaled [out, r])) of every layer and module
+        the adapter touches, at that layer's own rank."""
+        for module, (a, b) in self.modules.items():
+            for layer, rank in enumerate(self.layer_ranks[module]):
+                if rank:
+                    yield (layer, module), (a[layer, :rank], b[layer, :, :rank])
 
 
 def load_adapter(
@@ -111,12 +124,39 @@ def load_adapter(
         weights[(layer, name)] = (a.to(dtype), (b.float() * scaling).to(dtype))
     if not weights:
         raise _error(path, f"{WEIGHTS_FILE} holds no LoRA tensors")
-    touched = {name for _, name in weights}
+    return _stack(path, weights, num_layers, module_shapes, dtype)
+
+
+def _stack(
+    path: Path,
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+    num_layers: int,
+    module_shapes: Mapping[str, tuple[int, int]],
+    dtype: torch.dtype,
+) -> LoRAWeights:
+    """Per-(layer, module) pairs -> LoRAWeights' per-module stacks over layers."""
+    modules, layer_ranks = {}, {}
+    for name in TARGET_MODULES:
+        layers = {layer: pair for (layer, module), pair in weights.items() if module == name}
+        if not layers:
+            continue
+        rank = max(a.shape[0] for a, _ in layers.values())
+        in_features, out_features = module_shapes[name]
+        stacked_a = torch.zeros(num_layers, rank, in_features, dtype=dtype)
+        stacked_b = torch.zeros(num_layers, out_features, rank, dtype=dtype)
+        for layer, (a, b) in layers.items():
+            stacked_a[layer, : a.shape[0]] = a
+            stacked_b[layer, :, : b.shape[1]] = b
+        modules[name] = (stacked_a, stacked_b)
+        layer_ranks[name] = tuple(
+            layers[layer][0].shape[0] if layer in layers else 0 for layer in range(num_layers)
+        )
     return LoRAWeights(
         path=path,
-        rank=max(a.shape[0] for a, _ in weights.values()),
-        target_modules=tuple(m for m in TARGET_MODULES if m in touched),
-        weights=weights,
+        rank=max(a.shape[1] for a, _ in modules.values()),
+        target_modules=tuple(modules),
+        modules=modules,
+        layer_ranks=layer_ranks,
     )
 
 

@@ -11,3 +11,13 @@ DOWN_PROJ = "down_proj"
 ATTENTION_MODULES = (Q_PROJ, K_PROJ, V_PROJ, O_PROJ)
 MLP_MODULES = (GATE_PROJ, UP_PROJ, DOWN_PROJ)
 TARGET_MODULES = ATTENTION_MODULES + MLP_MODULES
+
+# The model runs modules that read the same input as one matmul: q/k/v and gate/up. Each entry is
+# a fused linear of the model (its path inside a decoder layer) and the modules it holds, in the
+# order of its output columns. Checkpoints and adapters still name the separate modules.
+FUSED_LINEARS = {
+    "self_attn.qkv_proj": (Q_PROJ, K_PROJ, V_PROJ),
+    "self_attn.o_proj": (O_PROJ,),
+    "mlp.gate_up_proj": (GATE_PROJ, UP_PROJ),
+    "mlp.down_proj": (DOWN_PROJ,),
+}

@@ -9,56 +9,57 @@ from collections import OrderedDict
 import torch
 
 from loraplex.lora.adapter import LoRAWeights
-from loraplex.lora.modules import TARGET_MODULES
+from loraplex.lora.modules import FUSED_LINEARS
 
 
 class AdapterSlots:
-    """Stacked per-layer buffers with `max_loras` slots, attached to the model's Linear layers.
+    """Stacked slot buffers attached to the model's Linear layers, `max_loras` slots each.
 
-    Activating copies an adapter's small matrices into one slot of every layer it targets and
-    zeroes that slot elsewhere; the base weights are never touched.
+    Per fused linear (FUSED_LINEARS), one A buffer [num_layers, max_loras, n * max_rank, in] for
+    its n modules and one B buffer [num_layers, max_loras, out_i, max_rank] per module; each
+    layer's Linear gets views of its layer's part. Activating copies an adapter into one slot:
+    one copy per module it targets (its weights come stacked over layers), zeros elsewhere. The
+    base weights are never touched.
     """
 
     def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int):
         self.max_loras = max_loras
         self.max_rank = max_rank
-        # (layer index, module name) -> the Linear that owns that slot buffer pair
-        self.linears = {}
-        for i, layer in enumerate(model.layers):
-            for name in TARGET_MODULES:
-                parent = layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp
-                linear = getattr(parent, name)
-                w = linear.weight  # [out, in]
-                out_features, in_features = w.shape
-                linear.lora_a = w.new_zeros(max_loras, max_rank, in_features)
-                linear.lora_b = w.new_zeros(max_loras, out_features, max_rank)
-                self.linears[(i, name)] = linear
+        config = model.config
+        shapes = config.module_shapes()
+        num_layers = len(model.layers)
+        weight = model.embed_tokens.weight
+        self.a: dict[str, torch.Tensor] = {}  # fused linear path -> its A buffer
+        self.b: dict[str, torch.Tensor] = {}  # module name -> its B buffer
+        self.place: dict[str, tuple[str, int]] = {}  # module -> (fused linear path, A row offset)
+        for path, modules in FUSED_LINEARS.items():
+            in_features = shapes[modules[0]][0]
+            self.a[path] = weight.new_zeros(num_layers, max_loras, len(modules) * max_rank,
+                                            in_features)
+            for i, module in enumerate(modules):
+                self.b[module] = weight.new_zeros(num_layers, max_loras, shapes[module][1],
+                                                  max_rank)
+                self.place[module] = (path, i * max_rank)
+            for layer_index, layer in enumerate(model.layers):
+                linear = layer.get_submodule(path)
+                linear.lora_a = self.a[path][layer_index]
+                linear.lora_b = tuple(self.b[module][layer_index] for module in modules)
 
     def num_bytes(self) -> int:
-        return sum(
-            lin.lora_a.nbytes + lin.lora_b.nbytes for lin in self.linears.values()
-        )
+        return sum(t.nbytes for t in [*self.a.values(), *self.b.values()])
 
     def activate(self, slot: int, weights: LoRAWeights) -> None:
-        """Copy an adapter into `slot` (any previous occupant is overwritten)."""
-        for key, linear in self.linears.items():
-            pair = weights.weights.get(key)
-            if pair is None:
-                linear.lora_a[slot].zero_()
-                linear.lora_b[slot].zero_()
-                continue
-            a, b = pair  # [r, in], [out, r]
-            r = a.shape[0]
-            linear.lora_a[slot, :r].copy_(a)
-            linear.lora_b[slot, :, :r].copy_(b)
-            if r < self.max_rank:  # the padded tail must not keep an old adapter's numbers
-                linear.lora_a[slot, r:].zero_()
-                linear.lora_b[slot, :, r:].zero_()
+        """Copy an adapter into `slot` (any previous occupant is overwritten, padding included)."""
+        self.deactivate(slot)
+        for module, (a, b) in weights.modules.items():  # [layers, r, in], [layers, out, r]
+            path, row = self.place[module]
+            r = a.shape[1]
+            self.a[path][:, slot, row:row + r].copy_(a)
+            self.b[module][:, slot, :, :r].copy_(b)
 
     def deactivate(self, slot: int) -> None:
-        for linear in self.linears.values():
-            linear.lora_a[slot].zero_()
-            linear.lora_b[slot].zero_()
+        for buffer in [*self.a.values(), *self.b.values()]:
+            buffer[:, slot].zero_()
 
 
 class HostCache:

@@ -15,6 +15,7 @@ from torch import nn
 
 from loraplex.lora.modules import (
     DOWN_PROJ,
+    FUSED_LINEARS,
     GATE_PROJ,
     K_PROJ,
     O_PROJ,
@@ -60,6 +61,11 @@ class ModelConfig:
             UP_PROJ: (self.hidden_size, self.intermediate_size),
             DOWN_PROJ: (self.intermediate_size, self.hidden_size),
         }
+
+    def fused_out_features(self, path: str) -> list[int]:
+        """Output sizes of the modules a fused linear (a FUSED_LINEARS path) holds, in order."""
+        shapes = self.module_shapes()
+        return [shapes[module][1] for module in FUSED_LINEARS[path]]
 
 
 @dataclass(frozen=True)
@@ -125,16 +131,18 @@ class RMSNorm(nn.Module):
 class Linear(nn.Module):
     """A base linear layer plus, per token, the LoRA delta of that token's adapter slot.
 
-    `lora_a` / `lora_b` are the stacked slot buffers, attached by `AdapterSlots`; until then
-    (or for a step where no token has an adapter) this is a plain linear layer.
+    A fused linear (q/k/v, gate/up) holds several modules side by side in its output columns.
+    `lora_a` / `lora_b` are the stacked slot buffers, attached by `AdapterSlots`: one A for all
+    its modules (they read the same input) and one B per module. Until then (or for a step where
+    no token has an adapter) this is a plain linear layer.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.lora_a: torch.Tensor | None = None  # [max_loras, max_rank, in_features]
-        self.lora_b: torch.Tensor | None = None  # [max_loras, out_features, max_rank]
+        self.lora_a: torch.Tensor | None = None  # [max_loras, modules * max_rank, in_features]
+        self.lora_b: tuple[torch.Tensor, ...] = ()  # per module [max_loras, out_i, max_rank]
 
     def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -150,9 +158,9 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         shapes = config.module_shapes()
-        self.q_proj = Linear(*shapes[Q_PROJ], bias=config.qkv_bias)
-        self.k_proj = Linear(*shapes[K_PROJ], bias=config.qkv_bias)
-        self.v_proj = Linear(*shapes[V_PROJ], bias=config.qkv_bias)
+        # q, k and v read the same input: one matmul (and one LoRA shrink) for all three.
+        self.qkv_sizes = config.fused_out_features("self_attn.qkv_proj")
+        self.qkv_proj = Linear(shapes[Q_PROJ][0], sum(self.qkv_sizes), bias=config.qkv_bias)
         self.o_proj = Linear(*shapes[O_PROJ])
 
     def forward(
@@ -165,9 +173,10 @@ class Attention(nn.Module):
         adapters: AdapterBatch | None,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x, adapters).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x, adapters).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, adapters).view(n, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x, adapters).split(self.qkv_sizes, dim=-1)
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
         q = q * cos[:, None] + rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         kv_cache[0].index_copy_(0, attn.slot_mapping, k)
@@ -228,13 +237,13 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         shapes = config.module_shapes()
-        self.gate_proj = Linear(*shapes[GATE_PROJ])
-        self.up_proj = Linear(*shapes[UP_PROJ])
+        # gate and up read the same input: one matmul (and one LoRA shrink) for both.
+        self.gate_up_proj = Linear(shapes[GATE_PROJ][0], 2 * config.intermediate_size)
         self.down_proj = Linear(*shapes[DOWN_PROJ])
 
     def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
-        gate = F.silu(self.gate_proj(x, adapters))
-        return self.down_proj(gate * self.up_proj(x, adapters), adapters)
+        gate, up = self.gate_up_proj(x, adapters).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, adapters)
 
 
 class DecoderLayer(nn.Module):

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from loraplex.lora.modules import FUSED_LINEARS
 from loraplex.model.llama import LlamaModel, ModelConfig, rope_inv_freq
 
 # config.json "model_type" values we run, and the architecture class names that go with them.
@@ -95,7 +96,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
         )
     with torch.device("meta"):
         model = LlamaModel(config)
-    expected = dict(model.state_dict())
+    # The checkpoint names q/k/v and gate/up separately; we check and load them by those names.
+    expected = checkpoint_state_dict(model)
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     state = {}
@@ -122,8 +124,41 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ModelLoadError(f"{model_dir}: checkpoint lacks {len(missing)} tensors: {missing[:5]}")
+    state = _fuse(state, config)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config).to(device)  # built on "meta", so it holds no data yet
     return model.eval()
+
+
+def _fused_pieces(config: ModelConfig) -> dict[str, tuple[list[str], list[int]]]:
+    """Our fused parameter name -> the checkpoint's parameter names it is the row-wise
+    concatenation of, and their row counts; e.g. layers.0.self_attn.qkv_proj.weight ->
+    ([...q_proj.weight, ...k_proj.weight, ...v_proj.weight], [576, 192, 192])."""
+    pieces = {}
+    for layer in range(config.num_layers):
+        for path, modules in FUSED_LINEARS.items():
+            if len(modules) == 1:
+                continue
+            parent = path.split(".")[0]
+            has_bias = parent == "self_attn" and config.qkv_bias  # Qwen2: biases on q, k, v
+            for kind in ("weight", "bias") if has_bias else ("weight",):
+                names = [f"layers.{layer}.{parent}.{module}.{kind}" for module in modules]
+                pieces[f"layers.{layer}.{path}.{kind}"] = (names, config.fused_out_features(path))
+    return pieces
+
+
+def _fuse(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    for fused, (names, _) in _fused_pieces(config).items():
+        state[fused] = torch.cat([state.pop(name) for name in names])
+    return state
+
+
+def checkpoint_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
+    """The model's parameters under the checkpoint's names: fused linears split back into
+    their modules (views, no copy)."""
+    state = dict(model.state_dict())
+    for fused, (names, sizes) in _fused_pieces(model.config).items():
+        state.update(zip(names, state.pop(fused).split(sizes), strict=True))
+    return state

@@ -94,8 +94,8 @@ def _fingerprint(engine: LLMEngine, adapter: AdapterRequest) -> tuple[tuple, tor
     """One (layer, module) key and its lora_A, to check a slot really holds this adapter."""
     if adapter.adapter_id not in _fingerprints:
         mc = engine.model.config
-        weights = load_adapter(adapter.path, num_layers=mc.num_layers,
-                               module_shapes=mc.module_shapes(), max_rank=16).weights
+        weights = dict(load_adapter(adapter.path, num_layers=mc.num_layers,
+                                    module_shapes=mc.module_shapes(), max_rank=16).pairs())
         key = min(weights)
         _fingerprints[adapter.adapter_id] = key, weights[key][0]
     return _fingerprints[adapter.adapter_id]
@@ -127,7 +127,8 @@ def check_engine(engine: LLMEngine) -> None:
             continue
         assert adapters.slot_adapter[seq.slot] == seq.adapter_id, "an in-use adapter was evicted"
         (layer, name), lora_a = _fingerprint(engine, seq.adapter)
-        in_slot = adapters.slots.linears[(layer, name)].lora_a[seq.slot, : lora_a.shape[0]]
+        path, row = adapters.slots.place[name]
+        in_slot = adapters.slots.a[path][layer, seq.slot, row:row + lora_a.shape[0]]
         assert torch.equal(in_slot, lora_a), "an in-use slot was overwritten"
 
 

@@ -100,8 +100,9 @@ def test_loads_ranks_and_modules(tiny_llama_dir, shapes, tmp_path):
     assert lora.path == tmp_path
     assert lora.rank == 4
     assert lora.target_modules == (Q_PROJ, V_PROJ, DOWN_PROJ)  # TARGET_MODULES order
-    assert set(lora.weights) == {(i, m) for i in range(NUM_LAYERS) for m in lora.target_modules}
-    for (_, name), (a, b) in lora.weights.items():
+    pairs = dict(lora.pairs())
+    assert set(pairs) == {(i, m) for i in range(NUM_LAYERS) for m in lora.target_modules}
+    for (_, name), (a, b) in pairs.items():
         in_features, out_features = shapes[name]
         assert a.shape == (4, in_features) and b.shape == (out_features, 4)
         assert a.dtype == b.dtype == torch.float32 and a.device.type == "cpu"
@@ -130,9 +131,10 @@ def test_delta_matches_peft(base_model, shapes, tmp_path, r, alpha, use_rslora, 
     )
     lora = load(tmp_path, shapes)
     assert lora.rank == max([r, *extra.get("rank_pattern", {}).values()])
-    assert len(lora.weights) == NUM_LAYERS * len(TARGET_MODULES)
+    pairs = dict(lora.pairs())
+    assert len(pairs) == NUM_LAYERS * len(TARGET_MODULES)
     torch.manual_seed(1)
-    for (layer, name), (a, b) in lora.weights.items():
+    for (layer, name), (a, b) in pairs.items():
         peft_linear = peft_layer(peft_model, layer, name)
         assert a.shape[0] == peft_linear.r["default"]  # rank_pattern honoured per module
         x = torch.randn(3, a.shape[1])  # [tokens, in_features]
@@ -149,11 +151,12 @@ def test_bf16_conversion(adapter, shapes):
     full = load(adapter, shapes)
     half = load(adapter, shapes, dtype=torch.bfloat16)
     assert half.num_bytes() * 2 == full.num_bytes()
-    for key, (a, b) in half.weights.items():
+    full_pairs = dict(full.pairs())
+    for key, (a, b) in half.pairs():
         assert a.dtype == b.dtype == torch.bfloat16
         # Cast once from the float32 fold, not folded in bf16.
-        assert torch.equal(a, full.weights[key][0].to(torch.bfloat16))
-        assert torch.equal(b, full.weights[key][1].to(torch.bfloat16))
+        assert torch.equal(a, full_pairs[key][0].to(torch.bfloat16))
+        assert torch.equal(b, full_pairs[key][1].to(torch.bfloat16))
 
 
 def test_num_bytes(adapter, shapes):
@@ -172,9 +175,11 @@ def test_accepts_adapter_name_in_keys(adapter, shapes):
 
     edit_tensors(adapter, add_adapter_name)
     lora = load(adapter, shapes)
-    assert set(lora.weights) == set(expected.weights)
-    for key, (a, b) in lora.weights.items():
-        assert torch.equal(a, expected.weights[key][0]) and torch.equal(b, expected.weights[key][1])
+    expected_pairs = dict(expected.pairs())
+    pairs = dict(lora.pairs())
+    assert set(pairs) == set(expected_pairs)
+    for key, (a, b) in pairs.items():
+        assert torch.equal(a, expected_pairs[key][0]) and torch.equal(b, expected_pairs[key][1])
 
 
 # --- refusals: files ---

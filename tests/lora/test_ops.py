@@ -9,16 +9,22 @@ from loraplex.lora.ops import NO_ADAPTER, AdapterBatch, add_lora, add_lora_refer
 
 @settings(max_examples=60, deadline=None)
 @given(
-    token_slots=st.lists(st.integers(min_value=NO_ADAPTER, max_value=3), min_size=1, max_size=40),
+    # (slot, run length): single tokens (decodes) and long runs (prefill chunks) mixed.
+    runs=st.lists(st.tuples(st.integers(min_value=NO_ADAPTER, max_value=3), st.integers(1, 20)),
+                  min_size=1, max_size=10),
     seed=st.integers(0, 2**16),
+    out_sizes=st.sampled_from([(10,), (10, 6, 6), (7, 7)]),  # one module, fused q/k/v, gate/up
 )
-def test_add_lora_matches_reference(token_slots, seed):
+def test_add_lora_matches_reference(runs, seed, out_sizes):
+    token_slots = [slot for slot, length in runs for _ in range(length)]
     gen = torch.Generator().manual_seed(seed)
-    num_slots, rank, d_in, d_out = 4, 8, 12, 10
+    num_slots, rank, d_in, d_out = 4, 8, 12, sum(out_sizes)
     x = torch.randn(len(token_slots), d_in, generator=gen, dtype=torch.float64)
     y = torch.randn(len(token_slots), d_out, generator=gen, dtype=torch.float64)
-    lora_a = torch.randn(num_slots, rank, d_in, generator=gen, dtype=torch.float64)
-    lora_b = torch.randn(num_slots, d_out, rank, generator=gen, dtype=torch.float64)
+    lora_a = torch.randn(num_slots, len(out_sizes) * rank, d_in, generator=gen,
+                         dtype=torch.float64)
+    lora_b = tuple(torch.randn(num_slots, out, rank, generator=gen, dtype=torch.float64)
+                   for out in out_sizes)
     want = add_lora_reference(y, x, lora_a, lora_b, torch.tensor(token_slots))
     batch = AdapterBatch.build(token_slots, torch.device("cpu"))
     if batch is None:  # no token has an adapter: the layer output is the base output
@@ -28,10 +34,14 @@ def test_add_lora_matches_reference(token_slots, seed):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
-def test_pieces_bound_padding_for_a_long_prefill_among_decodes():
-    # One 256-token prefill on slot 0 next to 31 single-token decodes on other slots.
-    token_slots = [0] * 256 + list(range(1, 32))
+def test_prefill_runs_take_plain_matmuls_and_decodes_one_piece_per_slot():
+    # One 256-token prefill on slot 0 after 31 single-token decodes on slots 1..31.
+    token_slots = list(range(1, 32)) + [0] * 256
     batch = AdapterBatch.build(token_slots, torch.device("cpu"))
-    padded = batch.piece_tokens.numel()
-    assert padded <= 2 * len(token_slots) + 32  # not 32 groups x 256
-    assert sorted(batch.valid_tokens.tolist()) == list(range(len(token_slots)))
+    assert batch.runs == ((0, 31, 287),)
+    assert batch.piece_tokens.shape == (32, 1)  # slot 0's piece is padding only
+    assert batch.valid_tokens.tolist() == list(range(31))
+    # Short runs (under MIN_RUN_TOKENS) stay in the pieces, padded to the longest.
+    batch = AdapterBatch.build([2, 2, 2, 0, NO_ADAPTER, 1], torch.device("cpu"))
+    assert batch.runs == () and batch.piece_tokens.shape == (3, 3)
+    assert sorted(batch.valid_tokens.tolist()) == [0, 1, 2, 3, 5]

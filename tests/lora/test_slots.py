@@ -21,15 +21,22 @@ def test_activate_overwrites_every_trace_of_the_previous_adapter(tiny_llama_dir,
     slots = AdapterSlots(model, max_loras=2, max_rank=16)
     slots.activate(1, big)
     slots.activate(1, small)  # a smaller adapter on fewer modules into the same slot
-    for (layer, module), linear in slots.linears.items():
-        a, b = linear.lora_a[1], linear.lora_b[1]
-        if module == "q_proj":
-            sa, sb = small.weights[(layer, module)]
-            assert torch.equal(a[:4], sa) and torch.equal(b[:, :4], sb)
-            assert not a[4:].any() and not b[:, 4:].any()
-        else:
-            assert not a.any() and not b.any()
-    assert not slots.linears[(0, "q_proj")].lora_a[0].any()  # the other slot untouched
+    small_pairs = dict(small.pairs())
+    for layer in range(2):
+        for module in all_modules:
+            path, row = slots.place[module]
+            a = slots.a[path][layer, 1, row:row + 16]  # [max_rank, in]
+            b = slots.b[module][layer, 1]  # [out, max_rank]
+            if module == "q_proj":
+                sa, sb = small_pairs[(layer, module)]
+                assert torch.equal(a[:4], sa) and torch.equal(b[:, :4], sb)
+                assert not a[4:].any() and not b[:, 4:].any()
+            else:
+                assert not a.any() and not b.any()
+    # The model's layers read these buffers, and the other slot is untouched.
+    attention = model.layers[0].self_attn.qkv_proj
+    assert attention.lora_a.data_ptr() == slots.a["self_attn.qkv_proj"][0].data_ptr()
+    assert not attention.lora_a[0].any() and not attention.lora_b[0][0].any()
     # The base weights are never modified.
     for k, v in model.state_dict().items():
         assert torch.equal(v, base[k]), k
