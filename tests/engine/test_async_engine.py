@@ -121,3 +121,19 @@ def test_prewarm_during_a_request_fills_host_cache_and_slot(engine, sharp_adapte
     assert 5 in stats["adapters_in_host_cache"] and 5 in stats["adapters_in_slots"]
     assert stats["host_misses"] == 2  # adapter 5 once (not again for its request), and the broken
     assert stats["slot_hits"] == 1  # its request found it already in a slot
+
+
+def test_builds_the_engine_on_its_own_thread_and_raises_what_building_raises(sharp_llama_dir,
+                                                                            tmp_path):
+    from loraplex.config import EngineConfig
+    from loraplex.model.loader import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        AsyncEngine(EngineConfig(model=str(tmp_path)))
+    engine = AsyncEngine(EngineConfig(model=str(sharp_llama_dir), kv_cache_bytes=1 << 22))
+    try:
+        assert engine.engine is not None and engine.tokenizer is engine.engine.tokenizer
+        deltas = asyncio.run(collect(engine, prompts(1)[0]))
+        assert deltas[-1].finished and deltas[-1].completion_tokens == PARAMS.max_tokens
+    finally:
+        engine.shutdown()
