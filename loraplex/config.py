@@ -25,6 +25,9 @@ class EngineConfig:
     """The largest adapter rank accepted; slot buffers are this wide."""
     max_cpu_loras: int = 64
     """Adapters kept loaded in host memory (LRU); at least max_loras."""
+    adapter_cache: bool = True
+    """Keep each loaded adapter in ready-to-serve form under <home>/cache/adapters, so that
+    loading it again is one read (see loraplex/lora/packed.py)."""
     max_num_seqs: int = 64
     """Sequences in one batch."""
     max_num_batched_tokens: int = 512

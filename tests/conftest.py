@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    # Engines keep every adapter they load in ready-to-serve form (lora/packed.py): the suite's
+    # thousands of temporary adapters go to a temporary cache, not the user's home.
+    os.environ["LORAPLEX_ADAPTER_CACHE"] = tempfile.mkdtemp(prefix="loraplex-test-adapters-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.pop("LORAPLEX_ADAPTER_CACHE", ""), ignore_errors=True)
 
 
 def tiny_llama_config():

@@ -1,11 +1,15 @@
 """Random PEFT-format LoRA adapters for benchmarks (no peft needed at run time)."""
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from loraplex.engine.llm_engine import ADAPTER_CACHE_ENV
 from loraplex.lora.modules import MLP_MODULES, TARGET_MODULES
 from loraplex.model.llama import ModelConfig
 
@@ -31,3 +35,18 @@ def write_random_adapter(
         "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,
     }))
     return out_dir
+
+
+@contextmanager
+def private_adapter_cache(directory: Path) -> Iterator[None]:
+    """Engines made inside (and processes spawned inside) keep the adapters they load under
+    `directory`, not in the user's adapter cache: benchmark adapters are temporary."""
+    previous = os.environ.get(ADAPTER_CACHE_ENV)
+    os.environ[ADAPTER_CACHE_ENV] = str(directory)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ADAPTER_CACHE_ENV]
+        else:
+            os.environ[ADAPTER_CACHE_ENV] = previous

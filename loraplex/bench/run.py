@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loraplex.bench.adapters import private_adapter_cache
 from loraplex.bench.isolated import IsolatedSystem
 from loraplex.bench.loraplex_systems import (
     LoraplexEngineSystem,
@@ -173,7 +174,8 @@ def run_benchmark(
         "points": [{"spec": asdict(spec), "systems": {}} for spec in specs],
     }
     built: list[tuple[str, System]] = []
-    with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
+    with (tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp,
+          private_adapter_cache(Path(tmp) / "adapter-cache")):
         from loraplex.bench.adapters import write_random_adapter
 
         adapters = [write_random_adapter(Path(tmp) / f"adapter-{i}", config, rank, tuple(targets),

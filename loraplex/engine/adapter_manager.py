@@ -9,6 +9,7 @@ recently used one, which then admits nobody new until it drains, so no request s
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -28,8 +29,10 @@ class AdapterStats:
 
 
 class AdapterManager:
-    def __init__(self, model: LlamaModel, max_loras: int, max_rank: int, max_cpu_loras: int):
+    def __init__(self, model: LlamaModel, max_loras: int, max_rank: int, max_cpu_loras: int,
+                 cache_dir: Path | None = None):
         self.config = model.config
+        self.cache_dir = cache_dir  # where loaded adapters are kept ready to serve, if anywhere
         self.dtype = model.embed_tokens.weight.dtype
         self.max_rank = max_rank
         self.slots = AdapterSlots(model, max_loras, max_rank)
@@ -56,6 +59,7 @@ class AdapterManager:
             module_shapes=self.config.module_shapes(),
             max_rank=self.max_rank,
             dtype=self.dtype,
+            cache_dir=self.cache_dir,
         )
         self.stats.load_seconds.append(time.perf_counter() - start)
         return weights

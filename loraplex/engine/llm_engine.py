@@ -4,6 +4,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -14,13 +15,21 @@ from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.sampler import sample
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import AdapterRequest, Sequence
+from loraplex.home import loraplex_home
 from loraplex.model.loader import load_model
 from loraplex.model.pull import resolve_model
 from loraplex.model.tokenizer import Tokenizer
 from loraplex.sampling_params import SamplingParams
 
 MAX_DEFAULT_MODEL_LEN = 4096
+ADAPTER_CACHE_ENV = "LORAPLEX_ADAPTER_CACHE"  # where loaded adapters are kept; default below
+ADAPTER_CACHE_DIR = "cache/adapters"  # under the loraplex home
 TOKENS_PER_SECOND_WINDOW = 10.0  # seconds of history behind stats()["tokens_per_second"]
+
+
+def adapter_cache_dir() -> Path:
+    """Where engines keep loaded adapters ready to serve (lora/packed.py)."""
+    return Path(os.environ.get(ADAPTER_CACHE_ENV) or loraplex_home() / ADAPTER_CACHE_DIR)
 
 
 class RequestError(ValueError):
@@ -68,7 +77,8 @@ class LLMEngine:
             )
         self.runner = ModelRunner(self.model, config, num_blocks)
         self.adapters = AdapterManager(
-            self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras
+            self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
+            cache_dir=adapter_cache_dir() if config.adapter_cache else None,
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.blocks, self.adapters)

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from loraplex.lora.modules import ATTENTION_MODULES, TARGET_MODULES
+from loraplex.lora.packed import cache_file, read_packed, write_packed
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -79,9 +80,30 @@ def load_adapter(
     module_shapes: Mapping[str, tuple[int, int]],
     max_rank: int,
     dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
 ) -> LoRAWeights:
-    """module_shapes: module name -> (in_features, out_features) of the base model's linear."""
+    """module_shapes: module name -> (in_features, out_features) of the base model's linear.
+    With a cache_dir, the loaded form is kept there and read back next time (lora/packed.py)."""
     path = Path(path)
+    cached = cache_file(cache_dir, path, dtype) if cache_dir is not None else None
+    if cached is not None:
+        packed = read_packed(cached, num_layers=num_layers, module_shapes=module_shapes,
+                             max_rank=max_rank, dtype=dtype)
+        if packed is not None:
+            return _weights(path, *packed)
+    weights = _load(path, num_layers, module_shapes, max_rank, dtype)
+    if cached is not None:
+        write_packed(cached, weights)
+    return weights
+
+
+def _load(
+    path: Path,
+    num_layers: int,
+    module_shapes: Mapping[str, tuple[int, int]],
+    max_rank: int,
+    dtype: torch.dtype,
+) -> LoRAWeights:
     config = _read_config(path)
     pairs = _pair_tensors(path, _read_tensors(path), num_layers)
     weights = {}
@@ -151,11 +173,19 @@ def _stack(
         layer_ranks[name] = tuple(
             layers[layer][0].shape[0] if layer in layers else 0 for layer in range(num_layers)
         )
+    return _weights(path, modules, layer_ranks)
+
+
+def _weights(
+    path: Path,
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    layer_ranks: dict[str, tuple[int, ...]],
+) -> LoRAWeights:
     return LoRAWeights(
         path=path,
         rank=max(a.shape[1] for a, _ in modules.values()),
-        target_modules=tuple(modules),
-        modules=modules,
+        target_modules=tuple(m for m in TARGET_MODULES if m in modules),
+        modules={m: modules[m] for m in TARGET_MODULES if m in modules},
         layer_ranks=layer_ranks,
     )
 
