@@ -13,7 +13,8 @@ shared by every layer. Two kinds of work, so that no layer ever copies adapter w
   matmuls against that slot's matrices (views of the buffers);
 - the short rest (one token per decoding sequence) is grouped by slot into equal-length pieces,
   piece i being slot i, so that it is two batched matmuls per layer over the slot buffers in
-  place (Punica's SGMV idea, in plain PyTorch).
+  place (Punica's SGMV idea, in plain PyTorch); only when few, high slots are in use are their
+  matrices gathered instead.
 """
 
 from dataclasses import dataclass
@@ -30,12 +31,16 @@ MIN_RUN_TOKENS = 8
 class AdapterBatch:
     """Per-step adapter metadata: which tokens take the run path and which the piece path.
 
-    Pieces: piece i holds the short-run tokens of slot i, padded with token 0 to `piece_len`;
-    padded positions are dropped on scatter. A slot without such tokens is an all-padding piece.
+    Pieces hold the short-run tokens of one slot each, padded with token 0 to `piece_len`;
+    padded positions are dropped on scatter. Usually piece i is slot i (`piece_slots` None) and
+    the matmuls read the slot buffers in place, a slot without such tokens being an all-padding
+    piece. When few high slots are in use, reading every slot up to the highest would cost more
+    than copying the used ones, so the pieces are just those slots (`piece_slots`).
     """
 
     token_slots: torch.Tensor  # [num_tokens] int64, slot of each token or NO_ADAPTER
     runs: tuple[tuple[int, int, int], ...]  # (slot, first token, end token) of each long run
+    piece_slots: torch.Tensor | None  # [num_pieces] slot of each piece; None: piece i = slot i
     piece_tokens: torch.Tensor | None  # [num_pieces, piece_len] int64, token (0 where padded)
     valid_positions: torch.Tensor | None  # [num_piece_tokens] flat index into the pieces
     valid_tokens: torch.Tensor | None  # [num_piece_tokens] the token at each valid position
@@ -62,19 +67,24 @@ class AdapterBatch:
         def as_tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
-        piece_tokens = valid_positions = valid_tokens = None
+        piece_slots = piece_tokens = valid_positions = valid_tokens = None
         if by_slot:
             piece_len = max(len(tokens) for tokens in by_slot.values())
+            # In place, the matmuls read max+1 slots; a copy of the used ones is read, written
+            # and read again: 3 slots' worth of memory traffic per used slot.
+            in_place = max(by_slot) + 1 <= 3 * len(by_slot)
+            order = range(max(by_slot) + 1) if in_place else sorted(by_slot)
             pieces, positions, tokens = [], [], []
-            for slot in range(max(by_slot) + 1):
+            for i, slot in enumerate(order):
                 chunk = by_slot.get(slot, [])
-                positions.extend(range(slot * piece_len, slot * piece_len + len(chunk)))
+                positions.extend(range(i * piece_len, i * piece_len + len(chunk)))
                 tokens.extend(chunk)
                 pieces.append(chunk + [0] * (piece_len - len(chunk)))
+            piece_slots = None if in_place else as_tensor(list(order))
             piece_tokens, valid_positions = as_tensor(pieces), as_tensor(positions)
             valid_tokens = as_tensor(tokens)
-        return cls(as_tensor(token_slots), tuple(runs), piece_tokens, valid_positions,
-                   valid_tokens)
+        return cls(as_tensor(token_slots), tuple(runs), piece_slots, piece_tokens,
+                   valid_positions, valid_tokens)
 
 
 def add_lora(
@@ -105,10 +115,14 @@ def add_lora(
             column += outs[i]
     if batch.piece_tokens is not None:
         num_pieces = batch.piece_tokens.shape[0]
+        if batch.piece_slots is None:  # views of the slot buffers, no copy
+            a, bs = lora_a[:num_pieces], [b[:num_pieces] for b in lora_b]
+        else:
+            a, bs = lora_a[batch.piece_slots], [b[batch.piece_slots] for b in lora_b]
         xs = x[batch.piece_tokens]  # [num_pieces, piece_len, in]
-        shrunk = torch.bmm(xs, lora_a[:num_pieces].transpose(1, 2))  # [.., piece_len, n * r]
-        deltas = [torch.bmm(shrunk[..., i * r:(i + 1) * r], b[:num_pieces].transpose(1, 2))
-                  for i, b in enumerate(lora_b)]  # [num_pieces, piece_len, out_i]
+        shrunk = torch.bmm(xs, a.transpose(1, 2))  # [num_pieces, piece_len, n * r]
+        deltas = [torch.bmm(shrunk[..., i * r:(i + 1) * r], b.transpose(1, 2))
+                  for i, b in enumerate(bs)]  # [num_pieces, piece_len, out_i]
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)
         delta = delta.reshape(-1, y.shape[-1])[batch.valid_positions]  # [num_piece_tokens, out]
         y.index_add_(0, batch.valid_tokens, delta)

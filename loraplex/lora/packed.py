@@ -104,9 +104,12 @@ def read_packed(
                            for module, ranks in json.loads(metadata["layer_ranks"]).items()}
             modules = {module: (f.get_tensor(f"{module}.lora_a"), f.get_tensor(f"{module}.lora_b"))
                        for module in layer_ranks}
-        os.utime(file)  # used now: the last entry eviction would pick
     except (OSError, SafetensorError, KeyError, ValueError, TypeError):
         return None
+    try:
+        os.utime(file)  # used now: the last entry eviction would pick
+    except OSError:
+        pass  # a read-only cache still serves
     if not modules:
         return None
     for module, (a, b) in modules.items():

@@ -10,7 +10,7 @@ from loraplex.lora.ops import NO_ADAPTER, AdapterBatch, add_lora, add_lora_refer
 @settings(max_examples=60, deadline=None)
 @given(
     # (slot, run length): single tokens (decodes) and long runs (prefill chunks) mixed.
-    runs=st.lists(st.tuples(st.integers(min_value=NO_ADAPTER, max_value=3), st.integers(1, 20)),
+    runs=st.lists(st.tuples(st.integers(min_value=NO_ADAPTER, max_value=11), st.integers(1, 20)),
                   min_size=1, max_size=10),
     seed=st.integers(0, 2**16),
     out_sizes=st.sampled_from([(10,), (10, 6, 6), (7, 7)]),  # one module, fused q/k/v, gate/up
@@ -18,7 +18,7 @@ from loraplex.lora.ops import NO_ADAPTER, AdapterBatch, add_lora, add_lora_refer
 def test_add_lora_matches_reference(runs, seed, out_sizes):
     token_slots = [slot for slot, length in runs for _ in range(length)]
     gen = torch.Generator().manual_seed(seed)
-    num_slots, rank, d_in, d_out = 4, 8, 12, sum(out_sizes)
+    num_slots, rank, d_in, d_out = 12, 8, 12, sum(out_sizes)
     x = torch.randn(len(token_slots), d_in, generator=gen, dtype=torch.float64)
     y = torch.randn(len(token_slots), d_out, generator=gen, dtype=torch.float64)
     lora_a = torch.randn(num_slots, len(out_sizes) * rank, d_in, generator=gen,
@@ -44,4 +44,8 @@ def test_prefill_runs_take_plain_matmuls_and_decodes_one_piece_per_slot():
     # Short runs (under MIN_RUN_TOKENS) stay in the pieces, padded to the longest.
     batch = AdapterBatch.build([2, 2, 2, 0, NO_ADAPTER, 1], torch.device("cpu"))
     assert batch.runs == () and batch.piece_tokens.shape == (3, 3)
+    assert batch.piece_slots is None  # slots 0..2 in place
     assert sorted(batch.valid_tokens.tolist()) == [0, 1, 2, 3, 5]
+    # Two high slots in use: their matrices are gathered, not 31 slots read in place.
+    batch = AdapterBatch.build([30, 2], torch.device("cpu"))
+    assert batch.piece_slots.tolist() == [2, 30] and batch.piece_tokens.tolist() == [[1], [0]]
