@@ -38,7 +38,9 @@ class ModelRunner:
         """Run one step. Returns logits [num_outputs, vocab] and the sequences they belong to:
         those whose step reached the end of their known tokens (the others are mid-prefill)."""
         # Decode rows (one new token) first, so attention batches them; prefill chunks after.
-        batch = sorted(batch, key=lambda s: s.num_tokens != 1)
+        # Decode rows with an adapter lead, by slot: with one sequence per slot, the LoRA op
+        # then reads its inputs and writes its deltas in place (AdapterBatch.pieces_are_tokens).
+        batch = sorted(batch, key=lambda s: (s.num_tokens != 1, s.seq.slot < 0, s.seq.slot))
         input_ids, positions, slot_mapping, token_slots = [], [], [], []
         logits_indices, outputs = [], []
         decode_tables, decode_lens = [], []

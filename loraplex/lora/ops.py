@@ -42,6 +42,9 @@ class AdapterBatch:
     runs: tuple[tuple[int, int, int], ...]  # (slot, first token, end token) of each long run
     piece_slots: torch.Tensor | None  # [num_pieces] slot of each piece; None: piece i = slot i
     piece_tokens: torch.Tensor | None  # [num_pieces, piece_len] int64, token (0 where padded)
+    # Piece i is exactly token i (one decoding sequence per slot, ordered by slot, as the model
+    # runner orders them): no gather of the inputs, no scatter of the deltas.
+    pieces_are_tokens: bool
     valid_positions: torch.Tensor | None  # [num_piece_tokens] flat index into the pieces
     valid_tokens: torch.Tensor | None  # [num_piece_tokens] the token at each valid position
 
@@ -68,6 +71,7 @@ class AdapterBatch:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
         piece_slots = piece_tokens = valid_positions = valid_tokens = None
+        pieces_are_tokens = False
         if by_slot:
             piece_len = max(len(tokens) for tokens in by_slot.values())
             # In place, the matmuls read max+1 slots; a copy of the used ones is read, written
@@ -83,8 +87,9 @@ class AdapterBatch:
             piece_slots = None if in_place else as_tensor(list(order))
             piece_tokens, valid_positions = as_tensor(pieces), as_tensor(positions)
             valid_tokens = as_tensor(tokens)
+            pieces_are_tokens = piece_len == 1 and tokens == list(range(len(order)))
         return cls(as_tensor(token_slots), tuple(runs), piece_slots, piece_tokens,
-                   valid_positions, valid_tokens)
+                   pieces_are_tokens, valid_positions, valid_tokens)
 
 
 def add_lora(
@@ -119,13 +124,19 @@ def add_lora(
             a, bs = lora_a[:num_pieces], [b[:num_pieces] for b in lora_b]
         else:
             a, bs = lora_a[batch.piece_slots], [b[batch.piece_slots] for b in lora_b]
-        xs = x[batch.piece_tokens]  # [num_pieces, piece_len, in]
+        if batch.pieces_are_tokens:
+            xs = x[:num_pieces, None]  # [num_pieces, 1, in], a view
+        else:
+            xs = x[batch.piece_tokens]  # [num_pieces, piece_len, in]
         shrunk = torch.bmm(xs, a.transpose(1, 2))  # [num_pieces, piece_len, n * r]
         deltas = [torch.bmm(shrunk[..., i * r:(i + 1) * r], b.transpose(1, 2))
                   for i, b in enumerate(bs)]  # [num_pieces, piece_len, out_i]
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)
-        delta = delta.reshape(-1, y.shape[-1])[batch.valid_positions]  # [num_piece_tokens, out]
-        y.index_add_(0, batch.valid_tokens, delta)
+        if batch.pieces_are_tokens:
+            y[:num_pieces] += delta.view(num_pieces, -1)
+        else:
+            delta = delta.reshape(-1, y.shape[-1])[batch.valid_positions]  # [piece tokens, out]
+            y.index_add_(0, batch.valid_tokens, delta)
     return y
 
 

@@ -49,3 +49,8 @@ def test_prefill_runs_take_plain_matmuls_and_decodes_one_piece_per_slot():
     # Two high slots in use: their matrices are gathered, not 31 slots read in place.
     batch = AdapterBatch.build([30, 2], torch.device("cpu"))
     assert batch.piece_slots.tolist() == [2, 30] and batch.piece_tokens.tolist() == [[1], [0]]
+    assert not batch.pieces_are_tokens
+    # One decode per slot, ordered by slot, then the rest: token i is piece i, in place.
+    batch = AdapterBatch.build([0, 1, 2, NO_ADAPTER] + [1] * 9, torch.device("cpu"))
+    assert batch.pieces_are_tokens and batch.runs == ((1, 4, 13),)
+    assert not AdapterBatch.build([1, 0, 2], torch.device("cpu")).pieces_are_tokens
