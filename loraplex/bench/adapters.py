@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from loraplex.engine.llm_engine import ADAPTER_CACHE_ENV
 from loraplex.lora.modules import MLP_MODULES, TARGET_MODULES
+from loraplex.lora.packed import CACHE_ENV
 from loraplex.model.llama import ModelConfig
 
 
@@ -41,12 +41,12 @@ def write_random_adapter(
 def private_adapter_cache(directory: Path) -> Iterator[None]:
     """Engines made inside (and processes spawned inside) keep the adapters they load under
     `directory`, not in the user's adapter cache: benchmark adapters are temporary."""
-    previous = os.environ.get(ADAPTER_CACHE_ENV)
-    os.environ[ADAPTER_CACHE_ENV] = str(directory)
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(directory)
     try:
         yield
     finally:
         if previous is None:
-            del os.environ[ADAPTER_CACHE_ENV]
+            del os.environ[CACHE_ENV]
         else:
-            os.environ[ADAPTER_CACHE_ENV] = previous
+            os.environ[CACHE_ENV] = previous

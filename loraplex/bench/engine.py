@@ -25,7 +25,7 @@ from loraplex.bench.adapters import private_adapter_cache, write_random_adapter
 from loraplex.config import DTYPES, EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.sequence import AdapterRequest
-from loraplex.lora.adapter import WEIGHTS_FILE, load_adapter
+from loraplex.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from loraplex.lora.packed import cache_file
 from loraplex.sampling_params import SamplingParams
 
@@ -92,7 +92,8 @@ def bench_load(engine: LLMEngine, paths: list[Path]) -> dict[str, dict[str, list
     for name in LOAD_PASSES:
         if name == "cached" and cache_dir is not None:
             for path in paths:
-                _evict_from_page_cache(cache_file(cache_dir, path, dtype))
+                sources = [path / CONFIG_FILE, path / WEIGHTS_FILE]
+                _evict_from_page_cache(cache_file(cache_dir, sources, dtype))
         disk, slot = [], []
         for i, path in enumerate(paths):
             start = time.perf_counter()

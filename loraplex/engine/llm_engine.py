@@ -4,7 +4,6 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -15,21 +14,14 @@ from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.sampler import sample
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import AdapterRequest, Sequence
-from loraplex.home import loraplex_home
+from loraplex.lora.packed import adapter_cache_dir
 from loraplex.model.loader import load_model
 from loraplex.model.pull import resolve_model
 from loraplex.model.tokenizer import Tokenizer
 from loraplex.sampling_params import SamplingParams
 
 MAX_DEFAULT_MODEL_LEN = 4096
-ADAPTER_CACHE_ENV = "LORAPLEX_ADAPTER_CACHE"  # where loaded adapters are kept; default below
-ADAPTER_CACHE_DIR = "cache/adapters"  # under the loraplex home
 TOKENS_PER_SECOND_WINDOW = 10.0  # seconds of history behind stats()["tokens_per_second"]
-
-
-def adapter_cache_dir() -> Path:
-    """Where engines keep loaded adapters ready to serve (lora/packed.py)."""
-    return Path(os.environ.get(ADAPTER_CACHE_ENV) or loraplex_home() / ADAPTER_CACHE_DIR)
 
 
 class RequestError(ValueError):

@@ -53,13 +53,21 @@ class LoRAWeights:
     device slot is one copy per module, not one per layer and module."""
 
     path: Path
-    rank: int  # the largest rank over its modules (rank_pattern may vary it)
-    target_modules: tuple[str, ...]  # which of TARGET_MODULES it touches, in TARGET_MODULES order
     # module name -> (lora_a [num_layers, r, in_features], lora_b_scaled [num_layers, out, r]),
     # r the module's largest rank; a layer with a smaller rank is zero-padded, one the adapter
     # does not touch is all zeros. lora_b carries the scaling: the delta is x @ a.T @ b.T.
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
     layer_ranks: dict[str, tuple[int, ...]]  # module name -> rank in each layer (0: untouched)
+
+    @property
+    def rank(self) -> int:
+        """The largest rank over its modules (rank_pattern may vary it)."""
+        return max(a.shape[1] for a, _ in self.modules.values())
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """Which of TARGET_MODULES it touches, in TARGET_MODULES order."""
+        return tuple(m for m in TARGET_MODULES if m in self.modules)
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.modules.values() for t in pair)
@@ -85,12 +93,14 @@ def load_adapter(
     """module_shapes: module name -> (in_features, out_features) of the base model's linear.
     With a cache_dir, the loaded form is kept there and read back next time (lora/packed.py)."""
     path = Path(path)
-    cached = cache_file(cache_dir, path, dtype) if cache_dir is not None else None
+    cached = None
+    if cache_dir is not None:
+        cached = cache_file(cache_dir, [path / CONFIG_FILE, path / WEIGHTS_FILE], dtype)
     if cached is not None:
         packed = read_packed(cached, num_layers=num_layers, module_shapes=module_shapes,
                              max_rank=max_rank, dtype=dtype)
         if packed is not None:
-            return _weights(path, *packed)
+            return LoRAWeights(path, *packed)
     weights = _load(path, num_layers, module_shapes, max_rank, dtype)
     if cached is not None:
         write_packed(cached, weights)
@@ -173,21 +183,7 @@ def _stack(
         layer_ranks[name] = tuple(
             layers[layer][0].shape[0] if layer in layers else 0 for layer in range(num_layers)
         )
-    return _weights(path, modules, layer_ranks)
-
-
-def _weights(
-    path: Path,
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    layer_ranks: dict[str, tuple[int, ...]],
-) -> LoRAWeights:
-    return LoRAWeights(
-        path=path,
-        rank=max(a.shape[1] for a, _ in modules.values()),
-        target_modules=tuple(m for m in TARGET_MODULES if m in modules),
-        modules={m: modules[m] for m in TARGET_MODULES if m in modules},
-        layer_ranks=layer_ranks,
-    )
+    return LoRAWeights(path, modules, layer_ranks)
 
 
 def _error(path: Path, reason: str) -> AdapterError:

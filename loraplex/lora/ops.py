@@ -38,7 +38,6 @@ class AdapterBatch:
     than copying the used ones, so the pieces are just those slots (`piece_slots`).
     """
 
-    token_slots: torch.Tensor  # [num_tokens] int64, slot of each token or NO_ADAPTER
     runs: tuple[tuple[int, int, int], ...]  # (slot, first token, end token) of each long run
     piece_slots: torch.Tensor | None  # [num_pieces] slot of each piece; None: piece i = slot i
     piece_tokens: torch.Tensor | None  # [num_pieces, piece_len] int64, token (0 where padded)
@@ -88,8 +87,8 @@ class AdapterBatch:
             piece_tokens, valid_positions = as_tensor(pieces), as_tensor(positions)
             valid_tokens = as_tensor(tokens)
             pieces_are_tokens = piece_len == 1 and tokens == list(range(len(order)))
-        return cls(as_tensor(token_slots), tuple(runs), piece_slots, piece_tokens,
-                   pieces_are_tokens, valid_positions, valid_tokens)
+        return cls(tuple(runs), piece_slots, piece_tokens, pieces_are_tokens, valid_positions,
+                   valid_tokens)
 
 
 def add_lora(
@@ -101,9 +100,9 @@ def add_lora(
 ) -> torch.Tensor:
     """Add each token's LoRA delta to the base layer's output, in place, and return y.
 
-    Semantics (r = max_rank, module i's output columns follow module i-1's):
+    Semantics (s = the slot of token t as given to AdapterBatch.build, r = max_rank, module i's
+    output columns follow module i-1's):
         for t in range(num_tokens):
-            s = batch.token_slots[t]
             if s != NO_ADAPTER:
                 y[t] += cat([lora_b[i][s] @ (lora_a[s][i*r:(i+1)*r] @ x[t]) for i in modules])
 

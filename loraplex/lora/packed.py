@@ -6,9 +6,10 @@ result is written once per (adapter files, dtype) as one safetensors file of two
 module, already scaled and in the serving dtype. A later load of the same adapter reads that file
 and checks it again (shapes, ranks, finiteness: it is a file like any other).
 
-The cache key covers the adapter's resolved path and the size and modification time of its two
-files, so an edited adapter gets a new entry; registry artifacts never change. Reading an entry
-marks it used; past MAX_CACHE_BYTES, writing a new one removes the least recently used.
+The cache key covers the adapter files' resolved paths, sizes and modification times, so an
+edited adapter gets a new entry; registry artifacts never change. Serving an entry marks it
+used; past MAX_CACHE_BYTES, writing a new one removes the least recently used. Engines keep the
+cache in `adapter_cache_dir()`.
 """
 
 from __future__ import annotations
@@ -17,29 +18,34 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from loraplex.home import loraplex_home
 from loraplex.lora.modules import TARGET_MODULES
 
 FORMAT = "loraplex-packed-adapter-1"
 MAX_CACHE_BYTES = 16 << 30  # ~800 rank-16 all-module adapters of the default model in float32
-SOURCE_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CACHE_ENV = "LORAPLEX_ADAPTER_CACHE"  # where engines keep the cache; default below
+CACHE_DIR = "cache/adapters"  # under the loraplex home
 
 
-def cache_file(cache_dir: Path, path: Path, dtype: torch.dtype) -> Path | None:
-    """Where the packed form of the adapter at `path` lives; None if its files are unreadable
-    (the regular loader then reports why)."""
-    path = path.resolve()
+def adapter_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or loraplex_home() / CACHE_DIR)
+
+
+def cache_file(cache_dir: Path, sources: Sequence[Path], dtype: torch.dtype) -> Path | None:
+    """Where the packed form of the adapter read from the `sources` files lives; None if they
+    are unreadable (the regular loader then reports why)."""
     try:
-        stats = [(path / name).stat() for name in SOURCE_FILES]
+        stats = [(str(source.resolve()), source.stat()) for source in sources]
     except OSError:
         return None
-    identity = [str(path), str(dtype), FORMAT, [[s.st_size, s.st_mtime_ns] for s in stats]]
+    identity = [str(dtype), FORMAT, [[name, s.st_size, s.st_mtime_ns] for name, s in stats]]
     digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     return cache_dir / f"{digest}.safetensors"
 
@@ -106,10 +112,6 @@ def read_packed(
                        for module in layer_ranks}
     except (OSError, SafetensorError, KeyError, ValueError, TypeError):
         return None
-    try:
-        os.utime(file)  # used now: the last entry eviction would pick
-    except OSError:
-        pass  # a read-only cache still serves
     if not modules:
         return None
     for module, (a, b) in modules.items():
@@ -126,4 +128,8 @@ def read_packed(
         # Non-finite values would poison every token of the batch (see lora/adapter.py).
         if not (torch.isfinite(a.sum()) and torch.isfinite(b.sum())):
             return None
+    try:
+        os.utime(file)  # served now: the last entry eviction would pick
+    except OSError:
+        pass  # a read-only cache still serves
     return modules, layer_ranks

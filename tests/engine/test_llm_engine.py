@@ -108,6 +108,23 @@ def test_corrupt_adapter_fails_only_its_own_requests(sharp_llama_dir, sharp_adap
                         [(0, 0), (2, None)])
 
 
+def test_damaged_adapter_cache_entries_are_reloaded_while_others_are_served(
+        sharp_llama_dir, sharp_adapters, alone, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAPLEX_ADAPTER_CACHE", str(tmp_path / "cache"))
+    run(make_engine(sharp_llama_dir), [(prompts(12)[i], adapter(sharp_adapters, i))
+                                       for i in (4, 5)])
+    entries = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(entries) == 2
+    entries[0].write_bytes(b"\x00garbage")  # one torn entry, one truncated
+    entries[1].write_bytes(entries[1].read_bytes()[:100])
+    pairs = [(4, 4), (3, None), (5, 5)]
+    final = run(make_engine(sharp_llama_dir),
+                [(prompts(12)[p], None if a is None else adapter(sharp_adapters, a))
+                 for p, a in pairs])
+    check_against_alone(final, alone, pairs)
+    assert all(e.stat().st_size > 100 for e in entries)  # rewritten whole
+
+
 def test_prompt_longer_than_context_is_rejected(sharp_llama_dir):
     engine = make_engine(sharp_llama_dir, max_model_len=32)
     with pytest.raises(RequestError, match="40 tokens.*max_model_len.*32"):
