@@ -22,10 +22,13 @@ def pytest_configure(config):
     # Engines keep every adapter they load in ready-to-serve form (lora/packed.py): the suite's
     # thousands of temporary adapters go to a temporary cache, not the user's home.
     os.environ["LORAPLEX_ADAPTER_CACHE"] = tempfile.mkdtemp(prefix="loraplex-test-adapters-")
+    # The CPU LoRA kernel (lora/cpu_kernel.py) is built once for the run, likewise.
+    os.environ["LORAPLEX_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="loraplex-test-kernels-")
 
 
 def pytest_unconfigure(config):
     shutil.rmtree(os.environ.pop("LORAPLEX_ADAPTER_CACHE", ""), ignore_errors=True)
+    shutil.rmtree(os.environ.pop("LORAPLEX_KERNEL_CACHE", ""), ignore_errors=True)
 
 
 def tiny_llama_config():

@@ -4,6 +4,7 @@ import torch
 
 from loraplex.config import EngineConfig
 from loraplex.engine.scheduler import ScheduledSeq
+from loraplex.lora import cpu_kernel
 from loraplex.lora.ops import AdapterBatch
 from loraplex.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
 
@@ -20,6 +21,8 @@ class ModelRunner:
         self.model = model
         self.device = config.torch_device
         self.block_size = config.block_size
+        # Built (once per machine) or found now, not on the first request.
+        self.use_lora_kernel = cpu_kernel.is_available(config.torch_dtype, self.device)
         mc = model.config
         # One tensor per layer: [keys/values, every token row of every block, kv heads, head dim]
         self.kv_caches = [
@@ -38,8 +41,8 @@ class ModelRunner:
         """Run one step. Returns logits [num_outputs, vocab] and the sequences they belong to:
         those whose step reached the end of their known tokens (the others are mid-prefill)."""
         # Decode rows (one new token) first, so attention batches them; prefill chunks after.
-        # Decode rows with an adapter lead, by slot: with one sequence per slot, the LoRA op
-        # then reads its inputs and writes its deltas in place (AdapterBatch.pieces_are_tokens).
+        # Decode rows with an adapter lead, by slot: with one sequence per slot, the LoRA op's
+        # pieces (no CPU kernel) then read and write in place (AdapterBatch.pieces_are_tokens).
         batch = sorted(batch, key=lambda s: (s.num_tokens != 1, s.seq.slot < 0, s.seq.slot))
         input_ids, positions, slot_mapping, token_slots = [], [], [], []
         logits_indices, outputs = [], []
@@ -85,7 +88,7 @@ class ModelRunner:
             decode_mask=decode_mask,
             prefills=tuple(prefills),
         )
-        adapters = AdapterBatch.build(token_slots, self.device)
+        adapters = AdapterBatch.build(token_slots, self.device, self.use_lora_kernel)
         logits = self.model(
             as_tensor(input_ids), as_tensor(positions), self.kv_caches, attn, adapters,
             as_tensor(logits_indices),

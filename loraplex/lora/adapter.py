@@ -53,9 +53,10 @@ class LoRAWeights:
     device slot is one copy per module, not one per layer and module."""
 
     path: Path
-    # module name -> (lora_a [num_layers, r, in_features], lora_b_scaled [num_layers, out, r]),
-    # r the module's largest rank; a layer with a smaller rank is zero-padded, one the adapter
-    # does not touch is all zeros. lora_b carries the scaling: the delta is x @ a.T @ b.T.
+    # module name -> (lora_a [num_layers, r, in_features], lora_b_t [num_layers, r, out]), r the
+    # module's largest rank; a layer with a smaller rank is zero-padded, one the adapter does
+    # not touch is all zeros. lora_b_t is PEFT's lora_B transposed (the layout the LoRA op
+    # reads: rows of outputs) times the scaling: the delta is x @ a.T @ b_t.
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
     layer_ranks: dict[str, tuple[int, ...]]  # module name -> rank in each layer (0: untouched)
 
@@ -75,10 +76,10 @@ class LoRAWeights:
     def pairs(self):
         """((layer, module), (lora_a [r, in], lora_b_scaled [out, r])) of every layer and module
         the adapter touches, at that layer's own rank."""
-        for module, (a, b) in self.modules.items():
+        for module, (a, b_t) in self.modules.items():
             for layer, rank in enumerate(self.layer_ranks[module]):
                 if rank:
-                    yield (layer, module), (a[layer, :rank], b[layer, :, :rank])
+                    yield (layer, module), (a[layer, :rank], b_t[layer, :rank].T)
 
 
 def load_adapter(
@@ -175,11 +176,11 @@ def _stack(
         rank = max(a.shape[0] for a, _ in layers.values())
         in_features, out_features = module_shapes[name]
         stacked_a = torch.zeros(num_layers, rank, in_features, dtype=dtype)
-        stacked_b = torch.zeros(num_layers, out_features, rank, dtype=dtype)
+        stacked_b_t = torch.zeros(num_layers, rank, out_features, dtype=dtype)
         for layer, (a, b) in layers.items():
             stacked_a[layer, : a.shape[0]] = a
-            stacked_b[layer, :, : b.shape[1]] = b
-        modules[name] = (stacked_a, stacked_b)
+            stacked_b_t[layer, : b.shape[1]] = b.T
+        modules[name] = (stacked_a, stacked_b_t)
         layer_ranks[name] = tuple(
             layers[layer][0].shape[0] if layer in layers else 0 for layer in range(num_layers)
         )

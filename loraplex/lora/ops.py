@@ -2,24 +2,28 @@
 
 The adapters live in stacked slot buffers per base linear layer. A fused linear (q/k/v or
 gate/up) holds n modules that read the same input, so their A matrices are stacked and shrink the
-input in one matmul; each module keeps its own B:
+input in one matmul; each module keeps its own B, stored transposed (rows of outputs):
     lora_a  [max_loras, n * max_rank, in_features]
-    lora_b  n x [max_loras, out_i, max_rank]   (already multiplied by the adapter's scaling)
+    lora_b  n x [max_loras, max_rank, out_i]   (already multiplied by the adapter's scaling)
 A smaller rank is zero-padded up to max_rank, so padding adds nothing to the result.
 
 Per step, the engine describes which slot each token uses with one `AdapterBatch`, built once and
 shared by every layer. Two kinds of work, so that no layer ever copies adapter weights:
 - long runs: a prefill chunk is a contiguous run of tokens on one slot, computed with plain
   matmuls against that slot's matrices (views of the buffers);
-- the short rest (one token per decoding sequence) is grouped by slot into equal-length pieces,
-  piece i being slot i, so that it is two batched matmuls per layer over the slot buffers in
-  place (Punica's SGMV idea, in plain PyTorch); only when few, high slots are in use are their
-  matrices gathered instead.
+- the short rest (one token per decoding sequence) reads each token's slot matrices once. On CPU
+  (float32, bfloat16) that is our own loop (lora/cpu_kernel.cpp, 2-4x PyTorch's batched small
+  matmuls, which move ~8 GB/s here). Elsewhere the tokens are grouped by slot into equal-length
+  pieces, piece i being slot i, so that it is two batched matmuls per layer over the slot
+  buffers in place (Punica's SGMV idea, in plain PyTorch); only when few, high slots are in use
+  are their matrices gathered instead.
 """
 
 from dataclasses import dataclass
 
 import torch
+
+from loraplex.lora import cpu_kernel
 
 NO_ADAPTER = -1
 # A run of at least this many tokens on one slot is computed on its own with plain matmuls;
@@ -29,7 +33,8 @@ MIN_RUN_TOKENS = 8
 
 @dataclass(frozen=True)
 class AdapterBatch:
-    """Per-step adapter metadata: which tokens take the run path and which the piece path.
+    """Per-step adapter metadata: which tokens take the run path and which the short-token path
+    (the CPU kernel's token list, or pieces).
 
     Pieces hold the short-run tokens of one slot each, padded with token 0 to `piece_len`;
     padded positions are dropped on scatter. Usually piece i is slot i (`piece_slots` None) and
@@ -39,6 +44,8 @@ class AdapterBatch:
     """
 
     runs: tuple[tuple[int, int, int], ...]  # (slot, first token, end token) of each long run
+    kernel_tokens: torch.Tensor | None  # [num_short_tokens] int64, for cpu_kernel
+    kernel_slots: torch.Tensor | None  # [num_short_tokens] int64, slot of each
     piece_slots: torch.Tensor | None  # [num_pieces] slot of each piece; None: piece i = slot i
     piece_tokens: torch.Tensor | None  # [num_pieces, piece_len] int64, token (0 where padded)
     # Piece i is exactly token i (one decoding sequence per slot, ordered by slot, as the model
@@ -48,9 +55,11 @@ class AdapterBatch:
     valid_tokens: torch.Tensor | None  # [num_piece_tokens] the token at each valid position
 
     @classmethod
-    def build(cls, token_slots: list[int], device: torch.device) -> "AdapterBatch | None":
-        """Split the tokens into long runs and pieces; None when no token has an adapter (the
-        base-only path)."""
+    def build(cls, token_slots: list[int], device: torch.device,
+              use_kernel: bool = False) -> "AdapterBatch | None":
+        """Split the tokens into long runs and the short rest, listed for the CPU kernel
+        (`use_kernel`, see cpu_kernel.is_available) or as pieces; None when no token has an
+        adapter (the base-only path)."""
         runs, by_slot = [], {}
         start = 0
         for end in range(1, len(token_slots) + 1):
@@ -69,9 +78,13 @@ class AdapterBatch:
         def as_tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
+        kernel_tokens = kernel_slots = None
         piece_slots = piece_tokens = valid_positions = valid_tokens = None
         pieces_are_tokens = False
-        if by_slot:
+        if by_slot and use_kernel:
+            kernel_tokens = as_tensor([t for tokens in by_slot.values() for t in tokens])
+            kernel_slots = as_tensor([s for s, tokens in by_slot.items() for _ in tokens])
+        elif by_slot:
             piece_len = max(len(tokens) for tokens in by_slot.values())
             # In place, the matmuls read max+1 slots; a copy of the used ones is read, written
             # and read again: 3 slots' worth of memory traffic per used slot.
@@ -87,8 +100,8 @@ class AdapterBatch:
             piece_tokens, valid_positions = as_tensor(pieces), as_tensor(positions)
             valid_tokens = as_tensor(tokens)
             pieces_are_tokens = piece_len == 1 and tokens == list(range(len(order)))
-        return cls(tuple(runs), piece_slots, piece_tokens, pieces_are_tokens, valid_positions,
-                   valid_tokens)
+        return cls(tuple(runs), kernel_tokens, kernel_slots, piece_slots, piece_tokens,
+                   pieces_are_tokens, valid_positions, valid_tokens)
 
 
 def add_lora(
@@ -104,19 +117,22 @@ def add_lora(
     output columns follow module i-1's):
         for t in range(num_tokens):
             if s != NO_ADAPTER:
-                y[t] += cat([lora_b[i][s] @ (lora_a[s][i*r:(i+1)*r] @ x[t]) for i in modules])
+                y[t] += cat([(lora_a[s][i*r:(i+1)*r] @ x[t]) @ lora_b[i][s] for i in modules])
 
     Shapes: x [num_tokens, in], y [num_tokens, sum out_i], lora_a [max_loras, n * r, in],
-    lora_b n x [max_loras, out_i, r].
+    lora_b n x [max_loras, r, out_i].
     """
     r = lora_a.shape[1] // len(lora_b)
-    outs = [b.shape[1] for b in lora_b]
+    outs = [b.shape[2] for b in lora_b]
     for slot, start, end in batch.runs:
         shrunk = x[start:end] @ lora_a[slot].T  # [run_len, n * r]
         column = 0
         for i, b in enumerate(lora_b):
-            y[start:end, column:column + outs[i]].addmm_(shrunk[:, i * r:(i + 1) * r], b[slot].T)
+            y[start:end, column:column + outs[i]].addmm_(shrunk[:, i * r:(i + 1) * r], b[slot])
             column += outs[i]
+    if batch.kernel_tokens is not None:
+        cpu_kernel.add_lora_short_tokens(y, x, lora_a, lora_b, batch.kernel_tokens,
+                                         batch.kernel_slots)
     if batch.piece_tokens is not None:
         num_pieces = batch.piece_tokens.shape[0]
         if batch.piece_slots is None:  # views of the slot buffers, no copy
@@ -128,7 +144,7 @@ def add_lora(
         else:
             xs = x[batch.piece_tokens]  # [num_pieces, piece_len, in]
         shrunk = torch.bmm(xs, a.transpose(1, 2))  # [num_pieces, piece_len, n * r]
-        deltas = [torch.bmm(shrunk[..., i * r:(i + 1) * r], b.transpose(1, 2))
+        deltas = [torch.bmm(shrunk[..., i * r:(i + 1) * r], b)
                   for i, b in enumerate(bs)]  # [num_pieces, piece_len, out_i]
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)
         if batch.pieces_are_tokens:
@@ -151,6 +167,6 @@ def add_lora_reference(
     r = lora_a.shape[1] // len(lora_b)
     for t, slot in enumerate(token_slots.tolist()):
         if slot != NO_ADAPTER:
-            y[t] += torch.cat([b[slot] @ (lora_a[slot][i * r:(i + 1) * r] @ x[t])
+            y[t] += torch.cat([(lora_a[slot][i * r:(i + 1) * r] @ x[t]) @ b[slot]
                                for i, b in enumerate(lora_b)])
     return y

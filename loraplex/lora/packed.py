@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from loraplex.home import loraplex_home
 from loraplex.lora.modules import TARGET_MODULES
 
-FORMAT = "loraplex-packed-adapter-1"
+FORMAT = "loraplex-packed-adapter-2"  # 2: lora_b stored transposed
 MAX_CACHE_BYTES = 16 << 30  # ~800 rank-16 all-module adapters of the default model in float32
 CACHE_ENV = "LORAPLEX_ADAPTER_CACHE"  # where engines keep the cache; default below
 CACHE_DIR = "cache/adapters"  # under the loraplex home
@@ -53,9 +53,9 @@ def cache_file(cache_dir: Path, sources: Sequence[Path], dtype: torch.dtype) -> 
 def write_packed(file: Path, weights) -> None:
     """Write `weights` (a LoRAWeights) atomically; a cache that cannot be written is skipped."""
     tensors = {}
-    for module, (a, b) in weights.modules.items():
+    for module, (a, b_t) in weights.modules.items():
         tensors[f"{module}.lora_a"] = a.contiguous()
-        tensors[f"{module}.lora_b"] = b.contiguous()
+        tensors[f"{module}.lora_b_t"] = b_t.contiguous()
     metadata = {"format": FORMAT, "layer_ranks": json.dumps(weights.layer_ranks)}
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -108,25 +108,26 @@ def read_packed(
                 return None
             layer_ranks = {module: tuple(ranks)
                            for module, ranks in json.loads(metadata["layer_ranks"]).items()}
-            modules = {module: (f.get_tensor(f"{module}.lora_a"), f.get_tensor(f"{module}.lora_b"))
+            modules = {module: (f.get_tensor(f"{module}.lora_a"),
+                                f.get_tensor(f"{module}.lora_b_t"))
                        for module in layer_ranks}
     except (OSError, SafetensorError, KeyError, ValueError, TypeError):
         return None
     if not modules:
         return None
-    for module, (a, b) in modules.items():
+    for module, (a, b_t) in modules.items():
         if module not in TARGET_MODULES or module not in module_shapes:
             return None
         in_features, out_features = module_shapes[module]
         rank = a.shape[1] if a.dim() == 3 else -1
         ranks = layer_ranks[module]
         shapes_ok = (a.shape == (num_layers, rank, in_features)
-                     and b.shape == (num_layers, out_features, rank))
-        if (not shapes_ok or a.dtype != dtype or b.dtype != dtype or not 0 < rank <= max_rank
+                     and b_t.shape == (num_layers, rank, out_features))
+        if (not shapes_ok or a.dtype != dtype or b_t.dtype != dtype or not 0 < rank <= max_rank
                 or len(ranks) != num_layers or max(ranks) != rank):
             return None
         # Non-finite values would poison every token of the batch (see lora/adapter.py).
-        if not (torch.isfinite(a.sum()) and torch.isfinite(b.sum())):
+        if not (torch.isfinite(a.sum()) and torch.isfinite(b_t.sum())):
             return None
     try:
         os.utime(file)  # served now: the last entry eviction would pick

@@ -16,7 +16,8 @@ class AdapterSlots:
     """Stacked slot buffers attached to the model's Linear layers, `max_loras` slots each.
 
     Per fused linear (FUSED_LINEARS), one A buffer [num_layers, max_loras, n * max_rank, in] for
-    its n modules and one B buffer [num_layers, max_loras, out_i, max_rank] per module; each
+    its n modules and one transposed B buffer [num_layers, max_loras, max_rank, out_i] per module
+    (lora/ops.py reads B as rows of outputs); each
     layer's Linear gets views of its layer's part. Activating copies an adapter into one slot:
     one copy per module it targets (its weights come stacked over layers), zeros elsewhere. The
     base weights are never touched.
@@ -37,8 +38,8 @@ class AdapterSlots:
             self.a[path] = weight.new_zeros(num_layers, max_loras, len(modules) * max_rank,
                                             in_features)
             for i, module in enumerate(modules):
-                self.b[module] = weight.new_zeros(num_layers, max_loras, shapes[module][1],
-                                                  max_rank)
+                self.b[module] = weight.new_zeros(num_layers, max_loras, max_rank,
+                                                  shapes[module][1])
                 self.place[module] = (path, i * max_rank)
             for layer_index, layer in enumerate(model.layers):
                 linear = layer.get_submodule(path)
@@ -51,11 +52,11 @@ class AdapterSlots:
     def activate(self, slot: int, weights: LoRAWeights) -> None:
         """Copy an adapter into `slot` (any previous occupant is overwritten, padding included)."""
         self.deactivate(slot)
-        for module, (a, b) in weights.modules.items():  # [layers, r, in], [layers, out, r]
+        for module, (a, b_t) in weights.modules.items():  # [layers, r, in], [layers, r, out]
             path, row = self.place[module]
             r = a.shape[1]
             self.a[path][:, slot, row:row + r].copy_(a)
-            self.b[module][:, slot, :, :r].copy_(b)
+            self.b[module][:, slot, :r].copy_(b_t)
 
     def deactivate(self, slot: int) -> None:
         for buffer in [*self.a.values(), *self.b.values()]:

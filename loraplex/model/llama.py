@@ -142,7 +142,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.lora_a: torch.Tensor | None = None  # [max_loras, modules * max_rank, in_features]
-        self.lora_b: tuple[torch.Tensor, ...] = ()  # per module [max_loras, out_i, max_rank]
+        self.lora_b: tuple[torch.Tensor, ...] = ()  # per module [max_loras, max_rank, out_i]
 
     def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)

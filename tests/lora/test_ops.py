@@ -23,7 +23,7 @@ def test_add_lora_matches_reference(runs, seed, out_sizes):
     y = torch.randn(len(token_slots), d_out, generator=gen, dtype=torch.float64)
     lora_a = torch.randn(num_slots, len(out_sizes) * rank, d_in, generator=gen,
                          dtype=torch.float64)
-    lora_b = tuple(torch.randn(num_slots, out, rank, generator=gen, dtype=torch.float64)
+    lora_b = tuple(torch.randn(num_slots, rank, out, generator=gen, dtype=torch.float64)
                    for out in out_sizes)
     want = add_lora_reference(y, x, lora_a, lora_b, torch.tensor(token_slots))
     batch = AdapterBatch.build(token_slots, torch.device("cpu"))

@@ -26,7 +26,7 @@ def test_activate_overwrites_every_trace_of_the_previous_adapter(tiny_llama_dir,
         for module in all_modules:
             path, row = slots.place[module]
             a = slots.a[path][layer, 1, row:row + 16]  # [max_rank, in]
-            b = slots.b[module][layer, 1]  # [out, max_rank]
+            b = slots.b[module][layer, 1].T  # [out, max_rank]
             if module == "q_proj":
                 sa, sb = small_pairs[(layer, module)]
                 assert torch.equal(a[:4], sa) and torch.equal(b[:, :4], sb)

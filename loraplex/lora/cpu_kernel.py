@@ -1,0 +1,144 @@
+"""Builds and calls cpu_kernel.cpp, add_lora's loop for short tokens on CPU (float32, bfloat16).
+
+The source is compiled once per machine with the system's C++ compiler (about a second) into
+`$LORAPLEX_KERNEL_CACHE`, default `<loraplex home>/cache/kernels`, keyed by the source, the
+compiler and the CPU's instruction sets (it is built for this CPU: a home shared by machines of
+several kinds gets one library per kind).
+Without a compiler, or with LORAPLEX_CPU_KERNEL=0, add_lora keeps its plain PyTorch path, which
+gives the same results, slower; the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from loraplex.home import loraplex_home
+
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+KERNEL_ENV = "LORAPLEX_CPU_KERNEL"  # "0": never build or use the kernel
+CACHE_ENV = "LORAPLEX_KERNEL_CACHE"
+CACHE_DIR = "cache/kernels"  # under the loraplex home, without CACHE_ENV
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+_ENTRY_POINTS = {torch.float32: "lora_short_tokens_f32", torch.bfloat16: "lora_short_tokens_bf16"}
+
+logger = logging.getLogger(__name__)
+
+
+class KernelError(RuntimeError):
+    """The kernel was handed tensors it cannot take (a bug in the caller, never user input)."""
+
+
+def is_available(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether add_lora can use the kernel for tensors of this dtype on this device."""
+    return device.type == "cpu" and dtype in _ENTRY_POINTS and _library() is not None
+
+
+def add_lora_short_tokens(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: tuple[torch.Tensor, ...],
+    tokens: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """y[t] += the LoRA delta of slot s for each (t, s) in zip(tokens, slots), in place.
+
+    Shapes: x [num_tokens, in], y [num_tokens, sum out_i], lora_a [max_loras, n * r, in],
+    lora_b n x [max_loras, r, out_i], tokens and slots [m] int64.
+    """
+    library = _library()
+    num_slots, nr, in_features = lora_a.shape
+    rank = nr // len(lora_b)
+    if (x.dtype != lora_a.dtype or y.dtype != x.dtype or x.stride(-1) != 1 or y.stride(-1) != 1
+            or x.shape[-1] != in_features or not lora_a.is_contiguous()
+            or y.shape[0] != x.shape[0] or y.shape[-1] != sum(b.shape[-1] for b in lora_b)
+            or any(b.dtype != x.dtype or not b.is_contiguous() or b.shape[:2] != (num_slots, rank)
+                   for b in lora_b)
+            or tokens.dtype != torch.int64 or slots.dtype != torch.int64
+            or not tokens.is_contiguous() or not slots.is_contiguous()
+            or tokens.shape != slots.shape):
+        raise KernelError("add_lora_short_tokens: tensors of unexpected dtype, shape or layout")
+    matrices = (ctypes.c_void_p * len(lora_b))(*[b.data_ptr() for b in lora_b])
+    outs = (ctypes.c_int64 * len(lora_b))(*[b.shape[-1] for b in lora_b])
+    status = getattr(library, _ENTRY_POINTS[x.dtype])(
+        tokens.numel(), tokens.data_ptr(), slots.data_ptr(), x.shape[0], num_slots,
+        x.data_ptr(), x.stride(0), in_features, lora_a.data_ptr(), rank, len(lora_b),
+        matrices, outs, y.data_ptr(), y.stride(0), torch.get_num_threads(),
+    )
+    if status != 0:
+        raise KernelError("add_lora_short_tokens: a token or slot index is out of range")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(KERNEL_ENV) == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        logger.warning("no C++ compiler found: LoRA for decoding tokens uses plain PyTorch "
+                       "(slower); install g++ to build loraplex's CPU kernel")
+        return None
+    try:
+        path = _build(compiler)
+        library = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.warning("loraplex's CPU kernel could not be built (%s): LoRA for decoding tokens "
+                       "uses plain PyTorch (slower)", e)
+        return None
+    for name in _ENTRY_POINTS.values():
+        entry = getattr(library, name)
+        entry.restype = ctypes.c_int
+        entry.argtypes = [
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+        ]
+    return library
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library, built now unless this machine's kind already has one."""
+    identity = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+                 platform.machine().encode(), _cpu_flags().encode()):
+        identity.update(part + b"\0")
+    cache = Path(os.environ.get(CACHE_ENV) or loraplex_home() / CACHE_DIR)
+    path = cache / f"lora-{identity.hexdigest()[:24]}.so"
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp],
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(tmp, path)  # atomic: engines starting together never load a partial file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _cpu_flags() -> str:
+    """The instruction sets of this CPU (Linux), so a library is only loaded where it runs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
