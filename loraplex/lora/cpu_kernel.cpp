@@ -1,18 +1,24 @@
-// The short-token part of the mixed-adapter LoRA op (lora/ops.py, add_lora) on CPU.
+// The mixed-adapter LoRA op (lora/ops.py, add_lora) on CPU.
 //
-// Semantics, for the m listed tokens (k-th: token t = tokens[k] on slot s = slots[k]):
+// Semantics, for each segment (s, start, end) and each token t in [start, end) of it:
 //     h = A[s] @ x[t]                                   n * r values, float32 sums
 //     y[t, columns of module i] += h[i*r:(i+1)*r] @ Bt_i[s]
 // A [num_slots, n * r, in] and Bt_i [num_slots, r, out_i] (B transposed) contiguous; x and y
 // rows at the given strides; y's module columns side by side in module order.
 //
-// Why our own loop: a decoding token reads its own adapter's matrices once, so the work is bound
-// by memory traffic. PyTorch's batched small matmuls move ~8 GB/s here; these loops run over
-// contiguous rows (dot products for the shrink, row updates for the expand), converting bf16 in
-// registers, at 2-4x that. The threads are OpenMP's, the same runtime PyTorch's ops use.
+// Why our own loops: a decoding token reads its own adapter's matrices once, so that work is
+// bound by memory traffic, and PyTorch's batched small matmuls move ~8 GB/s here. A prefill
+// segment is the opposite case, many tokens on one slot, but its matmuls are small (rank 16) and
+// PyTorch's bf16 matmul costs ~20 us a call before any work. Here both are one pass: the tokens
+// of a segment go in groups of up to kGroup that share every load (and bf16 conversion) of a
+// weight, rows are read contiguously, and the inner loops are kLanes floats wide (one AVX-512
+// register) so the compiler keeps the group's sums in registers. The threads are OpenMP's, the
+// same runtime PyTorch's own ops use.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -41,63 +47,177 @@ inline void store(BFloat16 *p, float v) {
   p->bits = static_cast<uint16_t>(u >> 16);
 }
 
-constexpr int64_t kBlock = 256;  // output columns one thread updates at a time (1 KiB of sums)
+// 16 floats: one AVX-512 register, two AVX2 ones (GCC / Clang vector extensions).
+constexpr int kLanes = 16;
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+inline f32x16 load16(const float *p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32x16 load16(const BFloat16 *p) {
+  u16x16 bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return (f32x16)(__builtin_convertvector(bits, u32x16) << 16);
+}
+
+inline void store16(float *p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+inline void store16(BFloat16 *p, f32x16 v) {
+  const u32x16 u = (u32x16)v;
+  const u32x16 nan = (u32x16)(v != v);  // all ones in NaN lanes
+  const u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // to nearest even
+  const u16x16 bits = __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), u16x16);
+  std::memcpy(p, &bits, sizeof bits);
+}
+
+constexpr int kGroup = 8;        // tokens of one segment computed together
+constexpr int64_t kBlock = 256;  // output columns of one unit of expand work
+
+struct Group {
+  int64_t slot, first, count;  // tokens first .. first + count - 1, all on slot
+};
 
 struct Block {
   int64_t module, column, first, end;  // y columns [column + first, column + end) of module
 };
 
+// h[g * nr] = row . xf[g] for the N tokens of a group (xf: their float32 inputs, in apart).
+template <int N, typename T>
+void shrink_row(const T *row, const float *xf, int64_t in_features, float *h, int64_t nr) {
+  f32x16 sums[N] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= in_features; i += kLanes) {
+    const f32x16 w = load16(row + i);
+    for (int g = 0; g < N; g++) sums[g] += w * load16(xf + g * in_features + i);
+  }
+  for (int g = 0; g < N; g++) {
+    float total = 0.f;
+    for (int l = 0; l < kLanes; l++) total += sums[g][l];
+    for (int64_t k = i; k < in_features; k++) total += load(row[k]) * xf[g * in_features + k];
+    h[g * nr] = total;
+  }
+}
+
+// y[g, first:end] += h[g] . Bt[:, first:end] for the N tokens of a group (hr: their r values
+// of this module, nr apart; bt: the module's Bt for the slot, [rank, out]).
+template <int N, typename T>
+void expand_block(const T *bt, int64_t rank, int64_t out, const float *hr, int64_t nr,
+                  int64_t first, int64_t end, T *y, int64_t y_stride) {
+  int64_t c = first;
+  for (; c + kLanes <= end; c += kLanes) {
+    f32x16 sums[N] = {};
+    for (int64_t q = 0; q < rank; q++) {
+      const f32x16 w = load16(bt + q * out + c);
+      for (int g = 0; g < N; g++) sums[g] += hr[g * nr + q] * w;
+    }
+    for (int g = 0; g < N; g++) {
+      T *target = y + g * y_stride + c;
+      store16(target, load16(target) + sums[g]);
+    }
+  }
+  for (; c < end; c++) {  // the last columns when out is not a multiple of kLanes
+    for (int g = 0; g < N; g++) {
+      float sum = 0.f;
+      for (int64_t q = 0; q < rank; q++) sum += hr[g * nr + q] * load(bt[q * out + c]);
+      store(y + g * y_stride + c, load(y[g * y_stride + c]) + sum);
+    }
+  }
+}
+
+// Dispatch a group's size to the instance that keeps its sums in registers.
+template <template <int, typename> class Op, typename T, typename... Args>
+void for_group(int64_t count, Args... args) {
+  switch (count) {
+    case 1: Op<1, T>::run(args...); break;
+    case 2: Op<2, T>::run(args...); break;
+    case 3: Op<3, T>::run(args...); break;
+    case 4: Op<4, T>::run(args...); break;
+    case 5: Op<5, T>::run(args...); break;
+    case 6: Op<6, T>::run(args...); break;
+    case 7: Op<7, T>::run(args...); break;
+    default: Op<kGroup, T>::run(args...); break;
+  }
+}
+
+template <int N, typename T>
+struct Shrink {
+  static void run(const T *row, const float *xf, int64_t in_features, float *h, int64_t nr) {
+    shrink_row<N, T>(row, xf, in_features, h, nr);
+  }
+};
+
+template <int N, typename T>
+struct Expand {
+  static void run(const T *bt, int64_t rank, int64_t out, const float *hr, int64_t nr,
+                  int64_t first, int64_t end, T *y, int64_t y_stride) {
+    expand_block<N, T>(bt, rank, out, hr, nr, first, end, y, y_stride);
+  }
+};
+
 template <typename T>
-int lora_short_tokens(int64_t m, const int64_t *tokens, const int64_t *slots, int64_t num_tokens,
-                      int64_t num_slots, const T *x, int64_t x_stride, int64_t in_features,
-                      const T *a, int64_t rank, int64_t num_modules, const T *const *b,
-                      const int64_t *outs, T *y, int64_t y_stride, int num_threads) {
-  for (int64_t k = 0; k < m; k++) {
-    if (tokens[k] < 0 || tokens[k] >= num_tokens || slots[k] < 0 || slots[k] >= num_slots) {
+int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
+             int64_t num_slots, const T *x, int64_t x_stride, int64_t in_features, const T *a,
+             int64_t rank, int64_t num_modules, const T *const *b, const int64_t *outs, T *y,
+             int64_t y_stride, int num_threads) {
+  std::vector<Group> groups;
+  for (int64_t k = 0; k < num_segments; k++) {
+    const int64_t slot = segments[3 * k], start = segments[3 * k + 1], end = segments[3 * k + 2];
+    if (slot < 0 || slot >= num_slots || start < 0 || end > num_tokens || start >= end) {
       return 1;
+    }
+    for (int64_t first = start; first < end; first += kGroup) {
+      groups.push_back({slot, first, std::min<int64_t>(kGroup, end - first)});
     }
   }
   const int64_t nr = num_modules * rank;
   std::vector<Block> blocks;
   for (int64_t i = 0, column = 0; i < num_modules; column += outs[i], i++) {
     for (int64_t first = 0; first < outs[i]; first += kBlock) {
-      blocks.push_back({i, column, first, first + kBlock < outs[i] ? first + kBlock : outs[i]});
+      blocks.push_back({i, column, first, std::min(first + kBlock, outs[i])});
     }
   }
+  const int64_t num_groups = static_cast<int64_t>(groups.size());
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
-  std::vector<float> h(m * nr);  // [m, n * r]
+  // Scratch, uninitialised: only the listed tokens' rows are written and read.
+  std::unique_ptr<float[]> xf(new float[num_tokens * in_features]);  // float32 inputs
+  std::unique_ptr<float[]> h(new float[num_tokens * nr]);            // [num_tokens, n * r]
 
 #pragma omp parallel num_threads(num_threads)
   {
-    // Shrink: one dot product of a row of A with the token's input each.
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t k = 0; k < m; k++) {
-      for (int64_t j = 0; j < nr; j++) {
-        const T *row = a + (slots[k] * nr + j) * in_features;
-        const T *input = x + tokens[k] * x_stride;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < in_features; i++) sum += load(row[i]) * load(input[i]);
-        h[k * nr + j] = sum;
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < num_groups; g++) {
+      for (int64_t t = groups[g].first; t < groups[g].first + groups[g].count; t++) {
+        const T *input = x + t * x_stride;
+        float *converted = xf.get() + t * in_features;
+#pragma omp simd
+        for (int64_t i = 0; i < in_features; i++) converted[i] = load(input[i]);
       }
     }
-    // Expand: a block of output columns is the sum of r rows of Bt scaled by h.
+    // Shrink: a row of A against the group's inputs.
 #pragma omp for collapse(2) schedule(static)
-    for (int64_t k = 0; k < m; k++) {
-      for (int64_t blk = 0; blk < num_blocks; blk++) {
-        const Block &block = blocks[blk];
-        const int64_t out = outs[block.module], width = block.end - block.first;
-        const T *bt = b[block.module] + slots[k] * rank * out + block.first;
-        const float *hk = h.data() + k * nr + block.module * rank;
-        float sums[kBlock] = {};
-        for (int64_t q = 0; q < rank; q++) {
-          const float weight = hk[q];
-          const T *row = bt + q * out;
-#pragma omp simd
-          for (int64_t o = 0; o < width; o++) sums[o] += weight * load(row[o]);
-        }
-        T *target = y + tokens[k] * y_stride + block.column + block.first;
-        for (int64_t o = 0; o < width; o++) store(target + o, load(target[o]) + sums[o]);
+    for (int64_t g = 0; g < num_groups; g++) {
+      for (int64_t j = 0; j < nr; j++) {
+        const Group &group = groups[g];
+        for_group<Shrink, T>(group.count, a + (group.slot * nr + j) * in_features,
+                             static_cast<const float *>(xf.get() + group.first * in_features),
+                             in_features, h.get() + group.first * nr + j, nr);
+      }
+    }
+    // Expand: a block of output columns from r rows of Bt.
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t g = 0; g < num_groups; g++) {
+      for (int64_t k = 0; k < num_blocks; k++) {
+        const Group &group = groups[g];
+        const Block &block = blocks[k];
+        const int64_t out = outs[block.module];
+        for_group<Expand, T>(group.count, b[block.module] + group.slot * rank * out, rank, out,
+                             static_cast<const float *>(h.get() + group.first * nr +
+                                                        block.module * rank),
+                             nr, block.first, block.end,
+                             y + group.first * y_stride + block.column, y_stride);
       }
     }
   }
@@ -106,20 +226,24 @@ int lora_short_tokens(int64_t m, const int64_t *tokens, const int64_t *slots, in
 
 }  // namespace
 
-// One entry point per dtype; 0 on success, 1 when a token or slot index is out of range
-// (nothing is written then).
+// One entry point per dtype. segments: [num_segments, 3] int64 (slot, start, end); b0..b2 and
+// out0..out2: the Bt and width of each of the num_modules (1 to 3) modules. Returns 0, or 1 when
+// a segment is out of range (nothing is written then).
 #define LORAPLEX_ENTRY(NAME, T)                                                                \
-  extern "C" int NAME(int64_t m, const int64_t *tokens, const int64_t *slots,                  \
-                      int64_t num_tokens, int64_t num_slots, const void *x, int64_t x_stride,  \
-                      int64_t in_features, const void *a, int64_t rank, int64_t num_modules,   \
-                      const void *const *b, const int64_t *outs, void *y, int64_t y_stride,    \
-                      int num_threads) {                                                       \
-    return lora_short_tokens<T>(m, tokens, slots, num_tokens, num_slots,                       \
-                                static_cast<const T *>(x), x_stride, in_features,              \
-                                static_cast<const T *>(a), rank, num_modules,                  \
-                                reinterpret_cast<const T *const *>(b), outs,                   \
-                                static_cast<T *>(y), y_stride, num_threads);                   \
+  extern "C" int NAME(int64_t num_segments, const int64_t *segments, int64_t num_tokens,       \
+                      int64_t num_slots, const void *x, int64_t x_stride, int64_t in_features, \
+                      const void *a, int64_t rank, int64_t num_modules, const void *b0,        \
+                      const void *b1, const void *b2, int64_t out0, int64_t out1,              \
+                      int64_t out2, void *y, int64_t y_stride, int num_threads) {              \
+    const T *b[3] = {static_cast<const T *>(b0), static_cast<const T *>(b1),                   \
+                     static_cast<const T *>(b2)};                                              \
+    const int64_t outs[3] = {out0, out1, out2};                                                \
+    if (num_modules < 1 || num_modules > 3) return 1;                                          \
+    return add_lora<T>(num_segments, segments, num_tokens, num_slots,                         \
+                       static_cast<const T *>(x), x_stride, in_features,                      \
+                       static_cast<const T *>(a), rank, num_modules, b, outs,                 \
+                       static_cast<T *>(y), y_stride, num_threads);                           \
   }
 
-LORAPLEX_ENTRY(lora_short_tokens_f32, float)
-LORAPLEX_ENTRY(lora_short_tokens_bf16, BFloat16)
+LORAPLEX_ENTRY(add_lora_f32, float)
+LORAPLEX_ENTRY(add_lora_bf16, BFloat16)

@@ -1,4 +1,4 @@
-"""Builds and calls cpu_kernel.cpp, add_lora's loop for short tokens on CPU (float32, bfloat16).
+"""Builds and calls cpu_kernel.cpp, the mixed-adapter LoRA op on CPU (float32, bfloat16).
 
 The source is compiled once per machine with the system's C++ compiler (about a second) into
 `$LORAPLEX_KERNEL_CACHE`, default `<loraplex home>/cache/kernels`, keyed by the source, the
@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +31,9 @@ KERNEL_ENV = "LORAPLEX_CPU_KERNEL"  # "0": never build or use the kernel
 CACHE_ENV = "LORAPLEX_KERNEL_CACHE"
 CACHE_DIR = "cache/kernels"  # under the loraplex home, without CACHE_ENV
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-_ENTRY_POINTS = {torch.float32: "lora_short_tokens_f32", torch.bfloat16: "lora_short_tokens_bf16"}
+_ENTRY_NAMES = {torch.float32: "add_lora_f32", torch.bfloat16: "add_lora_bf16"}
+
+_ENTRY_POINTS: dict[torch.dtype, Callable[..., int]] = {}  # filled by _library()
 
 logger = logging.getLogger(__name__)
 
@@ -41,43 +44,48 @@ class KernelError(RuntimeError):
 
 def is_available(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether add_lora can use the kernel for tensors of this dtype on this device."""
-    return device.type == "cpu" and dtype in _ENTRY_POINTS and _library() is not None
+    return device.type == "cpu" and dtype in _ENTRY_NAMES and _library() is not None
 
 
-def add_lora_short_tokens(
+def add_lora_segments(
     y: torch.Tensor,
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: tuple[torch.Tensor, ...],
-    tokens: torch.Tensor,
-    slots: torch.Tensor,
+    segments: torch.Tensor,
 ) -> None:
-    """y[t] += the LoRA delta of slot s for each (t, s) in zip(tokens, slots), in place.
+    """y[t] += the LoRA delta of slot s for every token t in [start, end) of each (s, start,
+    end) in segments, in place (lora/ops.py add_lora's Semantics).
 
     Shapes: x [num_tokens, in], y [num_tokens, sum out_i], lora_a [max_loras, n * r, in],
-    lora_b n x [max_loras, r, out_i], tokens and slots [m] int64.
+    lora_b n x [max_loras, r, out_i], segments [m, 3] int64.
     """
-    library = _library()
+    if _library() is None:
+        raise KernelError("add_lora_segments: the CPU kernel is not available")
     num_slots, nr, in_features = lora_a.shape
-    rank = nr // len(lora_b)
-    if (x.dtype != lora_a.dtype or y.dtype != x.dtype or x.stride(-1) != 1 or y.stride(-1) != 1
-            or x.shape[-1] != in_features or not lora_a.is_contiguous()
-            or y.shape[0] != x.shape[0] or y.shape[-1] != sum(b.shape[-1] for b in lora_b)
-            or any(b.dtype != x.dtype or not b.is_contiguous() or b.shape[:2] != (num_slots, rank)
-                   for b in lora_b)
-            or tokens.dtype != torch.int64 or slots.dtype != torch.int64
-            or not tokens.is_contiguous() or not slots.is_contiguous()
-            or tokens.shape != slots.shape):
-        raise KernelError("add_lora_short_tokens: tensors of unexpected dtype, shape or layout")
-    matrices = (ctypes.c_void_p * len(lora_b))(*[b.data_ptr() for b in lora_b])
-    outs = (ctypes.c_int64 * len(lora_b))(*[b.shape[-1] for b in lora_b])
-    status = getattr(library, _ENTRY_POINTS[x.dtype])(
-        tokens.numel(), tokens.data_ptr(), slots.data_ptr(), x.shape[0], num_slots,
-        x.data_ptr(), x.stride(0), in_features, lora_a.data_ptr(), rank, len(lora_b),
-        matrices, outs, y.data_ptr(), y.stride(0), torch.get_num_threads(),
+    dtype, num_modules = x.dtype, len(lora_b)
+    rank = nr // num_modules
+    matrices, outs = [0, 0, 0], [0, 0, 0]  # up to 3 modules (FUSED_LINEARS)
+    ok = (num_modules <= 3 and lora_a.dtype == dtype and y.dtype == dtype
+          and x.stride(-1) == 1 and y.stride(-1) == 1 and x.shape[-1] == in_features
+          and y.shape[0] == x.shape[0] and lora_a.is_contiguous()
+          and segments.dtype == torch.int64 and segments.is_contiguous()
+          and segments.dim() == 2 and segments.shape[1] == 3)
+    for i, b in enumerate(lora_b if ok else ()):
+        ok = (b.dtype == dtype and b.is_contiguous() and b.shape[0] == num_slots
+              and b.shape[1] == rank)
+        if not ok:
+            break
+        matrices[i], outs[i] = b.data_ptr(), b.shape[2]
+    if not ok or y.shape[-1] != sum(outs):
+        raise KernelError("add_lora_segments: tensors of unexpected dtype, shape or layout")
+    status = _ENTRY_POINTS[dtype](
+        segments.shape[0], segments.data_ptr(), x.shape[0], num_slots, x.data_ptr(), x.stride(0),
+        in_features, lora_a.data_ptr(), rank, num_modules, *matrices, *outs, y.data_ptr(),
+        y.stride(0), torch.get_num_threads(),
     )
     if status != 0:
-        raise KernelError("add_lora_short_tokens: a token or slot index is out of range")
+        raise KernelError("add_lora_segments: a segment's slot or tokens are out of range")
 
 
 @functools.cache
@@ -86,25 +94,28 @@ def _library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
-        logger.warning("no C++ compiler found: LoRA for decoding tokens uses plain PyTorch "
-                       "(slower); install g++ to build loraplex's CPU kernel")
+        logger.warning("no C++ compiler found: the LoRA op uses plain PyTorch (slower); "
+                       "install g++ to build loraplex's CPU kernel")
         return None
     try:
         path = _build(compiler)
         library = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        logger.warning("loraplex's CPU kernel could not be built (%s): LoRA for decoding tokens "
-                       "uses plain PyTorch (slower)", e)
+        logger.warning("loraplex's CPU kernel could not be built (%s): the LoRA op uses plain "
+                       "PyTorch (slower)", e)
         return None
-    for name in _ENTRY_POINTS.values():
+    for dtype, name in _ENTRY_NAMES.items():
         entry = getattr(library, name)
         entry.restype = ctypes.c_int
         entry.argtypes = [
-            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-            ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # segments, tokens
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # x
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # A, rank, modules
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # Bt of each module
+            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # out of each module
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,  # y, threads
         ]
+        _ENTRY_POINTS[dtype] = entry
     return library
 
 

@@ -8,15 +8,15 @@ input in one matmul; each module keeps its own B, stored transposed (rows of out
 A smaller rank is zero-padded up to max_rank, so padding adds nothing to the result.
 
 Per step, the engine describes which slot each token uses with one `AdapterBatch`, built once and
-shared by every layer. Two kinds of work, so that no layer ever copies adapter weights:
-- long runs: a prefill chunk is a contiguous run of tokens on one slot, computed with plain
-  matmuls against that slot's matrices (views of the buffers);
-- the short rest (one token per decoding sequence) reads each token's slot matrices once. On CPU
-  (float32, bfloat16) that is our own loop (lora/cpu_kernel.cpp, 2-4x PyTorch's batched small
-  matmuls, which move ~8 GB/s here). Elsewhere the tokens are grouped by slot into equal-length
-  pieces, piece i being slot i, so that it is two batched matmuls per layer over the slot
-  buffers in place (Punica's SGMV idea, in plain PyTorch); only when few, high slots are in use
-  are their matrices gathered instead.
+shared by every layer. No layer ever copies adapter weights:
+- on CPU (float32, bfloat16) the whole op is our own loop over same-slot stretches of tokens
+  (lora/cpu_kernel.cpp): a decoding token reads its slot's matrices once, near memory speed,
+  and a prefill chunk's tokens share each weight load, without PyTorch's per-matmul cost;
+- elsewhere (CUDA, no compiler), long runs (a prefill chunk on one slot) are plain matmuls
+  against that slot's matrices (views of the buffers), and the short rest (one token per
+  decoding sequence) is grouped by slot into equal-length pieces, piece i being slot i, so that
+  it is two batched matmuls per layer over the slot buffers in place (Punica's SGMV idea, in
+  plain PyTorch); only when few, high slots are in use are their matrices gathered instead.
 """
 
 from dataclasses import dataclass
@@ -33,8 +33,8 @@ MIN_RUN_TOKENS = 8
 
 @dataclass(frozen=True)
 class AdapterBatch:
-    """Per-step adapter metadata: which tokens take the run path and which the short-token path
-    (the CPU kernel's token list, or pieces).
+    """Per-step adapter metadata: the CPU kernel's segments, or which tokens take the run path
+    and which the piece path.
 
     Pieces hold the short-run tokens of one slot each, padded with token 0 to `piece_len`;
     padded positions are dropped on scatter. Usually piece i is slot i (`piece_slots` None) and
@@ -44,8 +44,9 @@ class AdapterBatch:
     """
 
     runs: tuple[tuple[int, int, int], ...]  # (slot, first token, end token) of each long run
-    kernel_tokens: torch.Tensor | None  # [num_short_tokens] int64, for cpu_kernel
-    kernel_slots: torch.Tensor | None  # [num_short_tokens] int64, slot of each
+    # With the CPU kernel, every token with an adapter, as (slot, start, end) of each maximal
+    # same-slot stretch [num_segments, 3] int64; runs and pieces are then empty.
+    kernel_segments: torch.Tensor | None
     piece_slots: torch.Tensor | None  # [num_pieces] slot of each piece; None: piece i = slot i
     piece_tokens: torch.Tensor | None  # [num_pieces, piece_len] int64, token (0 where padded)
     # Piece i is exactly token i (one decoding sequence per slot, ordered by slot, as the model
@@ -57,34 +58,27 @@ class AdapterBatch:
     @classmethod
     def build(cls, token_slots: list[int], device: torch.device,
               use_kernel: bool = False) -> "AdapterBatch | None":
-        """Split the tokens into long runs and the short rest, listed for the CPU kernel
-        (`use_kernel`, see cpu_kernel.is_available) or as pieces; None when no token has an
-        adapter (the base-only path)."""
-        runs, by_slot = [], {}
-        start = 0
-        for end in range(1, len(token_slots) + 1):
-            if end < len(token_slots) and token_slots[end] == token_slots[start]:
-                continue
-            slot = token_slots[start]
-            if slot != NO_ADAPTER:
-                if end - start >= MIN_RUN_TOKENS:
-                    runs.append((slot, start, end))
-                else:
-                    by_slot.setdefault(slot, []).extend(range(start, end))
-            start = end
-        if not runs and not by_slot:
+        """Describe the tokens as the CPU kernel's segments (`use_kernel`, see
+        cpu_kernel.is_available), or as long runs and pieces; None when no token has an adapter
+        (the base-only path)."""
+        stretches = list(_stretches(token_slots))
+        if not stretches:
             return None
 
         def as_tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
-        kernel_tokens = kernel_slots = None
+        if use_kernel:
+            return cls((), as_tensor(stretches), None, None, False, None, None)
+        runs, by_slot = [], {}
+        for slot, start, end in stretches:
+            if end - start >= MIN_RUN_TOKENS:
+                runs.append((slot, start, end))
+            else:
+                by_slot.setdefault(slot, []).extend(range(start, end))
         piece_slots = piece_tokens = valid_positions = valid_tokens = None
         pieces_are_tokens = False
-        if by_slot and use_kernel:
-            kernel_tokens = as_tensor([t for tokens in by_slot.values() for t in tokens])
-            kernel_slots = as_tensor([s for s, tokens in by_slot.items() for _ in tokens])
-        elif by_slot:
+        if by_slot:
             piece_len = max(len(tokens) for tokens in by_slot.values())
             # In place, the matmuls read max+1 slots; a copy of the used ones is read, written
             # and read again: 3 slots' worth of memory traffic per used slot.
@@ -100,8 +94,19 @@ class AdapterBatch:
             piece_tokens, valid_positions = as_tensor(pieces), as_tensor(positions)
             valid_tokens = as_tensor(tokens)
             pieces_are_tokens = piece_len == 1 and tokens == list(range(len(order)))
-        return cls(tuple(runs), kernel_tokens, kernel_slots, piece_slots, piece_tokens,
-                   pieces_are_tokens, valid_positions, valid_tokens)
+        return cls(tuple(runs), None, piece_slots, piece_tokens, pieces_are_tokens,
+                   valid_positions, valid_tokens)
+
+
+def _stretches(token_slots: list[int]):
+    """(slot, start, end) of each maximal stretch of consecutive tokens on one adapter slot."""
+    start = 0
+    for end in range(1, len(token_slots) + 1):
+        if end < len(token_slots) and token_slots[end] == token_slots[start]:
+            continue
+        if token_slots[start] != NO_ADAPTER:
+            yield token_slots[start], start, end
+        start = end
 
 
 def add_lora(
@@ -130,9 +135,8 @@ def add_lora(
         for i, b in enumerate(lora_b):
             y[start:end, column:column + outs[i]].addmm_(shrunk[:, i * r:(i + 1) * r], b[slot])
             column += outs[i]
-    if batch.kernel_tokens is not None:
-        cpu_kernel.add_lora_short_tokens(y, x, lora_a, lora_b, batch.kernel_tokens,
-                                         batch.kernel_slots)
+    if batch.kernel_segments is not None:
+        cpu_kernel.add_lora_segments(y, x, lora_a, lora_b, batch.kernel_segments)
     if batch.piece_tokens is not None:
         num_pieces = batch.piece_tokens.shape[0]
         if batch.piece_slots is None:  # views of the slot buffers, no copy

@@ -1,4 +1,4 @@
-"""The CPU kernel for add_lora's short tokens: against the reference, its checks, its build."""
+"""The CPU kernel of the LoRA op: against the reference, its checks, its build."""
 
 import logging
 import os
@@ -15,8 +15,8 @@ from loraplex.lora.ops import NO_ADAPTER, AdapterBatch, add_lora, add_lora_refer
 CPU = torch.device("cpu")
 HAS_COMPILER = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"))
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
-# The reference runs in float32 on the same (rounded) inputs. In bfloat16, add_lora rounds its
-# intermediates (a long run's matmuls) and its result: a few units of 2^-8 on terms of size ~1.
+# The reference runs in float32 on the same (rounded) inputs; the kernel sums in float32 in its
+# own order, and in bfloat16 rounds the result once: 2^-8 on terms of size ~1.
 TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-5},
               torch.bfloat16: {"rtol": 1.6e-2, "atol": 3e-2}}
 
@@ -37,36 +37,37 @@ def random_layer(gen, num_tokens, out_sizes, dtype, num_slots=12, rank=8, d_in=4
 @needs_compiler
 @settings(max_examples=60, deadline=None)
 @given(
-    # (slot, run length): single tokens (decodes), short runs and long runs (prefill) mixed.
+    # (slot, run length): single tokens (decodes), short runs and long runs (prefill) mixed;
+    # groups of 8 tokens share weight loads, so lengths cover whole and partial groups.
     runs=st.lists(st.tuples(st.integers(min_value=NO_ADAPTER, max_value=11), st.integers(1, 20)),
                   min_size=1, max_size=10),
     seed=st.integers(0, 2**16),
     # one module, fused q/k/v, gate/up; 300 columns span two of the kernel's column blocks
-    out_sizes=st.sampled_from([(10,), (10, 6, 6), (7, 7), (300, 20)]),
+    out_sizes=st.sampled_from([(10,), (10, 6, 6), (7, 7), (300, 20), (32, 48)]),
+    d_in=st.sampled_from([40, 64]),  # with and without a tail after the 16-wide loops
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
-def test_kernel_path_matches_reference(runs, seed, out_sizes, dtype):
+def test_kernel_path_matches_reference(runs, seed, out_sizes, d_in, dtype):
     assert cpu_kernel.is_available(dtype, CPU)
     token_slots = [slot for slot, length in runs for _ in range(length)]
     gen = torch.Generator().manual_seed(seed)
-    x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes, dtype)
+    x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes, dtype, d_in=d_in)
     want = add_lora_reference(y.float(), x.float(), lora_a.float(),
                               tuple(b.float() for b in lora_b), torch.tensor(token_slots))
     batch = AdapterBatch.build(token_slots, CPU, use_kernel=True)
     if batch is None:
         assert all(s == NO_ADAPTER for s in token_slots)
         return
-    assert batch.piece_tokens is None  # the short tokens went to the kernel
+    assert batch.runs == () and batch.piece_tokens is None  # every token went to the kernel
     got = add_lora(y.clone(), x, lora_a, lora_b, batch)
     torch.testing.assert_close(got.float(), want, **TOLERANCES[dtype])
 
 
 @needs_compiler
-def test_kernel_lists_each_short_token_with_its_slot():
+def test_kernel_segments_are_the_same_slot_stretches():
     batch = AdapterBatch.build([3, 3, NO_ADAPTER, 0] + [5] * 8 + [3], CPU, use_kernel=True)
-    assert batch.runs == ((5, 4, 12),)
-    pairs = sorted(zip(batch.kernel_tokens.tolist(), batch.kernel_slots.tolist(), strict=True))
-    assert pairs == [(0, 3), (1, 3), (3, 0), (12, 3)]
+    assert batch.kernel_segments.tolist() == [[3, 0, 2], [0, 3, 4], [5, 4, 12], [3, 12, 13]]
+    assert AdapterBatch.build([NO_ADAPTER] * 3, CPU, use_kernel=True) is None
 
 
 @needs_compiler
@@ -74,17 +75,16 @@ def test_kernel_refuses_out_of_range_indices_and_bad_layouts_without_writing():
     gen = torch.Generator().manual_seed(0)
     x, y, lora_a, lora_b = random_layer(gen, 4, (10, 6), torch.float32)
     before = y.clone()
-    tokens = torch.tensor([0, 1])
-    for bad_tokens, bad_slots in ((tokens, torch.tensor([0, 12])), (tokens, torch.tensor([-1, 0])),
-                                  (torch.tensor([0, 4]), torch.tensor([0, 1]))):
+    # (slot, start, end): slot 12 of 12, slot -1, past the last token, empty, backwards
+    for bad in ([0, 0, 2], [12, 2, 4]), ([-1, 0, 1],), ([1, 2, 5],), ([1, 2, 2],), ([1, 3, 1],):
         with pytest.raises(cpu_kernel.KernelError, match="out of range"):
-            cpu_kernel.add_lora_short_tokens(y, x, lora_a, lora_b, bad_tokens, bad_slots)
+            cpu_kernel.add_lora_segments(y, x, lora_a, lora_b, torch.tensor(bad))
     assert torch.equal(y, before)
+    good = torch.tensor([[0, 0, 4]])
     with pytest.raises(cpu_kernel.KernelError, match="layout"):  # B not transposed
-        cpu_kernel.add_lora_short_tokens(y, x, lora_a, tuple(b.transpose(1, 2) for b in lora_b),
-                                         tokens, tokens)
+        cpu_kernel.add_lora_segments(y, x, lora_a, tuple(b.transpose(1, 2) for b in lora_b), good)
     with pytest.raises(cpu_kernel.KernelError, match="dtype"):
-        cpu_kernel.add_lora_short_tokens(y.double(), x, lora_a, lora_b, tokens, tokens)
+        cpu_kernel.add_lora_segments(y.double(), x, lora_a, lora_b, good)
     assert not cpu_kernel.is_available(torch.float64, CPU)
     assert not cpu_kernel.is_available(torch.float32, torch.device("meta"))
 
