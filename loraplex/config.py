@@ -24,7 +24,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     """The largest adapter rank accepted; slot buffers are this wide."""
     max_cpu_loras: int = 64
-    """Adapters kept loaded in host memory (LRU); at least max_loras."""
+    """Adapters kept loaded in host memory (LRU), besides those in slots: an adapter in a slot
+    serves from there, so on CPU, where slots are host memory too, this may be below
+    max_loras."""
     adapter_cache: bool = True
     """Keep each loaded adapter in ready-to-serve form under <home>/cache/adapters, so that
     loading it again is one read (see loraplex/lora/packed.py)."""
@@ -52,10 +54,6 @@ class EngineConfig:
             positive(name)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.max_cpu_loras < self.max_loras:
-            raise ConfigError(
-                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
-            )
         if self.max_model_len is not None:
             positive("max_model_len")
         if self.kv_cache_bytes is not None:

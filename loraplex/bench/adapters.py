@@ -15,9 +15,11 @@ from loraplex.model.llama import ModelConfig
 
 
 def write_random_adapter(
-    out_dir: Path, config: ModelConfig, rank: int, targets=TARGET_MODULES, seed: int = 0
+    out_dir: Path, config: ModelConfig, rank: int, targets=TARGET_MODULES, seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors with small random A and B."""
+    """Write adapter_config.json + adapter_model.safetensors with small random A and B, stored
+    as `dtype`."""
     gen = torch.Generator().manual_seed(seed)
     shapes = config.module_shapes()
     tensors = {}
@@ -26,8 +28,10 @@ def write_random_adapter(
             d_in, d_out = shapes[module]
             block = "mlp" if module in MLP_MODULES else "self_attn"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) / d_in**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) * 0.01
+            a = torch.randn(rank, d_in, generator=gen) / d_in**0.5
+            b = torch.randn(d_out, rank, generator=gen) * 0.01
+            tensors[f"{prefix}.lora_A.weight"] = a.to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = b.to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out_dir / "adapter_model.safetensors")
     (out_dir / "adapter_config.json").write_text(json.dumps({

@@ -39,8 +39,9 @@ def bench_command(
         "smollm2-135m"
     ),
     systems: Annotated[str, typer.Option(
-        help="Comma list of: loraplex, loraplex-base (no adapters), loraplex-http, "
-             "transformers, peft-mixed, peft-switch, llama.cpp")] = "loraplex,loraplex-base",
+        help="Comma list of: loraplex, loraplex-base (no adapters), loraplex-resident (every "
+             "adapter in a slot of its own), loraplex-http, transformers, peft-mixed, "
+             "peft-switch, llama.cpp")] = "loraplex,loraplex-base",
     num_adapters: Annotated[str, typer.Option(
         help="Distinct adapters; a comma list sweeps, e.g. 1,8,32")] = "32",
     popularity: Annotated[str, typer.Option(
@@ -69,6 +70,9 @@ def bench_command(
     isolate: Annotated[bool, typer.Option(
         "--isolate/--in-process",
         help="One process per system, so they cannot disturb each other")] = True,
+    max_cpu_loras: Annotated[int | None, typer.Option(
+        help="loraplex's host cache (32 slots either way); default: every adapter stays loaded, "
+             "fewer makes requests read their adapter from disk again")] = None,
 ):
     """Benchmark systems side by side on one seeded workload (alternating, repeated, medians):
     throughput, TTFT / ITL and adapter cache figures; writes JSON, markdown and PNG plots."""
@@ -97,6 +101,7 @@ def bench_command(
             err.print("note: with 0 adapters every system runs the base model", highlight=False)
         results = run_benchmark(model, names, specs, repeats=repeats, dtype=dtype, out_dir=out,
                                 rank=rank, targets=modules, isolate=isolate,
+                                max_cpu_loras=max_cpu_loras,
                                 log=lambda line: err.print(line, highlight=False))
     except (ValueError, OSError, PullError) as e:  # BenchError, WorkloadError: clear messages
         fail(str(e))

@@ -32,6 +32,8 @@ from loraplex.sampling_params import SamplingParams
 
 ENGINE_NAME = "loraplex"
 BASELINE_NAME = "loraplex, no adapters"  # the ceiling the report compares every system with
+RESIDENT_NAME = "loraplex, every adapter in a slot"  # what slot misses and loads cost
+RESIDENT_HOST_CACHE = 32  # its host cache: after pre-warming, every adapter serves from a slot
 HTTP_NAME = "loraplex HTTP"
 DEFAULT_RANK = 16
 BLOCK_SIZE = EngineConfig.block_size
@@ -124,12 +126,14 @@ def memory_stats() -> dict:
 class LoraplexEngineSystem:
     """The engine in process, stepped from the calling thread: each token's time is the moment
     the step that made it returned. `use_adapters=False` runs the same requests on the base
-    model: the no-adapter ceiling."""
+    model: the no-adapter ceiling; `max_loras=None` gives every adapter a slot of its own (with
+    a small host cache), so that no request ever waits for a load or a slot."""
 
-    def __init__(self, *, max_batch_size: int = 32, max_loras: int = 32,
+    def __init__(self, *, max_batch_size: int = 32, max_loras: int | None = 32,
                  max_cpu_loras: int | None = None, use_adapters: bool = True,
                  max_model_len: int | None = None, kv_cache_bytes: int | None = None):
-        self.name = ENGINE_NAME if use_adapters else BASELINE_NAME
+        self.name = (BASELINE_NAME if not use_adapters
+                     else RESIDENT_NAME if max_loras is None else ENGINE_NAME)
         self.max_batch_size = max_batch_size
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
@@ -142,9 +146,12 @@ class LoraplexEngineSystem:
 
     def setup(self, model_dir: Path, adapters: list[Path], *, dtype: str) -> None:
         used = adapters if self.use_adapters else []
+        max_loras, max_cpu_loras = self.max_loras, self.max_cpu_loras
+        if max_loras is None:
+            max_loras, max_cpu_loras = max(1, len(used)), max_cpu_loras or RESIDENT_HOST_CACHE
         self.engine = LLMEngine(engine_config(
-            model_dir, used, dtype, max_batch_size=self.max_batch_size, max_loras=self.max_loras,
-            max_cpu_loras=self.max_cpu_loras, max_model_len=self.max_model_len,
+            model_dir, used, dtype, max_batch_size=self.max_batch_size, max_loras=max_loras,
+            max_cpu_loras=max_cpu_loras, max_model_len=self.max_model_len,
             kv_cache_bytes=self.kv_cache_bytes))
         self.adapters = [AdapterRequest(i, str(Path(p).resolve())) for i, p in enumerate(used)]
         for adapter in self.adapters:  # into the host cache, and into a slot while one is free

@@ -42,6 +42,7 @@ class SystemOptions:
 
     max_batch_size: int  # the workload's concurrency: requests in flight at most
     max_model_len: int  # the longest prompt + output of the workload
+    max_cpu_loras: int | None = None  # loraplex's host cache; None: every adapter
 
 
 def _peer(class_name: str) -> Callable[[SystemOptions], System]:
@@ -61,12 +62,17 @@ def _peer(class_name: str) -> Callable[[SystemOptions], System]:
 
 SYSTEMS: dict[str, Callable[[SystemOptions], System]] = {
     "loraplex": lambda o: LoraplexEngineSystem(max_batch_size=o.max_batch_size,
-                                               max_model_len=o.max_model_len),
+                                               max_model_len=o.max_model_len,
+                                               max_cpu_loras=o.max_cpu_loras),
+    "loraplex-resident": lambda o: LoraplexEngineSystem(max_batch_size=o.max_batch_size,
+                                                        max_model_len=o.max_model_len,
+                                                        max_loras=None),
     "loraplex-base": lambda o: LoraplexEngineSystem(max_batch_size=o.max_batch_size,
                                                     max_model_len=o.max_model_len,
                                                     use_adapters=False),
     "loraplex-http": lambda o: LoraplexHTTPSystem(max_batch_size=o.max_batch_size,
-                                                  max_model_len=o.max_model_len),
+                                                  max_model_len=o.max_model_len,
+                                                  max_cpu_loras=o.max_cpu_loras),
     "transformers": _peer("TransformersSystem"),
     "peft-mixed": _peer("PeftMixedSystem"),
     "peft-switch": _peer("PeftSwitchSystem"),
@@ -137,10 +143,12 @@ def run_benchmark(
     targets: Sequence[str] = TARGET_MODULES,
     log: Callable[[str], None] = lambda line: None,
     isolate: bool = False,
+    max_cpu_loras: int | None = None,
 ) -> dict:
     """Run every system on every workload `repeats` times; returns the results (see report.py
     for their shape) and, when `out_dir` is given, writes the report files there. With
-    `isolate`, each system runs in a process of its own (see isolated.py)."""
+    `isolate`, each system runs in a process of its own (see isolated.py). `max_cpu_loras`
+    bounds loraplex's host cache (default: every adapter stays loaded)."""
     from loraplex.model.loader import read_config
     from loraplex.model.pull import resolve_model
 
@@ -152,6 +160,8 @@ def run_benchmark(
         raise BenchError(f"repeats must be at least 1, got {repeats}")
     if rank < 1:
         raise BenchError(f"rank must be at least 1, got {rank}")
+    if max_cpu_loras is not None and max_cpu_loras < 1:
+        raise BenchError(f"max_cpu_loras must be at least 1, got {max_cpu_loras}")
     if len({s.concurrency for s in specs}) > 1:
         raise BenchError("every workload of one run must have the same concurrency")
     if out_dir is not None:
@@ -165,11 +175,13 @@ def run_benchmark(
     workloads = [make_workload(spec, vocab) for spec in specs]
     options = SystemOptions(
         max_batch_size=specs[0].concurrency,
-        max_model_len=max(s.prompt_len[1] + s.output_len[1] for s in specs))
+        max_model_len=max(s.prompt_len[1] + s.output_len[1] for s in specs),
+        max_cpu_loras=max_cpu_loras)
     num_adapters = max(s.num_adapters for s in specs)
     results = {
         "model": model, "dtype": dtype, "repeats": repeats, "rank": rank,
         "targets": list(targets), "machine": machine_info(dtype), "isolated": isolate,
+        "max_cpu_loras": max_cpu_loras,
         "systems": [],
         "points": [{"spec": asdict(spec), "systems": {}} for spec in specs],
     }
@@ -177,9 +189,12 @@ def run_benchmark(
     with (tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp,
           private_adapter_cache(Path(tmp) / "adapter-cache")):
         from loraplex.bench.adapters import write_random_adapter
+        from loraplex.config import DTYPES
 
+        # Stored in the run's precision (what a trained adapter would be saved in): 1,000
+        # rank-16 all-module adapters are 9.8 GB in bf16, twice that in float32.
         adapters = [write_random_adapter(Path(tmp) / f"adapter-{i}", config, rank, tuple(targets),
-                                         seed=specs[0].seed * 100_003 + i)
+                                         seed=specs[0].seed * 100_003 + i, dtype=DTYPES[dtype])
                     for i in range(num_adapters)]
         try:
             for key in systems:

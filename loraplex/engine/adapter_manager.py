@@ -65,8 +65,12 @@ class AdapterManager:
         return weights
 
     def poll(self, adapter: AdapterRequest) -> str | None:
-        """Start loading if needed. Returns None when loaded, "loading", or an error message."""
-        if adapter.adapter_id in self.host:
+        """Start loading if needed. Returns None when loaded, "loading", or an error message.
+
+        An adapter in a slot counts as loaded: it serves from there, and when its slot is taken
+        by another it is no longer in one, so the next poll reads it again if the host cache
+        dropped it meanwhile (max_loras may exceed max_cpu_loras)."""
+        if adapter.adapter_id in self.host or self.slot_of(adapter.adapter_id) is not None:
             return None
         future = self._loads.get(adapter.adapter_id)
         if future is None:

@@ -11,6 +11,7 @@ from loraplex import LLM
 from loraplex.bench.adapters import write_random_adapter
 from loraplex.bench.loraplex_systems import (
     BASELINE_NAME,
+    RESIDENT_NAME,
     LoraplexEngineSystem,
     LoraplexHTTPSystem,
     greedy,
@@ -110,6 +111,46 @@ def test_a_request_the_engine_refuses_fails_alone(engine_system):
     assert sum(r.error is not None for r in records) == 4
     assert "max_model_len" in records[0].error
     assert sum(r.output_tokens for r in records) == sum(q.max_tokens for q in requests[4:])
+
+
+def test_resident_system_gives_every_adapter_a_slot_and_the_same_tokens(
+        engine_system, sharp_llama_dir, adapters):
+    system = LoraplexEngineSystem(max_batch_size=3, max_loras=None, max_cpu_loras=1,
+                                  max_model_len=MAX_MODEL_LEN)
+    try:
+        system.setup(sharp_llama_dir, adapters, dtype="float32")
+        assert system.name == RESIDENT_NAME
+        requests = make_workload(spec(popularity="zipf"), VOCAB)
+        system.run(requests)
+        stats = system.stats()
+        # Pre-warmed into 3 slots: every request is a slot hit, nothing is read again.
+        assert stats["slot_misses"] == stats["host_misses"] == 0
+        assert stats["slot_hits"] == len(requests)
+        engine_system.run(requests)
+        assert system.outputs == engine_system.outputs
+    finally:
+        system.close()
+
+
+def test_host_cache_smaller_than_the_adapters_reads_them_again(sharp_llama_dir, adapters):
+    system = LoraplexEngineSystem(max_batch_size=3, max_loras=1, max_cpu_loras=1,
+                                  max_model_len=MAX_MODEL_LEN)
+    try:
+        system.setup(sharp_llama_dir, adapters, dtype="float32")
+        records = system.run(make_workload(spec(popularity="uniform"), VOCAB))
+        assert all(r.error is None for r in records)
+        assert system.stats()["host_misses"] >= 1
+    finally:
+        system.close()
+
+
+def test_random_adapters_are_written_in_the_asked_dtype(sharp_llama_dir, tmp_path):
+    import torch
+
+    path = write_random_adapter(tmp_path / "a", read_config(sharp_llama_dir), 4,
+                                dtype=torch.bfloat16)
+    weights = load_file(path / "adapter_model.safetensors")
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights.values())
 
 
 def test_base_system_runs_the_same_requests_without_adapters(sharp_llama_dir, adapters):

@@ -125,6 +125,7 @@ def test_a_failed_setup_is_one_clear_error_and_closes_the_others(fakes, monkeypa
     (["loraplex", "loraplex"], {}, "given twice"),
     (["loraplex"], {"repeats": 0}, "repeats"),
     (["loraplex"], {"rank": 0}, "rank"),
+    (["loraplex"], {"max_cpu_loras": 0}, "max_cpu_loras"),
 ])
 def test_bad_arguments(systems, kwargs, message, tiny_llama_dir):
     with pytest.raises(BenchError, match=message):

@@ -173,3 +173,21 @@ def test_prewarm_of_a_broken_adapter_is_a_clear_error(sharp_llama_dir, tmp_path)
     engine = make_engine(sharp_llama_dir)
     with pytest.raises(ValueError, match="adapter_config.json"):
         engine.prewarm(AdapterRequest(1, str(tmp_path)))
+
+
+def test_adapters_in_slots_serve_without_a_host_copy(sharp_llama_dir, sharp_adapters, alone):
+    # 4 slots, a host cache of 1: after pre-warming, every adapter lives in a slot only.
+    engine = make_engine(sharp_llama_dir, max_loras=4, max_cpu_loras=1)
+    for i in range(4):
+        engine.prewarm(adapter(sharp_adapters, i))
+    assert len(engine.adapters.host) == 1 and engine.stats()["host_misses"] == 4
+    pairs = [(i, i) for i in range(4)]
+    final = run(engine, [(prompts(12)[p], adapter(sharp_adapters, a)) for p, a in pairs])
+    check_against_alone(final, alone, pairs)
+    assert engine.stats()["host_misses"] == 4  # nothing read again
+    # A fifth adapter takes a slot; the adapter it displaced is read again when asked for.
+    final = run(engine, [(prompts(12)[4], adapter(sharp_adapters, 4))])
+    displaced = next(i for i in range(4) if engine.adapters.slot_of(i) is None)
+    final = run(engine, [(prompts(12)[displaced], adapter(sharp_adapters, displaced))])
+    check_against_alone(final, alone, [(displaced, displaced)])
+    assert engine.stats()["host_misses"] == 6
