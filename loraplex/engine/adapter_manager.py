@@ -70,7 +70,13 @@ class AdapterManager:
         An adapter in a slot counts as loaded: it serves from there, and when its slot is taken
         by another it is no longer in one, so the next poll reads it again if the host cache
         dropped it meanwhile (max_loras may exceed max_cpu_loras)."""
-        if adapter.adapter_id in self.host or self.slot_of(adapter.adapter_id) is not None:
+        if self.slot_of(adapter.adapter_id) is not None:
+            return None
+        return self.poll_host(adapter)
+
+    def poll_host(self, adapter: AdapterRequest) -> str | None:
+        """poll, for the host cache only (pre-warming and pinning keep an adapter there)."""
+        if adapter.adapter_id in self.host:
             return None
         future = self._loads.get(adapter.adapter_id)
         if future is None:
@@ -92,7 +98,7 @@ class AdapterManager:
 
     def load_now(self, adapter: AdapterRequest) -> None:
         """Blocking disk -> host load (pre-warming); raises AdapterError for a broken adapter."""
-        while (problem := self.poll(adapter)) == "loading":
+        while (problem := self.poll_host(adapter)) == "loading":
             self._loads[adapter.adapter_id].result()
         if problem is not None:
             raise AdapterError(problem)

@@ -110,7 +110,7 @@ class AsyncEngine:
         """Load an adapter ahead of traffic without pausing running requests: the disk read runs
         on the loader thread while the engine keeps stepping, then the adapter takes a free slot
         (and is pinned if asked). Raises AdapterError for a broken adapter."""
-        while (problem := await self.call(lambda engine: engine.adapters.poll(adapter))
+        while (problem := await self.call(lambda engine: engine.adapters.poll_host(adapter))
                ) == "loading":
             await asyncio.sleep(LOAD_POLL_SECONDS)
         if problem is not None:

@@ -4,7 +4,7 @@ import torch
 
 from loraplex.config import EngineConfig
 from loraplex.engine.scheduler import ScheduledSeq
-from loraplex.lora import cpu_kernel
+from loraplex.kernels import cpu as cpu_kernel
 from loraplex.lora.ops import AdapterBatch
 from loraplex.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
 

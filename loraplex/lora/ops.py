@@ -10,7 +10,7 @@ A smaller rank is zero-padded up to max_rank, so padding adds nothing to the res
 Per step, the engine describes which slot each token uses with one `AdapterBatch`, built once and
 shared by every layer. No layer ever copies adapter weights:
 - on CPU (float32, bfloat16) the whole op is our own loop over same-slot stretches of tokens
-  (lora/cpu_kernel.cpp): a decoding token reads its slot's matrices once, near memory speed,
+  (kernels/cpu.cpp): a decoding token reads its slot's matrices once, near memory speed,
   and a prefill chunk's tokens share each weight load, without PyTorch's per-matmul cost;
 - elsewhere (CUDA, no compiler), long runs (a prefill chunk on one slot) are plain matmuls
   against that slot's matrices (views of the buffers), and the short rest (one token per
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.lora import cpu_kernel
+from loraplex.kernels import cpu as cpu_kernel
 
 NO_ADAPTER = -1
 # A run of at least this many tokens on one slot is computed on its own with plain matmuls;

@@ -1,4 +1,4 @@
-"""Builds and calls cpu_kernel.cpp, the mixed-adapter LoRA op on CPU (float32, bfloat16).
+"""Builds and calls cpu.cpp, the mixed-adapter LoRA op on CPU (float32, bfloat16).
 
 The source is compiled once per machine with the system's C++ compiler (about a second) into
 `$LORAPLEX_KERNEL_CACHE`, default `<loraplex home>/cache/kernels`, keyed by the source, the
@@ -26,13 +26,12 @@ import torch
 
 from loraplex.home import loraplex_home
 
-SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+SOURCE = Path(__file__).with_name("cpu.cpp")
 KERNEL_ENV = "LORAPLEX_CPU_KERNEL"  # "0": never build or use the kernel
 CACHE_ENV = "LORAPLEX_KERNEL_CACHE"
 CACHE_DIR = "cache/kernels"  # under the loraplex home, without CACHE_ENV
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 _ENTRY_NAMES = {torch.float32: "add_lora_f32", torch.bfloat16: "add_lora_bf16"}
-
 _ENTRY_POINTS: dict[torch.dtype, Callable[..., int]] = {}  # filled by _library()
 
 logger = logging.getLogger(__name__)

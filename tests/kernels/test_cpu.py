@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loraplex.lora import cpu_kernel
+from loraplex.kernels import cpu as cpu_kernel
 from loraplex.lora.ops import NO_ADAPTER, AdapterBatch, add_lora, add_lora_reference
 
 CPU = torch.device("cpu")
@@ -104,7 +104,7 @@ def test_build_is_cached_per_machine_and_a_failing_compiler_falls_back(tmp_path,
     monkeypatch.setenv("CXX", "false")  # a compiler that fails
     cpu_kernel._library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="loraplex.lora.cpu_kernel"):
+        with caplog.at_level(logging.WARNING, logger="loraplex.kernels.cpu"):
             assert not cpu_kernel.is_available(torch.float32, CPU)
         assert "could not be built" in caplog.text and "plain PyTorch" in caplog.text
         monkeypatch.setenv(cpu_kernel.KERNEL_ENV, "0")
@@ -114,3 +114,4 @@ def test_build_is_cached_per_machine_and_a_failing_compiler_falls_back(tmp_path,
         monkeypatch.undo()
         cpu_kernel._library.cache_clear()
     assert cpu_kernel.is_available(torch.float32, CPU)
+

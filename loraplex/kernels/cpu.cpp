@@ -1,4 +1,4 @@
-// The mixed-adapter LoRA op (lora/ops.py, add_lora) on CPU.
+// loraplex's CPU kernel: the mixed-adapter LoRA op (lora/ops.py, add_lora).
 //
 // Semantics, for each segment (s, start, end) and each token t in [start, end) of it:
 //     h = A[s] @ x[t]                                   n * r values, float32 sums
