@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from loraplex.bench.adapters import private_adapter_cache
 from loraplex.bench.isolated import IsolatedSystem
 from loraplex.bench.loraplex_systems import (
@@ -193,9 +195,14 @@ def run_benchmark(
 
         # Stored in the run's precision (what a trained adapter would be saved in): 1,000
         # rank-16 all-module adapters are 9.8 GB in bf16, twice that in float32.
-        adapters = [write_random_adapter(Path(tmp) / f"adapter-{i}", config, rank, tuple(targets),
-                                         seed=specs[0].seed * 100_003 + i, dtype=DTYPES[dtype])
-                    for i in range(num_adapters)]
+        try:
+            adapters = [write_random_adapter(Path(tmp) / f"adapter-{i}", config, rank,
+                                             tuple(targets), seed=specs[0].seed * 100_003 + i,
+                                             dtype=DTYPES[dtype])
+                        for i in range(num_adapters)]
+        except (OSError, SafetensorError) as e:  # e.g. a full disk: 1,000 adapters are GBs
+            raise BenchError(f"cannot write the benchmark's {num_adapters} adapters under "
+                             f"{tmp} ({e}); free some space or point TMPDIR elsewhere") from None
         try:
             for key in systems:
                 start = time.perf_counter()

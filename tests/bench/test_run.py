@@ -166,3 +166,14 @@ def test_without_matplotlib_the_text_report_is_still_written(fakes, monkeypatch,
                   log=notes.append)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
     assert any("matplotlib" in n and "loraplex[bench]" in n for n in notes)
+
+
+def test_adapters_that_cannot_be_written_are_one_clear_error(fakes, monkeypatch, tiny_llama_dir):
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("loraplex.bench.adapters.write_random_adapter", full_disk)
+    with pytest.raises(BenchError, match="cannot write the benchmark's 1 adapters.*No space"):
+        run_benchmark(str(tiny_llama_dir), ["loraplex"], specs(1))
