@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -127,35 +128,21 @@ void expand_block(const T *bt, int64_t rank, int64_t out, const float *hr, int64
   }
 }
 
-// Dispatch a group's size to the instance that keeps its sums in registers.
-template <template <int, typename> class Op, typename T, typename... Args>
-void for_group(int64_t count, Args... args) {
+// Calls op(N) with N = count as a compile-time constant, so that the group's sums are
+// fixed-size arrays the compiler keeps in registers.
+template <typename Op>
+void with_group_size(int64_t count, Op op) {
   switch (count) {
-    case 1: Op<1, T>::run(args...); break;
-    case 2: Op<2, T>::run(args...); break;
-    case 3: Op<3, T>::run(args...); break;
-    case 4: Op<4, T>::run(args...); break;
-    case 5: Op<5, T>::run(args...); break;
-    case 6: Op<6, T>::run(args...); break;
-    case 7: Op<7, T>::run(args...); break;
-    default: Op<kGroup, T>::run(args...); break;
+    case 1: op(std::integral_constant<int, 1>{}); break;
+    case 2: op(std::integral_constant<int, 2>{}); break;
+    case 3: op(std::integral_constant<int, 3>{}); break;
+    case 4: op(std::integral_constant<int, 4>{}); break;
+    case 5: op(std::integral_constant<int, 5>{}); break;
+    case 6: op(std::integral_constant<int, 6>{}); break;
+    case 7: op(std::integral_constant<int, 7>{}); break;
+    default: op(std::integral_constant<int, kGroup>{}); break;
   }
 }
-
-template <int N, typename T>
-struct Shrink {
-  static void run(const T *row, const float *xf, int64_t in_features, float *h, int64_t nr) {
-    shrink_row<N, T>(row, xf, in_features, h, nr);
-  }
-};
-
-template <int N, typename T>
-struct Expand {
-  static void run(const T *bt, int64_t rank, int64_t out, const float *hr, int64_t nr,
-                  int64_t first, int64_t end, T *y, int64_t y_stride) {
-    expand_block<N, T>(bt, rank, out, hr, nr, first, end, y, y_stride);
-  }
-};
 
 template <typename T>
 int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
@@ -201,9 +188,12 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
     for (int64_t g = 0; g < num_groups; g++) {
       for (int64_t j = 0; j < nr; j++) {
         const Group &group = groups[g];
-        for_group<Shrink, T>(group.count, a + (group.slot * nr + j) * in_features,
-                             static_cast<const float *>(xf.get() + group.first * in_features),
-                             in_features, h.get() + group.first * nr + j, nr);
+        const T *row = a + (group.slot * nr + j) * in_features;
+        const float *inputs = xf.get() + group.first * in_features;
+        float *sums = h.get() + group.first * nr + j;
+        with_group_size(group.count, [&](auto n) {
+          shrink_row<decltype(n)::value>(row, inputs, in_features, sums, nr);
+        });
       }
     }
     // Expand: a block of output columns from r rows of Bt.
@@ -213,11 +203,13 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
         const Group &group = groups[g];
         const Block &block = blocks[k];
         const int64_t out = outs[block.module];
-        for_group<Expand, T>(group.count, b[block.module] + group.slot * rank * out, rank, out,
-                             static_cast<const float *>(h.get() + group.first * nr +
-                                                        block.module * rank),
-                             nr, block.first, block.end,
-                             y + group.first * y_stride + block.column, y_stride);
+        const T *bt = b[block.module] + group.slot * rank * out;
+        const float *hr = h.get() + group.first * nr + block.module * rank;
+        T *target = y + group.first * y_stride + block.column;
+        with_group_size(group.count, [&](auto n) {
+          expand_block<decltype(n)::value>(bt, rank, out, hr, nr, block.first, block.end,
+                                           target, y_stride);
+        });
       }
     }
   }
