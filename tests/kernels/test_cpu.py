@@ -35,7 +35,7 @@ def random_layer(gen, num_tokens, out_sizes, dtype, num_slots=12, rank=8, d_in=4
 
 
 @needs_compiler
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     # (slot, run length): single tokens (decodes), short runs and long runs (prefill) mixed;
     # groups of 8 tokens share weight loads, so lengths cover whole and partial groups.
@@ -43,15 +43,19 @@ def random_layer(gen, num_tokens, out_sizes, dtype, num_slots=12, rank=8, d_in=4
                   min_size=1, max_size=10),
     seed=st.integers(0, 2**16),
     # one module, fused q/k/v, gate/up; 300 columns span two of the kernel's column blocks
+    # and every width of its column loops (8, 4, 2 or 1 vectors at a time, then a tail)
     out_sizes=st.sampled_from([(10,), (10, 6, 6), (7, 7), (300, 20), (32, 48)]),
     d_in=st.sampled_from([40, 64]),  # with and without a tail after the 16-wide loops
+    # rows of A go 8, 4, 2 or 1 at a time by group size: ranks leave partial blocks of rows
+    rank=st.sampled_from([3, 8, 11]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
-def test_kernel_path_matches_reference(runs, seed, out_sizes, d_in, dtype):
+def test_kernel_path_matches_reference(runs, seed, out_sizes, d_in, rank, dtype):
     assert cpu_kernel.is_available(dtype, CPU)
     token_slots = [slot for slot, length in runs for _ in range(length)]
     gen = torch.Generator().manual_seed(seed)
-    x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes, dtype, d_in=d_in)
+    x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes, dtype,
+                                         rank=rank, d_in=d_in)
     want = add_lora_reference(y.float(), x.float(), lora_a.float(),
                               tuple(b.float() for b in lora_b), torch.tensor(token_slots))
     batch = AdapterBatch.build(token_slots, CPU, use_kernel=True)
