@@ -22,7 +22,7 @@ def pytest_configure(config):
     # Engines keep every adapter they load in ready-to-serve form (lora/packed.py): the suite's
     # thousands of temporary adapters go to a temporary cache, not the user's home.
     os.environ["LORAPLEX_ADAPTER_CACHE"] = tempfile.mkdtemp(prefix="loraplex-test-adapters-")
-    # The CPU kernels (kernels/cpu.py) is built once for the run, likewise.
+    # The CPU kernels (kernels/cpu.py) are built once for the run, likewise.
     os.environ["LORAPLEX_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="loraplex-test-kernels-")
 
 

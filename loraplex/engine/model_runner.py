@@ -24,6 +24,8 @@ class ModelRunner:
         # Built (once per machine) or found now, not on the first request.
         self.use_lora_kernel = cpu_kernel.is_available(config.torch_dtype, self.device)
         mc = model.config
+        self.use_attention_kernel = cpu_kernel.attention_is_available(
+            config.torch_dtype, self.device, mc.num_heads, mc.num_kv_heads, mc.head_dim)
         # One tensor per layer: [keys/values, every token row of every block, kv heads, head dim]
         self.kv_caches = [
             torch.zeros(2, num_blocks * self.block_size, mc.num_kv_heads, mc.head_dim,
@@ -72,21 +74,25 @@ class ModelRunner:
         def as_tensor(values):
             return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-        decode_kv_indices = decode_mask = None
+        decode_kv_indices = decode_mask = lens = None
         if decode_tables:
             num_blocks = max(len(t) for t in decode_tables)
             tables = as_tensor([t + [0] * (num_blocks - len(t)) for t in decode_tables])
             width = max(decode_lens)
             decode_kv_indices = kv_cache_rows(tables, self.block_size)[:, :width]
-            key_positions = torch.arange(width, device=self.device)
-            decode_mask = key_positions[None, :] < as_tensor(decode_lens)[:, None]
-            decode_mask = decode_mask[:, None, None, :]  # [num_decode, 1, 1, width]
+            lens = as_tensor(decode_lens)
+            if not self.use_attention_kernel:
+                key_positions = torch.arange(width, device=self.device)
+                decode_mask = key_positions[None, :] < lens[:, None]
+                decode_mask = decode_mask[:, None, None, :]  # [num_decode, 1, 1, width]
+                lens = None
         attn = AttentionMetadata(
             slot_mapping=as_tensor(slot_mapping),
             num_decode_tokens=len(decode_tables),
             decode_kv_indices=decode_kv_indices,
             decode_mask=decode_mask,
             prefills=tuple(prefills),
+            decode_lens=lens,
         )
         adapters = AdapterBatch.build(token_slots, self.device, self.use_lora_kernel)
         logits = self.model(

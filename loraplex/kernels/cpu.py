@@ -1,11 +1,12 @@
-"""Builds and calls cpu.cpp, the mixed-adapter LoRA op on CPU (float32, bfloat16).
+"""Builds and calls loraplex's CPU kernels (float32, bfloat16): lora.cpp, the mixed-adapter LoRA
+op, and decode_attention.cpp, decode attention over the paged KV cache.
 
-The source is compiled once per machine with the system's C++ compiler (about a second) into
-`$LORAPLEX_KERNEL_CACHE`, default `<loraplex home>/cache/kernels`, keyed by the source, the
-compiler and the CPU's instruction sets (it is built for this CPU: a home shared by machines of
-several kinds gets one library per kind).
-Without a compiler, or with LORAPLEX_CPU_KERNEL=0, add_lora keeps its plain PyTorch path, which
-gives the same results, slower; the reason is logged once.
+The sources are compiled together once per machine with the system's C++ compiler (a few
+seconds) into `$LORAPLEX_KERNEL_CACHE`, default `<loraplex home>/cache/kernels`, keyed by the
+sources, the compiler and the CPU's instruction sets (it is built for this CPU: a home shared
+by machines of several kinds gets one library per kind).
+Without a compiler, or with LORAPLEX_CPU_KERNEL=0, the LoRA op and attention keep their plain
+PyTorch paths, which give the same results, slower; the reason is logged once.
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ import torch
 
 from loraplex.home import loraplex_home
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
+KERNEL_DIR = Path(__file__).parent
+SOURCES = [KERNEL_DIR / "lora.cpp", KERNEL_DIR / "decode_attention.cpp"]
+HEADERS = [KERNEL_DIR / "vectors.h"]
 KERNEL_ENV = "LORAPLEX_CPU_KERNEL"  # "0": never build or use the kernel
 CACHE_ENV = "LORAPLEX_KERNEL_CACHE"
 CACHE_DIR = "cache/kernels"  # under the loraplex home, without CACHE_ENV
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-_ENTRY_NAMES = {torch.float32: "add_lora_f32", torch.bfloat16: "add_lora_bf16"}
-_ENTRY_POINTS: dict[torch.dtype, Callable[..., int]] = {}  # filled by _library()
+_DTYPE_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+# (kernel, dtype) -> its entry point, filled by _library()
+_ENTRY_POINTS: dict[tuple[str, torch.dtype], Callable[..., int]] = {}
+ATTENTION_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 256)  # decode_attention.cpp's builds
+ATTENTION_MAX_GROUP = 16  # query heads per kv head
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +49,15 @@ class KernelError(RuntimeError):
 
 def is_available(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether add_lora can use the kernel for tensors of this dtype on this device."""
-    return device.type == "cpu" and dtype in _ENTRY_NAMES and _library() is not None
+    return device.type == "cpu" and dtype in _DTYPE_SUFFIXES and _library() is not None
+
+
+def attention_is_available(dtype: torch.dtype, device: torch.device, num_heads: int,
+                           num_kv_heads: int, head_dim: int) -> bool:
+    """Whether decode_attention takes this model's attention on this device."""
+    return (head_dim in ATTENTION_HEAD_DIMS and num_heads % num_kv_heads == 0
+            and num_heads // num_kv_heads <= ATTENTION_MAX_GROUP
+            and is_available(dtype, device))
 
 
 def add_lora_segments(
@@ -78,13 +92,52 @@ def add_lora_segments(
         matrices[i], outs[i] = b.data_ptr(), b.shape[2]
     if not ok or y.shape[-1] != sum(outs):
         raise KernelError("add_lora_segments: tensors of unexpected dtype, shape or layout")
-    status = _ENTRY_POINTS[dtype](
+    status = _ENTRY_POINTS["add_lora", dtype](
         segments.shape[0], segments.data_ptr(), x.shape[0], num_slots, x.data_ptr(), x.stride(0),
         in_features, lora_a.data_ptr(), rank, num_modules, *matrices, *outs, y.data_ptr(),
         y.stride(0), torch.get_num_threads(),
     )
     if status != 0:
         raise KernelError("add_lora_segments: a segment's slot or tokens are out of range")
+
+
+def decode_attention(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    kv_rows: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+) -> None:
+    """out[b, h] = softmax(scale * q[b, h] . K[t]) @ V[t] over the cache rows
+    kv_rows[b, :lens[b]] of sequence b, the kv head shared by h's group; written in place.
+
+    Shapes: q, out [num_seqs, heads, head_dim] (head_dim contiguous), kv_cache [2, rows,
+    kv_heads, head_dim] contiguous (keys, values), kv_rows [num_seqs, width] int64 (rows
+    contiguous), lens [num_seqs] int64.
+    """
+    if _library() is None:
+        raise KernelError("decode_attention: the CPU kernel is not available")
+    num_seqs, num_heads, head_dim = q.shape
+    dtype = q.dtype
+    ok = (out.shape == q.shape and out.dtype == dtype and kv_cache.dtype == dtype
+          and kv_cache.dim() == 4 and kv_cache.shape[0] == 2 and kv_cache.shape[3] == head_dim
+          and kv_cache.is_contiguous() and q.stride(-1) == 1 and out.stride(-1) == 1
+          and kv_rows.dtype == torch.int64 and kv_rows.dim() == 2 and kv_rows.stride(-1) == 1
+          and kv_rows.shape[0] == num_seqs and lens.dtype == torch.int64
+          and lens.shape == (num_seqs,) and lens.is_contiguous())
+    if not ok:
+        raise KernelError("decode_attention: tensors of unexpected dtype, shape or layout")
+    status = _ENTRY_POINTS["decode_attention", dtype](
+        num_seqs, num_heads, kv_cache.shape[2], head_dim, q.data_ptr(), q.stride(0),
+        q.stride(1), kv_cache.data_ptr(), kv_cache.shape[1], kv_rows.data_ptr(),
+        kv_rows.stride(0), lens.data_ptr(), kv_rows.shape[1], scale, out.data_ptr(),
+        out.stride(0), out.stride(1), torch.get_num_threads(),
+    )
+    if status == 1:
+        raise KernelError("decode_attention: a length or cache row is out of range")
+    if status != 0:
+        raise KernelError("decode_attention: a head size or grouping it is not built for")
 
 
 @functools.cache
@@ -103,8 +156,8 @@ def _library() -> ctypes.CDLL | None:
         logger.warning("loraplex's CPU kernel could not be built (%s): the LoRA op uses plain "
                        "PyTorch (slower)", e)
         return None
-    for dtype, name in _ENTRY_NAMES.items():
-        entry = getattr(library, name)
+    for dtype, suffix in _DTYPE_SUFFIXES.items():
+        entry = getattr(library, f"add_lora_{suffix}")
         entry.restype = ctypes.c_int
         entry.argtypes = [
             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # segments, tokens
@@ -114,14 +167,26 @@ def _library() -> ctypes.CDLL | None:
             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # out of each module
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,  # y, threads
         ]
-        _ENTRY_POINTS[dtype] = entry
+        _ENTRY_POINTS["add_lora", dtype] = entry
+        entry = getattr(library, f"decode_attention_{suffix}")
+        entry.restype = ctypes.c_int
+        entry.argtypes = [
+            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # shape
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # q
+            ctypes.c_void_p, ctypes.c_int64,  # kv cache, rows in it
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,  # rows, lens
+            ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # scale, out
+            ctypes.c_int,  # threads
+        ]
+        _ENTRY_POINTS["decode_attention", dtype] = entry
     return library
 
 
 def _build(compiler: str) -> Path:
     """The compiled library, built now unless this machine's kind already has one."""
     identity = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+    parts = [path.read_bytes() for path in SOURCES + HEADERS]
+    for part in (*parts, compiler.encode(), " ".join(FLAGS).encode(),
                  platform.machine().encode(), _cpu_flags().encode()):
         identity.update(part + b"\0")
     cache = Path(os.environ.get(CACHE_ENV) or loraplex_home() / CACHE_DIR)
@@ -132,7 +197,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp],
+        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")

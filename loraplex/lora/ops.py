@@ -10,7 +10,7 @@ A smaller rank is zero-padded up to max_rank, so padding adds nothing to the res
 Per step, the engine describes which slot each token uses with one `AdapterBatch`, built once and
 shared by every layer. No layer ever copies adapter weights:
 - on CPU (float32, bfloat16) the whole op is our own loop over same-slot stretches of tokens
-  (kernels/cpu.cpp): a decoding token reads its slot's matrices once, near memory speed,
+  (kernels/lora.cpp): a decoding token reads its slot's matrices once, near memory speed,
   and a prefill chunk's tokens share each weight load, without PyTorch's per-matmul cost;
 - elsewhere (CUDA, no compiler), long runs (a prefill chunk on one slot) are plain matmuls
   against that slot's matrices (views of the buffers), and the short rest (one token per

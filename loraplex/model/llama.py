@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.kernels import cpu as cpu_kernel
 from loraplex.lora.modules import (
     DOWN_PROJ,
     FUSED_LINEARS,
@@ -87,6 +88,9 @@ class AttentionMetadata:
     decode_kv_indices: torch.Tensor | None  # [num_decode, max_context] KV cache rows to attend
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_context] True where attendable
     prefills: tuple[PrefillChunk, ...]
+    # [num_decode] context lengths, given instead of decode_mask when the CPU kernel does decode
+    # attention (kernels/decode_attention.cpp): it reads the cache rows in place, no gather
+    decode_lens: torch.Tensor | None = None
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -185,7 +189,10 @@ class Attention(nn.Module):
 
         out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
         nd = attn.num_decode_tokens
-        if nd:
+        if nd and attn.decode_lens is not None:
+            cpu_kernel.decode_attention(out[:nd], q[:nd], kv_cache, attn.decode_kv_indices,
+                                        attn.decode_lens, self.head_dim**-0.5)
+        elif nd:
             # Decode: one query per sequence, all sequences at once, keys padded to the longest.
             keys = kv_cache[0][attn.decode_kv_indices]  # [nd, max_context, kv_heads, head_dim]
             values = kv_cache[1][attn.decode_kv_indices]

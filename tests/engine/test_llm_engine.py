@@ -92,6 +92,20 @@ def test_batched_equals_alone_with_12_adapters_in_4_slots(
         assert stats["preemptions"] > 0
 
 
+@pytest.mark.parametrize("kernels", ["lora", "attention", "none"])
+def test_plain_pytorch_paths_equal_the_cpu_kernels(kernels, sharp_llama_dir, sharp_adapters,
+                                                   alone):
+    """`alone` ran with every CPU kernel this machine built; here the LoRA op, decode attention
+    or both take their PyTorch paths (those of CUDA, and of a machine without a compiler)."""
+    engine = make_engine(sharp_llama_dir)
+    engine.runner.use_lora_kernel &= kernels == "lora"
+    engine.runner.use_attention_kernel &= kernels == "attention"
+    pairs = _pairs(6)
+    final = run(engine, [(prompts(12)[p], None if a is None else adapter(sharp_adapters, a))
+                         for p, a in pairs])
+    check_against_alone(final, alone, pairs)
+
+
 def test_corrupt_adapter_fails_only_its_own_requests(sharp_llama_dir, sharp_adapters, alone,
                                                      tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')

@@ -1,4 +1,4 @@
-"""The CPU kernel of the LoRA op: against the reference, its checks, its build."""
+"""The CPU kernels (LoRA op, decode attention): against references, their checks, their build."""
 
 import logging
 import os
@@ -91,6 +91,94 @@ def test_kernel_refuses_out_of_range_indices_and_bad_layouts_without_writing():
         cpu_kernel.add_lora_segments(y.double(), x, lora_a, lora_b, good)
     assert not cpu_kernel.is_available(torch.float64, CPU)
     assert not cpu_kernel.is_available(torch.float32, torch.device("meta"))
+
+
+def random_cache(gen, lens, num_kv_heads, head_dim, dtype, block_size=4):
+    """A layer's KV cache [2, rows, kv_heads, head_dim] with each sequence's blocks scattered
+    over it in random order, and the rows of every sequence's tokens [num_seqs, width]."""
+    blocks_each = [-(-n // block_size) for n in lens]
+    num_blocks = sum(blocks_each) + 3  # some blocks no sequence owns
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(blocks_each) * block_size
+    rows = torch.zeros(len(lens), width + 5, dtype=torch.int64)  # wider than needed: a view
+    for b, count in enumerate(blocks_each):
+        owned = [order.pop() for _ in range(count)]
+        rows[b, : count * block_size] = torch.tensor(
+            [block * block_size + i for block in owned for i in range(block_size)])
+    kv = torch.randn(2, num_blocks * block_size, num_kv_heads, head_dim, generator=gen)
+    return kv.to(dtype), rows[:, :width]
+
+
+def attention_reference(q, kv, rows, lens):
+    """Per sequence and head, in float64: softmax(q . K / sqrt(d)) @ V over its own rows."""
+    num_seqs, num_heads, head_dim = q.shape
+    group = num_heads // kv.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b in range(num_seqs):
+        keys = kv[0, rows[b, : lens[b]]].double()  # [len, kv_heads, dim]
+        values = kv[1, rows[b, : lens[b]]].double()
+        for h in range(num_heads):
+            scores = keys[:, h // group] @ q[b, h].double() * head_dim**-0.5
+            out[b, h] = scores.softmax(0) @ values[:, h // group]
+    return out
+
+
+@needs_compiler
+@settings(max_examples=60, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 70), min_size=1, max_size=6),  # 1 token; within and past 16
+    heads=st.sampled_from([(4, 2), (9, 3), (4, 4), (16, 1)]),  # (query heads, kv heads)
+    head_dim=st.sampled_from([16, 48, 64, 256]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_attention_matches_reference(lens, heads, head_dim, dtype, seed):
+    num_heads, num_kv_heads = heads
+    assert cpu_kernel.attention_is_available(dtype, CPU, num_heads, num_kv_heads, head_dim)
+    gen = torch.Generator().manual_seed(seed)
+    kv, rows = random_cache(gen, lens, num_kv_heads, head_dim, dtype)
+    # q as the model has it: a view of q and k side by side, [num_seqs, heads, dim].
+    q = torch.randn(len(lens), num_heads + num_kv_heads, head_dim, generator=gen).to(dtype)
+    q = q[:, :num_heads]
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    lens_t = torch.tensor(lens)
+    cpu_kernel.decode_attention(out, q, kv, rows, lens_t, head_dim**-0.5)
+    want = attention_reference(q, kv, rows, lens_t)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]  # bf16: the output's rounding
+    torch.testing.assert_close(out.double(), want, rtol=tolerance, atol=tolerance)
+
+
+@needs_compiler
+def test_decode_attention_refuses_bad_rows_lengths_and_shapes_without_writing():
+    gen = torch.Generator().manual_seed(0)
+    kv, rows = random_cache(gen, [5, 9], 2, 16, torch.float32)
+    q = torch.randn(2, 4, 16, generator=gen)
+    out = torch.zeros(2, 4, 16)
+
+    def attend(rows=rows, lens=(5, 9), kv=kv, q=q, out=out):
+        cpu_kernel.decode_attention(out, q, kv, rows, torch.tensor(lens), 0.25)
+
+    outside = rows.clone()
+    outside[1, 8] = kv.shape[1]  # one past the last cache row
+    negative = rows.clone()
+    negative[0, 0] = -1
+    for bad in (dict(rows=outside), dict(rows=negative), dict(lens=(0, 9)),
+                dict(lens=(5, rows.shape[1] + 1))):
+        with pytest.raises(cpu_kernel.KernelError, match="out of range"):
+            attend(**bad)
+    assert not out.any()
+    with pytest.raises(cpu_kernel.KernelError, match="not built for"):  # head_dim 24
+        attend(kv=torch.zeros(2, kv.shape[1], 2, 24), q=torch.zeros(2, 4, 24),
+               out=torch.zeros(2, 4, 24))
+    assert not cpu_kernel.attention_is_available(torch.float32, CPU, 4, 2, 24)
+    assert not cpu_kernel.attention_is_available(torch.float32, CPU, 5, 2, 16)  # 5 / 2 heads
+    with pytest.raises(cpu_kernel.KernelError, match="layout"):  # the cache as a view
+        attend(kv=kv.transpose(2, 3))
+    with pytest.raises(cpu_kernel.KernelError, match="dtype"):
+        attend(out=out.bfloat16())
+    assert not out.any()
+    attend()  # the same call, well formed
+    assert out.all()
 
 
 @needs_compiler
