@@ -12,11 +12,13 @@
 // PyTorch's bf16 matmul costs ~20 us a call before any work. Here both are one pass: the tokens
 // of a segment go in groups of up to kGroup that share every load (and bf16 conversion) of a
 // weight, rows are read contiguously, and the inner loops are kLanes floats wide (one AVX-512
-// register) so the compiler keeps the group's sums in registers. The threads are OpenMP's, the
-// same runtime PyTorch's own ops use.
+// register) so the compiler keeps the group's sums in registers. In bf16 on CPUs with bf16 dot
+// products (AVX512_BF16) the shrink multiplies bf16 directly, 32 products an instruction. The
+// threads are OpenMP's, the same runtime PyTorch's own ops use.
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "vectors.h"
@@ -40,6 +42,13 @@ struct Block {
 constexpr int kChains = 8;
 constexpr int ways_for(int n) { return n >= kChains ? 1 : kChains / n; }
 
+// A dot product's vector part plus its last terms, from column i on, in float32.
+template <typename T>
+float dot_tail(float total, const T *row, const float *xf, int64_t i, int64_t in_features) {
+  for (; i < in_features; i++) total += load(row[i]) * xf[i];
+  return total;
+}
+
 // h[g * nr + k] = A row k . xf[g] for R consecutive rows of A and the N tokens of a group
 // (xf: their float32 inputs, in_features apart).
 template <int N, int R, typename T>
@@ -58,14 +67,41 @@ void shrink_rows(const T *rows, const float *xf, int64_t in_features, float *h, 
   }
   for (int k = 0; k < R; k++) {
     for (int g = 0; g < N; g++) {
-      float total = sum_lanes(sums[k][g]);
-      for (int64_t c = i; c < in_features; c++) {
-        total += load(rows[k * in_features + c]) * xf[g * in_features + c];
-      }
-      h[g * nr + k] = total;
+      h[g * nr + k] = dot_tail(sum_lanes(sums[k][g]), rows + k * in_features,
+                               xf + g * in_features, i, in_features);
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// shrink_rows for bf16 on CPUs with bf16 dot products: A's rows against the tokens' own bf16
+// inputs (x, x_stride apart), 32 products an instruction (vdpbf16ps) summed in float32, no
+// conversion; the last in_features % 32 from the float32 copies (xf) as above.
+template <int N, int R>
+void shrink_rows_bf16(const BFloat16 *rows, const BFloat16 *x, int64_t x_stride, const float *xf,
+                      int64_t in_features, float *h, int64_t nr) {
+  __m512 sums[R][N];
+  for (int k = 0; k < R; k++) {
+    for (int g = 0; g < N; g++) sums[k][g] = _mm512_setzero_ps();
+  }
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= in_features; i += 2 * kLanes) {
+    __m512bh inputs[N];
+    for (int g = 0; g < N; g++) inputs[g] = (__m512bh)_mm512_loadu_si512(x + g * x_stride + i);
+    for (int k = 0; k < R; k++) {
+      __builtin_prefetch(rows + (R + k) * in_features + i);
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(rows + k * in_features + i);
+      for (int g = 0; g < N; g++) sums[k][g] = _mm512_dpbf16_ps(sums[k][g], w, inputs[g]);
+    }
+  }
+  for (int k = 0; k < R; k++) {
+    for (int g = 0; g < N; g++) {
+      h[g * nr + k] = dot_tail(_mm512_reduce_add_ps(sums[k][g]), rows + k * in_features,
+                               xf + g * in_features, i, in_features);
+    }
+  }
+}
+#endif
 
 // y[g, first:end] += h[g] . Bt[:, first:end] for the N tokens of a group (hr: their r values
 // of this module, nr apart; bt: the module's Bt for the slot, [rank, out]), C column vectors
@@ -153,18 +189,25 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
         const T *rows = a + (group.slot * nr + first) * in_features;
         const float *inputs = xf.get() + group.first * in_features;
         float *sums = h.get() + group.first * nr + first;
+        const T *x_rows = x + group.first * x_stride;
         with_constant<kGroup>(group.count, [&](auto n) {
           constexpr int N = decltype(n)::value, R = ways_for(N);
+          auto rows_at_once = [&](auto r, int64_t j) {
+            constexpr int Rj = decltype(r)::value;
+            const T *block = rows + (j - first) * in_features;
+#if defined(__AVX512BF16__)
+            if constexpr (std::is_same_v<T, BFloat16>) {
+              shrink_rows_bf16<N, Rj>(block, x_rows, x_stride, inputs, in_features,
+                                      sums + (j - first), nr);
+              return;
+            }
+#endif
+            shrink_rows<N, Rj>(block, inputs, in_features, sums + (j - first), nr);
+          };
           int64_t j = first;
           const int64_t end = std::min(first + kChains, nr);
-          for (; j + R <= end; j += R) {
-            shrink_rows<N, R>(rows + (j - first) * in_features, inputs, in_features,
-                              sums + (j - first), nr);
-          }
-          for (; j < end; j++) {
-            shrink_rows<N, 1>(rows + (j - first) * in_features, inputs, in_features,
-                              sums + (j - first), nr);
-          }
+          for (; j + R <= end; j += R) rows_at_once(std::integral_constant<int, R>{}, j);
+          for (; j < end; j++) rows_at_once(std::integral_constant<int, 1>{}, j);
         });
       }
     }

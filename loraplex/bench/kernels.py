@@ -1,0 +1,103 @@
+"""The CPU kernels alone, on SmolLM2-135M's shapes: what a step's LoRA work and decode attention
+cost, without the rest of the engine.
+
+    python -m loraplex.bench.kernels [--dtype bfloat16] [--slots 32] [--repeats 7]
+
+LoRA: random rank-16 slot buffers of 30 layers for the four groups the model calls (q/k/v,
+gate/up, o, down), `slots` adapters, each layer's buffers its own tensors so that a step reads
+them from memory as the engine does; times one decode step (one token per slot) and prefill
+runs of 8, 64 and 200 tokens on one slot, and prints the decode step's read rate. Attention: 32
+sequences with contexts of 16-300 tokens on scattered blocks of 16, 30 layers. Medians of
+`repeats`. Used for the kernel rows of BENCHMARKS.md's "Attempts".
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from loraplex.config import DTYPES
+from loraplex.kernels import cpu as cpu_kernel
+
+LAYERS, RANK, HIDDEN, INTERMEDIATE = 30, 16, 576, 1536
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
+# (in features, out features of each module) of the model's four LoRA calls per layer
+GROUPS = [(HIDDEN, [HIDDEN, 192, 192]), (HIDDEN, [INTERMEDIATE, INTERMEDIATE]),
+          (HIDDEN, [HIDDEN]), (INTERMEDIATE, [HIDDEN])]
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def lora_step(layers, segments: list[list[int]], num_tokens: int, dtype):
+    segments = torch.tensor(segments, dtype=torch.int64)
+    inputs = {d: torch.randn(num_tokens, d).to(dtype) for d in (HIDDEN, INTERMEDIATE)}
+    outputs = [torch.zeros(num_tokens, sum(outs), dtype=dtype) for _, outs in GROUPS]
+
+    def step():
+        for layer in layers:
+            for (a, b), y, (d_in, _) in zip(layer, outputs, GROUPS, strict=True):
+                cpu_kernel.add_lora_segments(y, inputs[d_in], a, b, segments)
+    return step
+
+
+def attention_step(dtype, num_seqs: int = 32):
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.randint(16, 301, (num_seqs,), generator=gen)
+    blocks = -(-lens // BLOCK)
+    order = torch.randperm(int(blocks.sum()), generator=gen)
+    width = int(blocks.max()) * BLOCK
+    rows = torch.zeros(num_seqs, width, dtype=torch.int64)
+    used = 0
+    for b, count in enumerate(blocks.tolist()):
+        owned = order[used:used + count]
+        used += count
+        rows[b, :count * BLOCK] = (owned[:, None] * BLOCK + torch.arange(BLOCK)).flatten()
+    caches = [torch.randn(2, int(blocks.sum()) * BLOCK, KV_HEADS, HEAD_DIM).to(dtype)
+              for _ in range(LAYERS)]
+    q = torch.randn(num_seqs, HEADS, HEAD_DIM).to(dtype)
+    out = torch.empty_like(q)
+
+    def step():
+        for cache in caches:
+            cpu_kernel.decode_attention(out, q, cache, rows, lens, HEAD_DIM**-0.5)
+    return step, int(lens.sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    if not cpu_kernel.is_available(dtype, torch.device("cpu")):
+        raise SystemExit("the CPU kernels are not available here (no C++ compiler?)")
+    layers = [[(torch.randn(args.slots, RANK * len(outs), d_in).to(dtype) * 0.05,
+                tuple(torch.randn(args.slots, RANK, o).to(dtype) * 0.05 for o in outs))
+               for d_in, outs in GROUPS] for _ in range(LAYERS)]
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    step_bytes = LAYERS * args.slots * RANK * sum(
+        len(outs) * d_in + sum(outs) for d_in, outs in GROUPS) * itemsize
+    decode = median_seconds(lora_step(layers, [[s, s, s + 1] for s in range(args.slots)],
+                                      args.slots, dtype), args.repeats)
+    print(f"LoRA, {args.dtype}, {LAYERS} layers: decode step of {args.slots} adapters "
+          f"{1e3 * decode:.1f} ms ({step_bytes / decode / 1e9:.1f} GB/s)")
+    for n in (8, 64, 200):
+        run = median_seconds(lora_step(layers, [[0, 0, n]], n, dtype), args.repeats)
+        print(f"LoRA, prefill run of {n} tokens on one slot: {1e3 * run:.2f} ms")
+    step, context = attention_step(dtype)
+    print(f"decode attention, 32 sequences ({context} cached tokens), {LAYERS} layers: "
+          f"{1e3 * median_seconds(step, args.repeats):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""python -m loraplex.bench.kernels: runs end to end and reports every figure it promises."""
+
+import re
+import shutil
+import sys
+
+import pytest
+
+from loraplex.bench import kernels
+
+
+@pytest.mark.skipif(not shutil.which("c++") and not shutil.which("g++"), reason="no compiler")
+def test_kernel_benchmark_reports_lora_and_attention(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["kernels", "--slots", "2", "--repeats", "1",
+                                      "--dtype", "float32"])
+    kernels.main()
+    out = capsys.readouterr().out
+    assert re.search(r"decode step of 2 adapters [\d.]+ ms \([\d.]+ GB/s\)", out)
+    assert len(re.findall(r"prefill run of \d+ tokens on one slot: [\d.]+ ms", out)) == 3
+    assert re.search(r"decode attention, 32 sequences \(\d+ cached tokens\), 30 layers", out)
