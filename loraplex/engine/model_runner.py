@@ -80,12 +80,12 @@ class ModelRunner:
             tables = as_tensor([t + [0] * (num_blocks - len(t)) for t in decode_tables])
             width = max(decode_lens)
             decode_kv_indices = kv_cache_rows(tables, self.block_size)[:, :width]
-            lens = as_tensor(decode_lens)
-            if not self.use_attention_kernel:
+            if self.use_attention_kernel:  # it takes the lengths, no mask
+                lens = as_tensor(decode_lens)
+            else:
                 key_positions = torch.arange(width, device=self.device)
-                decode_mask = key_positions[None, :] < lens[:, None]
+                decode_mask = key_positions[None, :] < as_tensor(decode_lens)[:, None]
                 decode_mask = decode_mask[:, None, None, :]  # [num_decode, 1, 1, width]
-                lens = None
         attn = AttentionMetadata(
             slot_mapping=as_tensor(slot_mapping),
             num_decode_tokens=len(decode_tables),

@@ -37,8 +37,6 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 _DTYPE_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # (kernel, dtype) -> its entry point, filled by _library()
 _ENTRY_POINTS: dict[tuple[str, torch.dtype], Callable[..., int]] = {}
-ATTENTION_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 256)  # decode_attention.cpp's builds
-ATTENTION_MAX_GROUP = 16  # query heads per kv head
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +53,8 @@ def is_available(dtype: torch.dtype, device: torch.device) -> bool:
 def attention_is_available(dtype: torch.dtype, device: torch.device, num_heads: int,
                            num_kv_heads: int, head_dim: int) -> bool:
     """Whether decode_attention takes this model's attention on this device."""
-    return (head_dim in ATTENTION_HEAD_DIMS and num_heads % num_kv_heads == 0
-            and num_heads // num_kv_heads <= ATTENTION_MAX_GROUP
-            and is_available(dtype, device))
+    return (is_available(dtype, device)
+            and _library().decode_attention_takes(num_heads, num_kv_heads, head_dim) == 1)
 
 
 def add_lora_segments(
@@ -146,15 +143,15 @@ def _library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
-        logger.warning("no C++ compiler found: the LoRA op uses plain PyTorch (slower); "
-                       "install g++ to build loraplex's CPU kernel")
+        logger.warning("no C++ compiler found: the LoRA op and decode attention use plain "
+                       "PyTorch (slower); install g++ to build loraplex's CPU kernels")
         return None
     try:
         path = _build(compiler)
         library = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        logger.warning("loraplex's CPU kernel could not be built (%s): the LoRA op uses plain "
-                       "PyTorch (slower)", e)
+        logger.warning("loraplex's CPU kernels could not be built (%s): the LoRA op and "
+                       "decode attention use plain PyTorch (slower)", e)
         return None
     for dtype, suffix in _DTYPE_SUFFIXES.items():
         entry = getattr(library, f"add_lora_{suffix}")
@@ -179,6 +176,8 @@ def _library() -> ctypes.CDLL | None:
             ctypes.c_int,  # threads
         ]
         _ENTRY_POINTS["decode_attention", dtype] = entry
+    library.decode_attention_takes.restype = ctypes.c_int
+    library.decode_attention_takes.argtypes = [ctypes.c_int64] * 3
     return library
 
 

@@ -99,9 +99,12 @@ void attend(const T *q, int64_t q_head_stride, int group, const T *keys, const T
   }
 }
 
-// The head sizes built: 16 to 128 by 16, and 256 (D = head_dim / kLanes vectors a head).
-bool head_dim_is_built(int64_t head_dim) {
-  return head_dim % kLanes == 0 && (head_dim <= 8 * kLanes || head_dim == 16 * kLanes);
+// The shapes built: head_dim 16 to 128 by 16, or 256 (D = head_dim / kLanes vectors a head),
+// and up to kMaxGroup query heads per kv head.
+bool shape_is_built(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  return num_kv_heads >= 1 && num_heads % num_kv_heads == 0 &&
+         num_heads / num_kv_heads <= kMaxGroup && head_dim % kLanes == 0 &&
+         (head_dim <= 8 * kLanes || head_dim == 16 * kLanes);
 }
 
 template <typename T>
@@ -110,10 +113,7 @@ int decode_attention(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, 
                      int64_t num_rows, const int64_t *rows, int64_t rows_stride,
                      const int64_t *lens, int64_t width, float scale, T *out,
                      int64_t out_seq_stride, int64_t out_head_stride, int num_threads) {
-  if (num_kv_heads < 1 || num_heads % num_kv_heads != 0 ||
-      num_heads / num_kv_heads > kMaxGroup || !head_dim_is_built(head_dim)) {
-    return 2;
-  }
+  if (!shape_is_built(num_heads, num_kv_heads, head_dim)) return 2;
   for (int64_t b = 0; b < num_seqs; b++) {  // every index is checked before anything is read
     if (lens[b] < 1 || lens[b] > width) return 1;
     for (int64_t t = 0; t < lens[b]; t++) {
@@ -164,6 +164,11 @@ int decode_attention(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, 
                                width, scale, static_cast<T *>(out), out_seq_stride,            \
                                out_head_stride, num_threads);                                 \
   }
+
+// Whether the kernel is built for a model of this shape (1) or not (0).
+extern "C" int decode_attention_takes(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  return shape_is_built(num_heads, num_kv_heads, head_dim);
+}
 
 LORAPLEX_ATTENTION_ENTRY(decode_attention_f32, float)
 LORAPLEX_ATTENTION_ENTRY(decode_attention_bf16, BFloat16)

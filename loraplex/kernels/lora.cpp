@@ -50,9 +50,9 @@ float dot_tail(float total, const T *row, const float *xf, int64_t i, int64_t in
 }
 
 // h[g * nr + k] = A row k . xf[g] for R consecutive rows of A and the N tokens of a group
-// (xf: their float32 inputs, in_features apart).
+// (xf: their float32 inputs, in_features apart), in float32 multiply-adds.
 template <int N, int R, typename T>
-void shrink_rows(const T *rows, const float *xf, int64_t in_features, float *h, int64_t nr) {
+void shrink_rows_f32(const T *rows, const float *xf, int64_t in_features, float *h, int64_t nr) {
   f32x16 sums[R][N] = {};
   int64_t i = 0;
   for (; i + kLanes <= in_features; i += kLanes) {
@@ -74,7 +74,7 @@ void shrink_rows(const T *rows, const float *xf, int64_t in_features, float *h, 
 }
 
 #if defined(__AVX512BF16__)
-// shrink_rows for bf16 on CPUs with bf16 dot products: A's rows against the tokens' own bf16
+// shrink_rows_f32 for bf16 on CPUs with bf16 dot products: A's rows against the tokens' own bf16
 // inputs (x, x_stride apart), 32 products an instruction (vdpbf16ps) summed in float32, no
 // conversion; the last in_features % 32 from the float32 copies (xf) as above.
 template <int N, int R>
@@ -102,6 +102,20 @@ void shrink_rows_bf16(const BFloat16 *rows, const BFloat16 *x, int64_t x_stride,
   }
 }
 #endif
+
+// shrink_rows_f32's result for the tokens whose inputs are x (x_stride apart) and xf, in bf16
+// dot products where the CPU has them.
+template <int N, int R, typename T>
+void shrink_rows(const T *rows, const T *x, int64_t x_stride, const float *xf,
+                 int64_t in_features, float *h, int64_t nr) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    shrink_rows_bf16<N, R>(rows, x, x_stride, xf, in_features, h, nr);
+    return;
+  }
+#endif
+  shrink_rows_f32<N, R>(rows, xf, in_features, h, nr);
+}
 
 // y[g, first:end] += h[g] . Bt[:, first:end] for the N tokens of a group (hr: their r values
 // of this module, nr apart; bt: the module's Bt for the slot, [rank, out]), C column vectors
@@ -192,22 +206,16 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
         const T *x_rows = x + group.first * x_stride;
         with_constant<kGroup>(group.count, [&](auto n) {
           constexpr int N = decltype(n)::value, R = ways_for(N);
-          auto rows_at_once = [&](auto r, int64_t j) {
-            constexpr int Rj = decltype(r)::value;
-            const T *block = rows + (j - first) * in_features;
-#if defined(__AVX512BF16__)
-            if constexpr (std::is_same_v<T, BFloat16>) {
-              shrink_rows_bf16<N, Rj>(block, x_rows, x_stride, inputs, in_features,
-                                      sums + (j - first), nr);
-              return;
-            }
-#endif
-            shrink_rows<N, Rj>(block, inputs, in_features, sums + (j - first), nr);
-          };
           int64_t j = first;
           const int64_t end = std::min(first + kChains, nr);
-          for (; j + R <= end; j += R) rows_at_once(std::integral_constant<int, R>{}, j);
-          for (; j < end; j++) rows_at_once(std::integral_constant<int, 1>{}, j);
+          for (; j + R <= end; j += R) {
+            shrink_rows<N, R>(rows + (j - first) * in_features, x_rows, x_stride, inputs,
+                              in_features, sums + (j - first), nr);
+          }
+          for (; j < end; j++) {
+            shrink_rows<N, 1>(rows + (j - first) * in_features, x_rows, x_stride, inputs,
+                              in_features, sums + (j - first), nr);
+          }
         });
       }
     }
