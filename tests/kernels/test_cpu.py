@@ -68,6 +68,37 @@ def test_kernel_path_matches_reference(runs, seed, out_sizes, d_in, rank, dtype)
 
 
 @needs_compiler
+@settings(max_examples=60, deadline=None)
+@given(
+    # Decoding steps: one or two tokens on a slot, slots recurring apart; fewer segments than
+    # threads go the split way, more are each one thread's whole task, prefetching the next.
+    runs=st.lists(st.tuples(st.integers(0, 11), st.integers(1, 2)), min_size=1, max_size=24),
+    seed=st.integers(0, 2**16),
+    # 2100 columns: more than a decoding task sums at once
+    out_sizes=st.sampled_from([(10,), (10, 6, 6), (2100,), (48, 33)]),
+    d_in=st.sampled_from([40, 64]),
+    rank=st.sampled_from([3, 8, 11]),  # odd: the last row of B alone
+    threads=st.sampled_from([1, 2, 3]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_decoding_steps_match_reference(runs, seed, out_sizes, d_in, rank, threads, dtype):
+    token_slots = [slot for slot, length in runs for _ in range(length)]
+    gen = torch.Generator().manual_seed(seed)
+    x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes, dtype,
+                                         rank=rank, d_in=d_in)
+    want = add_lora_reference(y.float(), x.float(), lora_a.float(),
+                              tuple(b.float() for b in lora_b), torch.tensor(token_slots))
+    batch = AdapterBatch.build(token_slots, CPU, use_kernel=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = add_lora(y.clone(), x, lora_a, lora_b, batch)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got.float(), want, **TOLERANCES[dtype])
+
+
+@needs_compiler
 def test_kernel_segments_are_the_same_slot_stretches():
     batch = AdapterBatch.build([3, 3, NO_ADAPTER, 0] + [5] * 8 + [3], CPU, use_kernel=True)
     assert batch.kernel_segments.tolist() == [[3, 0, 2], [0, 3, 4], [5, 4, 12], [3, 12, 13]]
