@@ -31,6 +31,7 @@ constexpr int kGroup = 8;          // tokens of one segment computed together
 constexpr int kDecodeTokens = 2;   // a group of at most this many is decoding work (below)
 constexpr int64_t kBlock = 256;    // output columns of one unit of expand work
 constexpr int64_t kWideBlock = 2048;  // output columns a decoding group sums at once
+constexpr int64_t kMaxPairs = 128;    // rows of Bt the bf16 expand takes, in pairs
 
 struct Group {
   int64_t slot, first, count;  // tokens first .. first + count - 1, all on slot
@@ -46,6 +47,15 @@ struct Block {
 // each load of an input (or broadcast of h) serves two multiply-adds.
 constexpr int kChains = 8;
 constexpr int ways_for(int n) { return std::max(2, kChains / n); }
+
+// v as a T holds it: the shrink's h is rounded to the tensors' precision, as a PyTorch matmul
+// stores it (and the bf16 expand multiplies bf16 h exactly).
+inline float as_stored(float v, float) { return v; }
+inline float as_stored(float v, BFloat16) {
+  BFloat16 rounded;
+  store(&rounded, v);
+  return load(rounded);
+}
 
 // A dot product's vector part plus its last terms, from column i on, in float32.
 template <typename T>
@@ -74,8 +84,8 @@ void shrink_rows_f32(const T *rows, const float *xf, int64_t in_features, float 
   }
   for (int k = 0; k < R; k++) {
     for (int g = 0; g < N; g++) {
-      h[g * nr + k] = dot_tail(sum_lanes(sums[k][g]), rows + k * in_features,
-                               xf + g * in_features, i, in_features);
+      h[g * nr + k] = as_stored(dot_tail(sum_lanes(sums[k][g]), rows + k * in_features,
+                                         xf + g * in_features, i, in_features), T{});
     }
   }
 }
@@ -103,8 +113,9 @@ void shrink_rows_bf16(const BFloat16 *rows, const BFloat16 *x, int64_t x_stride,
   }
   for (int k = 0; k < R; k++) {
     for (int g = 0; g < N; g++) {
-      h[g * nr + k] = dot_tail(_mm512_reduce_add_ps(sums[k][g]), rows + k * in_features,
-                               xf + g * in_features, i, in_features);
+      h[g * nr + k] = as_stored(dot_tail(_mm512_reduce_add_ps(sums[k][g]),
+                                         rows + k * in_features, xf + g * in_features, i,
+                                         in_features), BFloat16{});
     }
   }
 }
@@ -149,9 +160,67 @@ int64_t expand_columns(const T *bt, int64_t rank, int64_t out, const float *hr, 
   return c;
 }
 
+#if defined(__AVX512BF16__)
+// expand_columns for bf16 on CPUs with bf16 dot products, 32 columns at a time: two rows of Bt
+// interleaved (vpunpck{l,h}wd: pairs (Bt[q, c], Bt[q+1, c])) against the pair (h[q], h[q+1]),
+// 32 products an instruction. The unpacks work within 128-bit lanes, so the sums hold columns
+// 0-3, 8-11, 16-19, 24-27 (lo) and 4-7, 12-15, 20-23, 28-31 (hi); two permutes restore them.
+template <int N>
+int64_t expand_columns_bf16(const BFloat16 *bt, int64_t rank, int64_t out, const float *hr,
+                            int64_t nr, int64_t c, int64_t end, BFloat16 *y, int64_t y_stride) {
+  constexpr int64_t kStep = 2 * kLanes;
+  const __m512i first_half = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4,
+                                              19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i second_half = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12,
+                                               27, 26, 25, 24, 11, 10, 9, 8);
+  const int64_t num_pairs = (rank + 1) / 2;
+  if (num_pairs > kMaxPairs) return c;  // the float32 loops take such ranks
+  // (h[q], h[q+1]) as bf16 bits; h holds bf16 values (as_stored), so the top halves are exact,
+  // and an odd rank's last row pairs with zero.
+  uint32_t h_pairs[N][kMaxPairs];
+  for (int g = 0; g < N; g++) {
+    for (int64_t p = 0; p < num_pairs; p++) {
+      uint32_t even, odd = 0;
+      std::memcpy(&even, hr + g * nr + 2 * p, sizeof even);
+      if (2 * p + 1 < rank) std::memcpy(&odd, hr + g * nr + 2 * p + 1, sizeof odd);
+      h_pairs[g][p] = (even >> 16) | (odd & 0xffff0000u);
+    }
+  }
+  for (; c + kStep <= end; c += kStep) {
+    __m512 lo[N], hi[N];
+    for (int g = 0; g < N; g++) lo[g] = hi[g] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < num_pairs; p++) {
+      const __m512i row0 = _mm512_loadu_si512(bt + 2 * p * out + c);
+      const __m512i row1 = 2 * p + 1 < rank ? _mm512_loadu_si512(bt + (2 * p + 1) * out + c)
+                                            : _mm512_setzero_si512();
+      const __m512bh w_lo = (__m512bh)_mm512_unpacklo_epi16(row0, row1);
+      const __m512bh w_hi = (__m512bh)_mm512_unpackhi_epi16(row0, row1);
+      for (int g = 0; g < N; g++) {
+        const __m512bh h = (__m512bh)_mm512_set1_epi32(static_cast<int>(h_pairs[g][p]));
+        lo[g] = _mm512_dpbf16_ps(lo[g], w_lo, h);
+        hi[g] = _mm512_dpbf16_ps(hi[g], w_hi, h);
+      }
+    }
+    for (int g = 0; g < N; g++) {
+      BFloat16 *target = y + g * y_stride + c;
+      const f32x16 first = (f32x16)_mm512_permutex2var_ps(lo[g], first_half, hi[g]);
+      const f32x16 second = (f32x16)_mm512_permutex2var_ps(lo[g], second_half, hi[g]);
+      store16(target, load16(target) + first);
+      store16(target + kLanes, load16(target + kLanes) + second);
+    }
+  }
+  return c;
+}
+#endif
+
 template <int N, typename T>
 void expand_block(const T *bt, int64_t rank, int64_t out, const float *hr, int64_t nr,
                   int64_t first, int64_t end, T *y, int64_t y_stride) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    first = expand_columns_bf16<N>(bt, rank, out, hr, nr, first, end, y, y_stride);
+  }
+#endif
   int64_t c = expand_columns<N, ways_for(N)>(bt, rank, out, hr, nr, first, end, y, y_stride);
   c = expand_columns<N, 1>(bt, rank, out, hr, nr, c, end, y, y_stride);
   for (; c < end; c++) {  // the last columns when out is not a multiple of kLanes
