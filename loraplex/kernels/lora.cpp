@@ -23,6 +23,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <omp.h>
+
 #include "vectors.h"
 
 namespace {
@@ -302,6 +304,15 @@ void decode_group(int64_t slot, int64_t next_slot, const T *x, int64_t x_stride,
   }
 }
 
+// The count values from start on, into L2.
+template <typename T>
+void prefetch_lines(const T *start, int64_t count) {
+  const char *bytes = reinterpret_cast<const char *>(start);
+  for (int64_t k = 0; k < count * static_cast<int64_t>(sizeof(T)); k += 64) {
+    __builtin_prefetch(bytes + k, 0, 1);
+  }
+}
+
 template <typename T>
 int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
              int64_t num_slots, const T *x, int64_t x_stride, int64_t in_features, const T *a,
@@ -350,11 +361,22 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
         for (int64_t i = 0; i < in_features; i++) converted[i] = load(input[i]);
       }
     }
-    // Static: a thread's groups are consecutive, so the next one's slot is known.
-#pragma omp for schedule(static) nowait
-    for (int64_t d = 0; d < num_decoding; d++) {
+    // Each thread takes consecutive decoding groups, so it knows the slot it reads next; its
+    // first group's matrices, which no earlier group prefetched, come in one burst.
+    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t share = (num_decoding + threads - 1) / threads;
+    const int64_t begin = std::min(num_decoding, thread * share);
+    const int64_t finish = std::min(num_decoding, begin + share);
+    if (begin < finish) {
+      const int64_t slot = decoding[begin].slot;
+      prefetch_lines(a + slot * nr * in_features, nr * in_features);
+      for (int64_t i = 0; i < num_modules; i++) {
+        prefetch_lines(b[i] + slot * rank * outs[i], rank * outs[i]);
+      }
+    }
+    for (int64_t d = begin; d < finish; d++) {
       const Group &group = decoding[d];
-      const int64_t next_slot = d + 1 < num_decoding ? decoding[d + 1].slot : group.slot;
+      const int64_t next_slot = d + 1 < finish ? decoding[d + 1].slot : group.slot;
       auto run = [&](auto n) {
         decode_group<decltype(n)::value>(
             group.slot, next_slot, x + group.first * x_stride, x_stride,
