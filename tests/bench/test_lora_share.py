@@ -1,0 +1,38 @@
+"""python -m loraplex.bench.lora_share: runs end to end, times the LoRA op only where it runs."""
+
+import re
+import sys
+
+from loraplex.bench import lora_share
+from loraplex.model import llama
+
+
+def test_lora_share_reports_every_run_and_restores_the_op(tiny_llama_dir, monkeypatch, capsys):
+    real_op = llama.add_lora
+    monkeypatch.setattr(sys, "argv", [
+        "lora_share", "--model", str(tiny_llama_dir), "--dtype", "float32", "--repeats", "1",
+        "--num-adapters", "3", "--num-requests", "4", "--concurrency", "2",
+        "--prompt-len", "4-40", "--output-len", "2-6"])
+    lora_share.main()
+    out = capsys.readouterr().out
+    for name in ("with adapters", "LoRA op skipped", "no adapters"):
+        assert re.search(rf"{name}: [\d.]+ \([\d.]+x; rounds [\d.]+\)", out)
+    prefill, decode = map(float, re.search(
+        r"([\d.]+) ms in prefill steps, ([\d.]+) ms in decode steps", out).groups())
+    assert prefill > 0 and decode > 0  # 4 requests with adapters prefill, then decode
+    assert llama.add_lora is real_op
+
+
+def test_a_skipped_op_returns_y_untouched_and_its_time_goes_to_its_kind_of_step():
+    seconds = {"prefill": 0.0, "decode": 0.0}
+
+    class Engine:  # the two things lora_op_timed touches
+        scheduler = type("S", (), {"waiting": [], "running": []})()
+
+        def step(self):
+            return llama.add_lora("y", "x", None, None, None)
+
+    engine = Engine()
+    with lora_share.lora_op_timed(engine, seconds, skip=True):
+        assert engine.step() == "y"  # skipped: y comes back unchanged
+    assert seconds["decode"] > 0 and seconds["prefill"] == 0  # nothing waiting or prefilling
