@@ -59,25 +59,35 @@ inline float as_stored(float v, BFloat16) {
   return load(rounded);
 }
 
-// A dot product's vector part plus its last terms, from column i on, in float32.
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;  // the CPU multiplies bf16 pairs (vdpbf16ps)
+#else
+constexpr bool kBf16Dot = false;
+#endif
+// Whether the shrink reads float32 copies of the inputs, made once a call: bf16 without bf16
+// dot products, so that each input is widened once rather than once per row of A.
 template <typename T>
-float dot_tail(float total, const T *row, const float *xf, int64_t i, int64_t in_features) {
-  for (; i < in_features; i++) total += load(row[i]) * xf[i];
+constexpr bool kWidensInputs = std::is_same_v<T, BFloat16> && !kBf16Dot;
+
+// A dot product's vector part plus its last terms, from column i on, in float32.
+template <typename T, typename U>
+float dot_tail(float total, const T *row, const U *input, int64_t i, int64_t in_features) {
+  for (; i < in_features; i++) total += load(row[i]) * load(input[i]);
   return total;
 }
 
-// h[g * nr + k] = A row k . xf[g] for R consecutive rows of A and the N tokens of a group
-// (xf: their float32 inputs, in_features apart), in float32 multiply-adds. Each load of A
+// h[g * nr + k] = A row k . input g for R consecutive rows of A and the N tokens of a group
+// (xf: their float32 inputs, xf_stride apart), in float32 multiply-adds. Each load of A
 // prefetches the place `ahead` values on into L2 (rows this thread reads later): short rows
 // read in parallel outpace the hardware prefetcher.
 template <int N, int R, typename T>
-void shrink_rows_f32(const T *rows, const float *xf, int64_t in_features, float *h, int64_t nr,
-                     int64_t ahead) {
+void shrink_rows_f32(const T *rows, const float *xf, int64_t xf_stride, int64_t in_features,
+                     float *h, int64_t nr, int64_t ahead) {
   f32x16 sums[R][N] = {};
   int64_t i = 0;
   for (; i + kLanes <= in_features; i += kLanes) {
     f32x16 inputs[N];
-    for (int g = 0; g < N; g++) inputs[g] = load16(xf + g * in_features + i);
+    for (int g = 0; g < N; g++) inputs[g] = load16(xf + g * xf_stride + i);
     for (int k = 0; k < R; k++) {
       __builtin_prefetch(rows + k * in_features + i + ahead, 0, 1);
       const f32x16 w = load16(rows + k * in_features + i);
@@ -87,7 +97,7 @@ void shrink_rows_f32(const T *rows, const float *xf, int64_t in_features, float 
   for (int k = 0; k < R; k++) {
     for (int g = 0; g < N; g++) {
       h[g * nr + k] = as_stored(dot_tail(sum_lanes(sums[k][g]), rows + k * in_features,
-                                         xf + g * in_features, i, in_features), T{});
+                                         xf + g * xf_stride, i, in_features), T{});
     }
   }
 }
@@ -95,9 +105,9 @@ void shrink_rows_f32(const T *rows, const float *xf, int64_t in_features, float 
 #if defined(__AVX512BF16__)
 // shrink_rows_f32 for bf16 on CPUs with bf16 dot products: A's rows against the tokens' own bf16
 // inputs (x, x_stride apart), 32 products an instruction (vdpbf16ps) summed in float32, no
-// conversion; the last in_features % 32 from the float32 copies (xf) as above.
+// conversion; the last in_features % 32 one at a time.
 template <int N, int R>
-void shrink_rows_bf16(const BFloat16 *rows, const BFloat16 *x, int64_t x_stride, const float *xf,
+void shrink_rows_bf16(const BFloat16 *rows, const BFloat16 *x, int64_t x_stride,
                       int64_t in_features, float *h, int64_t nr, int64_t ahead) {
   __m512 sums[R][N];
   for (int k = 0; k < R; k++) {
@@ -116,25 +126,27 @@ void shrink_rows_bf16(const BFloat16 *rows, const BFloat16 *x, int64_t x_stride,
   for (int k = 0; k < R; k++) {
     for (int g = 0; g < N; g++) {
       h[g * nr + k] = as_stored(dot_tail(_mm512_reduce_add_ps(sums[k][g]),
-                                         rows + k * in_features, xf + g * in_features, i,
+                                         rows + k * in_features, x + g * x_stride, i,
                                          in_features), BFloat16{});
     }
   }
 }
 #endif
 
-// shrink_rows_f32's result for the tokens whose inputs are x (x_stride apart) and xf, in bf16
-// dot products where the CPU has them.
+// shrink_rows_f32's result for the tokens whose inputs are x (x_stride apart), or their float32
+// copies xf (in_features apart) where kWidensInputs, in bf16 dot products where the CPU has them.
 template <int N, int R, typename T>
 void shrink_rows(const T *rows, const T *x, int64_t x_stride, const float *xf,
                  int64_t in_features, float *h, int64_t nr, int64_t ahead) {
+  if constexpr (std::is_same_v<T, float>) {
+    shrink_rows_f32<N, R>(rows, x, x_stride, in_features, h, nr, ahead);
+  } else if constexpr (kWidensInputs<T>) {
+    shrink_rows_f32<N, R>(rows, xf, in_features, in_features, h, nr, ahead);
+  } else {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    shrink_rows_bf16<N, R>(rows, x, x_stride, xf, in_features, h, nr, ahead);
-    return;
-  }
+    shrink_rows_bf16<N, R>(rows, x, x_stride, in_features, h, nr, ahead);
 #endif
-  shrink_rows_f32<N, R>(rows, xf, in_features, h, nr, ahead);
+  }
 }
 
 // y[g, first:end] += h[g] . Bt[:, first:end] for the N tokens of a group (hr: their r values
@@ -347,18 +359,24 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
   const int64_t num_groups = static_cast<int64_t>(groups.size());
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
   // Scratch, uninitialised: only the listed tokens' rows are written and read.
-  std::unique_ptr<float[]> xf(new float[num_tokens * in_features]);  // float32 inputs
-  std::unique_ptr<float[]> h(new float[num_tokens * nr]);            // [num_tokens, n * r]
+  std::unique_ptr<float[]> h(new float[num_tokens * nr]);  // [num_tokens, n * r]
+  std::unique_ptr<float[]> xf;  // [num_tokens, in] float32 inputs, where kWidensInputs
+  if constexpr (kWidensInputs<T>) xf.reset(new float[num_tokens * in_features]);
+  auto widened = [&](int64_t first) -> const float * {  // a group's rows of xf, if any
+    return xf ? xf.get() + first * in_features : nullptr;
+  };
 
 #pragma omp parallel num_threads(num_threads)
   {
+    if constexpr (kWidensInputs<T>) {
 #pragma omp for schedule(static)
-    for (int64_t k = 0; k < num_segments; k++) {
-      for (int64_t t = segments[3 * k + 1]; t < segments[3 * k + 2]; t++) {
-        const T *input = x + t * x_stride;
-        float *converted = xf.get() + t * in_features;
+      for (int64_t k = 0; k < num_segments; k++) {
+        for (int64_t t = segments[3 * k + 1]; t < segments[3 * k + 2]; t++) {
+          const T *input = x + t * x_stride;
+          float *converted = xf.get() + t * in_features;
 #pragma omp simd
-        for (int64_t i = 0; i < in_features; i++) converted[i] = load(input[i]);
+          for (int64_t i = 0; i < in_features; i++) converted[i] = load(input[i]);
+        }
       }
     }
     // Each thread takes consecutive decoding groups, so it knows the slot it reads next; its
@@ -380,7 +398,7 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
       auto run = [&](auto n) {
         decode_group<decltype(n)::value>(
             group.slot, next_slot, x + group.first * x_stride, x_stride,
-            xf.get() + group.first * in_features, in_features, a, rank, num_modules, b, outs,
+            widened(group.first), in_features, a, rank, num_modules, b, outs,
             h.get() + group.first * nr, y + group.first * y_stride, y_stride);
       };
       if (group.count == 1) {
@@ -395,7 +413,7 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
       for (int64_t first = 0; first < nr; first += kChains) {
         const Group &group = groups[g];
         const T *rows = a + (group.slot * nr + first) * in_features;
-        const float *inputs = xf.get() + group.first * in_features;
+        const float *inputs = widened(group.first);
         float *sums = h.get() + group.first * nr + first;
         const T *x_rows = x + group.first * x_stride;
         with_constant<kGroup>(group.count, [&](auto n) {

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import platform
 import shutil
 
 import pytest
@@ -96,6 +97,32 @@ def test_decoding_steps_match_reference(runs, seed, out_sizes, d_in, rank, threa
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got.float(), want, **TOLERANCES[dtype])
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 build flag")
+def test_kernel_built_without_bf16_dot_products_matches_reference(tmp_path, monkeypatch):
+    """CPUs without AVX512_BF16 take bf16 through float32 copies of the inputs, made once a call:
+    the library built for such a CPU, on decoding and prefill steps."""
+    monkeypatch.setattr(cpu_kernel, "FLAGS", [*cpu_kernel.FLAGS, "-mno-avx512bf16"])
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
+    cpu_kernel._library.cache_clear()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for token_slots in ([3, 5, 5, 0, 7, 2, 9], [4] * 19 + [1, 1, 6]):
+            for rank, d_in, out_sizes in ((8, 40, (300, 20)), (3, 64, (10, 6, 6))):
+                x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes,
+                                                     torch.bfloat16, rank=rank, d_in=d_in)
+                want = add_lora_reference(y.float(), x.float(), lora_a.float(),
+                                          tuple(b.float() for b in lora_b),
+                                          torch.tensor(token_slots))
+                batch = AdapterBatch.build(token_slots, CPU, use_kernel=True)
+                got = add_lora(y.clone(), x, lora_a, lora_b, batch)
+                torch.testing.assert_close(got.float(), want, **TOLERANCES[torch.bfloat16])
+        assert len(list(tmp_path.glob("*.so"))) == 1  # the library built for such a CPU
+    finally:
+        monkeypatch.undo()
+        cpu_kernel._library.cache_clear()
 
 
 @needs_compiler
