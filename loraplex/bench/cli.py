@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,17 @@ def parse_int_list(name: str, text: str) -> list[int]:
     if not values:
         raise ValueError(f"--{name} is empty")
     return values
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for the benchmark scripts' counts: a clear usage error, not a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"should be a whole number of at least 1, got {text!r}")
+    return value
 
 
 def parse_range(name: str, text: str) -> tuple[int, int]:

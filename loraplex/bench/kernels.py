@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from loraplex.bench.cli import positive_int
 from loraplex.config import DTYPES
 from loraplex.kernels import cpu as cpu_kernel
 
@@ -75,8 +76,8 @@ def attention_step(dtype, num_seqs: int = 32):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--slots", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--slots", type=positive_int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=7)
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     if not cpu_kernel.is_available(dtype, torch.device("cpu")):

@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 
 from loraplex.bench.adapters import private_adapter_cache, write_random_adapter
-from loraplex.bench.cli import parse_range
+from loraplex.bench.cli import parse_range, positive_int
 from loraplex.bench.loraplex_systems import DEFAULT_RANK, LoraplexEngineSystem
 from loraplex.bench.run import ordinary_token_ids
 from loraplex.bench.workload import WorkloadSpec, make_workload
 from loraplex.config import DTYPES
 from loraplex.model import llama
 from loraplex.model.loader import read_config
-from loraplex.model.pull import resolve_model
+from loraplex.model.pull import PullError, resolve_model
 
 
 @contextlib.contextmanager
@@ -62,19 +62,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--num-adapters", type=int, default=32)
-    parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--num-adapters", type=positive_int, default=32)
+    parser.add_argument("--num-requests", type=positive_int, default=32)
+    parser.add_argument("--concurrency", type=positive_int, default=32)
     parser.add_argument("--prompt-len", default="16-256")
     parser.add_argument("--output-len", default="16-128")
     args = parser.parse_args()
-    model_dir = resolve_model(args.model)
+    try:  # a clear usage error for a bad range or model, not a traceback
+        spec = WorkloadSpec(num_requests=args.num_requests, num_adapters=args.num_adapters,
+                            concurrency=args.concurrency,
+                            prompt_len=parse_range("prompt-len", args.prompt_len),
+                            output_len=parse_range("output-len", args.output_len))
+        model_dir = resolve_model(args.model)
+    except (ValueError, PullError) as e:
+        parser.error(str(e))
     config = read_config(model_dir)
-    spec = WorkloadSpec(num_requests=args.num_requests, num_adapters=args.num_adapters,
-                        concurrency=args.concurrency,
-                        prompt_len=parse_range("prompt-len", args.prompt_len),
-                        output_len=parse_range("output-len", args.output_len))
     requests = make_workload(spec, ordinary_token_ids(model_dir, config.vocab_size))
     output_tokens = sum(r.max_tokens for r in requests)
     with (tempfile.TemporaryDirectory() as tmp,

@@ -18,3 +18,11 @@ def test_kernel_benchmark_reports_lora_and_attention(monkeypatch, capsys):
     assert re.search(r"decode step of 2 adapters [\d.]+ ms \([\d.]+ GB/s\)", out)
     assert len(re.findall(r"prefill run of \d+ tokens on one slot: [\d.]+ ms", out)) == 3
     assert re.search(r"decode attention, 32 sequences \(\d+ cached tokens\), 30 layers", out)
+
+
+def test_a_count_below_one_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["kernels", "--slots", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        kernels.main()
+    assert exit_info.value.code == 2
+    assert "--slots: should be a whole number of at least 1, got '0'" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 import re
 import sys
 
+import pytest
+
 from loraplex.bench import lora_share
 from loraplex.model import llama
 
@@ -36,3 +38,17 @@ def test_a_skipped_op_returns_y_untouched_and_its_time_goes_to_its_kind_of_step(
     with lora_share.lora_op_timed(engine, seconds, skip=True):
         assert engine.step() == "y"  # skipped: y comes back unchanged
     assert seconds["decode"] > 0 and seconds["prefill"] == 0  # nothing waiting or prefilling
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-len", "abc"], "--prompt-len should look like 16-256"),
+    (["--output-len", "9-3"], "--output-len must be 1 <= low <= high"),
+    (["--repeats", "0"], "--repeats: should be a whole number of at least 1, got '0'"),
+    (["--model", "/nonexistent"], "is neither a known model nor an existing directory"),
+])
+def test_bad_options_are_a_usage_error_not_a_traceback(args, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lora_share", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        lora_share.main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -35,6 +35,24 @@ def random_layer(gen, num_tokens, out_sizes, dtype, num_slots=12, rank=8, d_in=4
     return x, y, lora_a, lora_b
 
 
+def assert_kernel_matches_reference(token_slots, gen, out_sizes, dtype, rank, d_in, threads=None):
+    """add_lora's kernel path on a random layer (with `threads` OpenMP threads) against the
+    float32 reference."""
+    x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes, dtype,
+                                         rank=rank, d_in=d_in)
+    want = add_lora_reference(y.float(), x.float(), lora_a.float(),
+                              tuple(b.float() for b in lora_b), torch.tensor(token_slots))
+    batch = AdapterBatch.build(token_slots, CPU, use_kernel=True)
+    assert batch.runs == () and batch.piece_tokens is None  # every token went to the kernel
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        got = add_lora(y.clone(), x, lora_a, lora_b, batch)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got.float(), want, **TOLERANCES[dtype])
+
+
 @needs_compiler
 @settings(max_examples=100, deadline=None)
 @given(
@@ -54,18 +72,11 @@ def random_layer(gen, num_tokens, out_sizes, dtype, num_slots=12, rank=8, d_in=4
 def test_kernel_path_matches_reference(runs, seed, out_sizes, d_in, rank, dtype):
     assert cpu_kernel.is_available(dtype, CPU)
     token_slots = [slot for slot, length in runs for _ in range(length)]
-    gen = torch.Generator().manual_seed(seed)
-    x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes, dtype,
-                                         rank=rank, d_in=d_in)
-    want = add_lora_reference(y.float(), x.float(), lora_a.float(),
-                              tuple(b.float() for b in lora_b), torch.tensor(token_slots))
-    batch = AdapterBatch.build(token_slots, CPU, use_kernel=True)
-    if batch is None:
-        assert all(s == NO_ADAPTER for s in token_slots)
+    if all(s == NO_ADAPTER for s in token_slots):
+        assert AdapterBatch.build(token_slots, CPU, use_kernel=True) is None
         return
-    assert batch.runs == () and batch.piece_tokens is None  # every token went to the kernel
-    got = add_lora(y.clone(), x, lora_a, lora_b, batch)
-    torch.testing.assert_close(got.float(), want, **TOLERANCES[dtype])
+    assert_kernel_matches_reference(token_slots, torch.Generator().manual_seed(seed), out_sizes,
+                                    dtype, rank, d_in)
 
 
 @needs_compiler
@@ -84,19 +95,16 @@ def test_kernel_path_matches_reference(runs, seed, out_sizes, d_in, rank, dtype)
 )
 def test_decoding_steps_match_reference(runs, seed, out_sizes, d_in, rank, threads, dtype):
     token_slots = [slot for slot, length in runs for _ in range(length)]
-    gen = torch.Generator().manual_seed(seed)
-    x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes, dtype,
-                                         rank=rank, d_in=d_in)
-    want = add_lora_reference(y.float(), x.float(), lora_a.float(),
-                              tuple(b.float() for b in lora_b), torch.tensor(token_slots))
-    batch = AdapterBatch.build(token_slots, CPU, use_kernel=True)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = add_lora(y.clone(), x, lora_a, lora_b, batch)
-    finally:
-        torch.set_num_threads(before)
-    torch.testing.assert_close(got.float(), want, **TOLERANCES[dtype])
+    assert_kernel_matches_reference(token_slots, torch.Generator().manual_seed(seed), out_sizes,
+                                    dtype, rank, d_in, threads)
+
+
+@needs_compiler
+def test_a_rank_past_the_bf16_expand_takes_the_float32_loops():
+    """The bf16 expand takes ranks up to 256 (pairs of h on the stack); larger ones, which
+    max_lora_rank allows, go through the float32 loops, prefill and decode alike."""
+    assert_kernel_matches_reference([2] * 9 + [5, 7, 1], torch.Generator().manual_seed(0),
+                                    (40, 20), torch.bfloat16, rank=260, d_in=40)
 
 
 @needs_compiler
@@ -111,14 +119,8 @@ def test_kernel_built_without_bf16_dot_products_matches_reference(tmp_path, monk
         gen = torch.Generator().manual_seed(0)
         for token_slots in ([3, 5, 5, 0, 7, 2, 9], [4] * 19 + [1, 1, 6]):
             for rank, d_in, out_sizes in ((8, 40, (300, 20)), (3, 64, (10, 6, 6))):
-                x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes,
-                                                     torch.bfloat16, rank=rank, d_in=d_in)
-                want = add_lora_reference(y.float(), x.float(), lora_a.float(),
-                                          tuple(b.float() for b in lora_b),
-                                          torch.tensor(token_slots))
-                batch = AdapterBatch.build(token_slots, CPU, use_kernel=True)
-                got = add_lora(y.clone(), x, lora_a, lora_b, batch)
-                torch.testing.assert_close(got.float(), want, **TOLERANCES[torch.bfloat16])
+                assert_kernel_matches_reference(token_slots, gen, out_sizes, torch.bfloat16,
+                                                rank, d_in)
         assert len(list(tmp_path.glob("*.so"))) == 1  # the library built for such a CPU
     finally:
         monkeypatch.undo()
