@@ -325,6 +325,9 @@ def serve(
     max_loras: int = 8,
     max_cpu_loras: int = 64,
     max_lora_rank: int = 16,
+    lora_dtype: Annotated[str, typer.Option(
+        help="Adapter weights in slots: auto (the model's dtype) | int8 (half the bytes of "
+        "bf16: faster decode steps with many adapters, see BENCHMARKS.md)")] = "auto",
     max_num_seqs: int = 64,
     max_model_len: Annotated[int | None, typer.Option(help="Context length")] = None,
     max_concurrent_per_tenant: int = 32,
@@ -357,7 +360,7 @@ def serve(
     try:
         config = EngineConfig(
             model=model, dtype=dtype, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
-            max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
+            max_lora_rank=max_lora_rank, lora_dtype=lora_dtype, max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
             kv_cache_bytes=None if kv_cache is None else parse_bytes(kv_cache))
         resolve_model(model)  # pull a default model once here, not in every engine at once

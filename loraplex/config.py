@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LORA_DTYPES = ("auto", "int8")
 
 
 class ConfigError(ValueError):
@@ -23,6 +24,10 @@ class EngineConfig:
     """Device slots: how many distinct adapters one batch may use."""
     max_lora_rank: int = 16
     """The largest adapter rank accepted; slot buffers are this wide."""
+    lora_dtype: str = "auto"
+    """Adapter weights in slots: 'auto' (the model's dtype) or 'int8' (half the bytes of
+    bfloat16, a scale per rank row: decode steps with many adapters run faster; see
+    loraplex/lora/quantize.py for the rounding it adds)."""
     max_cpu_loras: int = 64
     """Adapters kept loaded in host memory (LRU), besides those in slots: an adapter in a slot
     serves from there, so on CPU, where slots are host memory too, this may be below
@@ -54,6 +59,9 @@ class EngineConfig:
             positive(name)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise ConfigError(f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, "
+                              f"got {self.lora_dtype!r}")
         if self.max_model_len is not None:
             positive("max_model_len")
         if self.kv_cache_bytes is not None:

@@ -43,6 +43,13 @@ def test_pull_then_generate_answers_paris():
     assert "Paris" in result.output
 
 
+def test_serve_with_an_unknown_lora_dtype_is_a_clear_error(tmp_path, monkeypatch, tiny_llama_dir):
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
+    result = runner.invoke(app, ["serve", "--model", str(tiny_llama_dir), "--lora-dtype", "int4"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "lora_dtype must be one of auto, int8, got 'int4'" in result.output
+
+
 def test_admin_commands(tmp_path, monkeypatch, sharp_llama_dir, sharp_adapters):
     monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
 

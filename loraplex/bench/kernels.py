@@ -1,14 +1,16 @@
 """The CPU kernels alone, on SmolLM2-135M's shapes: what a step's LoRA work and decode attention
 cost, without the rest of the engine.
 
-    python -m loraplex.bench.kernels [--dtype bfloat16] [--slots 32] [--repeats 7]
+    python -m loraplex.bench.kernels [--dtype bfloat16] [--lora-dtype int8] [--slots 32]
+                                     [--repeats 7]
 
 LoRA: random rank-16 slot buffers of 30 layers for the four groups the model calls (q/k/v,
 gate/up, o, down), `slots` adapters, each layer's buffers its own tensors so that a step reads
 them from memory as the engine does; times one decode step (one token per slot) and prefill
 runs of 8, 64 and 200 tokens on one slot, and prints the decode step's read rate. Attention: 32
 sequences with contexts of 16-300 tokens on scattered blocks of 16, 30 layers. Medians of
-`repeats`. Used for the kernel rows of BENCHMARKS.md's "Attempts".
+`repeats`. With `--lora-dtype int8` the adapter weights are int8 with scales
+(lora/quantize.py). Used for the kernel rows of BENCHMARKS.md's "Attempts".
 """
 
 import argparse
@@ -18,8 +20,9 @@ import time
 import torch
 
 from loraplex.bench.cli import positive_int
-from loraplex.config import DTYPES
+from loraplex.config import DTYPES, LORA_DTYPES
 from loraplex.kernels import cpu as cpu_kernel
+from loraplex.lora.quantize import quantize
 
 LAYERS, RANK, HIDDEN, INTERMEDIATE = 30, 16, 576, 1536
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
@@ -45,9 +48,20 @@ def lora_step(layers, segments: list[list[int]], num_tokens: int, dtype):
 
     def step():
         for layer in layers:
-            for (a, b), y, (d_in, _) in zip(layer, outputs, GROUPS, strict=True):
-                cpu_kernel.add_lora_segments(y, inputs[d_in], a, b, segments)
+            for (a, b, scales), y, (d_in, _) in zip(layer, outputs, GROUPS, strict=True):
+                cpu_kernel.add_lora_segments(y, inputs[d_in], a, b, segments, scales)
     return step
+
+
+def random_group(slots: int, d_in: int, outs: list[int], dtype, int8: bool):
+    """(A, Bt of each module, scales or None) of one LoRA call's slot buffers."""
+    a = torch.randn(slots, RANK * len(outs), d_in).to(dtype) * 0.05
+    bs = tuple(torch.randn(slots, RANK, o).to(dtype) * 0.05 for o in outs)
+    if not int8:
+        return a, bs, None
+    parts = [quantize(a[:, i * RANK:(i + 1) * RANK], b) for i, b in enumerate(bs)]
+    return (torch.cat([p[0] for p in parts], dim=1), tuple(p[1] for p in parts),
+            torch.cat([p[2] for p in parts], dim=1).contiguous())
 
 
 def attention_step(dtype, num_seqs: int = 32):
@@ -76,21 +90,24 @@ def attention_step(dtype, num_seqs: int = 32):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--lora-dtype", default="auto", choices=LORA_DTYPES)
     parser.add_argument("--slots", type=positive_int, default=32)
     parser.add_argument("--repeats", type=positive_int, default=7)
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     if not cpu_kernel.is_available(dtype, torch.device("cpu")):
         raise SystemExit("the CPU kernels are not available here (no C++ compiler?)")
-    layers = [[(torch.randn(args.slots, RANK * len(outs), d_in).to(dtype) * 0.05,
-                tuple(torch.randn(args.slots, RANK, o).to(dtype) * 0.05 for o in outs))
-               for d_in, outs in GROUPS] for _ in range(LAYERS)]
-    itemsize = torch.tensor([], dtype=dtype).element_size()
+    int8 = args.lora_dtype == "int8"
+    layers = [[random_group(args.slots, d_in, outs, dtype, int8) for d_in, outs in GROUPS]
+              for _ in range(LAYERS)]
+    itemsize = 1 if int8 else torch.tensor([], dtype=dtype).element_size()
     step_bytes = LAYERS * args.slots * RANK * sum(
-        len(outs) * d_in + sum(outs) for d_in, outs in GROUPS) * itemsize
+        len(outs) * d_in + sum(outs) + (4 * len(outs) if int8 else 0) for d_in, outs in GROUPS
+    ) * itemsize
     decode = median_seconds(lora_step(layers, [[s, s, s + 1] for s in range(args.slots)],
                                       args.slots, dtype), args.repeats)
-    print(f"LoRA, {args.dtype}, {LAYERS} layers: decode step of {args.slots} adapters "
+    weights = "int8 weights" if int8 else "weights in the same dtype"
+    print(f"LoRA, {args.dtype}, {weights}, {LAYERS} layers: decode step of {args.slots} adapters "
           f"{1e3 * decode:.1f} ms ({step_bytes / decode / 1e9:.1f} GB/s)")
     for n in (8, 64, 200):
         run = median_seconds(lora_step(layers, [[0, 0, n]], n, dtype), args.repeats)

@@ -1,13 +1,15 @@
 """Where LoRA's cost goes in a workload: how much of the engine's slowdown with adapters is time
 spent inside the LoRA op, in steps with prefill tokens and in decode-only steps.
 
-    python -m loraplex.bench.lora_share [--dtype bfloat16] [--repeats 3] [--num-adapters 32]
-        [--num-requests 32] [--concurrency 32] [--prompt-len 16-256] [--output-len 16-128]
+    python -m loraplex.bench.lora_share [--dtype bfloat16] [--lora-dtype auto] [--repeats 3]
+        [--num-adapters 32] [--num-requests 32] [--concurrency 32] [--prompt-len 16-256]
+        [--output-len 16-128]
 
 The same requests (bench/workload.py, distinct adapters, closed loop) run in one process through
 three engines in turn, `repeats` times: with one adapter per request as in `loraplex bench`;
 the same engine with its LoRA op skipped (slots, per-step adapter metadata and the order of
-sequences stay); and the engine without adapters. Prints each one's median output tokens/s
+sequences stay); and the engine without adapters. `--lora-dtype int8` keeps the adapters'
+weights in slots as int8 (EngineConfig.lora_dtype). Prints each one's median output tokens/s
 and, with adapters, the seconds spent inside the LoRA op. Used for BENCHMARKS.md ("Attempts").
 """
 
@@ -23,7 +25,7 @@ from loraplex.bench.cli import parse_range, positive_int
 from loraplex.bench.loraplex_systems import DEFAULT_RANK, LoraplexEngineSystem
 from loraplex.bench.run import ordinary_token_ids
 from loraplex.bench.workload import WorkloadSpec, make_workload
-from loraplex.config import DTYPES
+from loraplex.config import DTYPES, LORA_DTYPES
 from loraplex.model import llama
 from loraplex.model.loader import read_config
 from loraplex.model.pull import PullError, resolve_model
@@ -36,10 +38,10 @@ def lora_op_timed(engine, seconds: dict[str, float], skip: bool):
     real_op, real_step = llama.add_lora, engine.step
     kind = "decode"
 
-    def op(y, x, lora_a, lora_b, batch):
+    def op(y, x, lora_a, lora_b, batch, lora_scales=None):
         start = time.perf_counter()
         if not skip:
-            real_op(y, x, lora_a, lora_b, batch)
+            real_op(y, x, lora_a, lora_b, batch, lora_scales)
         seconds[kind] += time.perf_counter() - start
         return y
 
@@ -62,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--lora-dtype", default="auto", choices=LORA_DTYPES)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--num-adapters", type=positive_int, default=32)
     parser.add_argument("--num-requests", type=positive_int, default=32)
@@ -84,7 +87,8 @@ def main() -> None:
           private_adapter_cache(Path(tmp) / "adapter-cache")):
         paths = [write_random_adapter(Path(tmp) / f"a{i}", config, DEFAULT_RANK, seed=i)
                  for i in range(args.num_adapters)]
-        with_adapters = LoraplexEngineSystem(max_batch_size=args.concurrency)
+        with_adapters = LoraplexEngineSystem(max_batch_size=args.concurrency,
+                                             lora_dtype=args.lora_dtype)
         base = LoraplexEngineSystem(max_batch_size=args.concurrency, use_adapters=False)
         runs = {"with adapters": (with_adapters, False), "LoRA op skipped": (with_adapters, True),
                 "no adapters": (base, False)}
@@ -106,7 +110,7 @@ def main() -> None:
             system.close()
     ceiling = statistics.median(rates["no adapters"])
     print(f"{args.num_requests} requests, {args.num_adapters} adapters, {args.dtype}, "
-          f"output tokens/s, median of {args.repeats}")
+          f"lora_dtype {args.lora_dtype}, output tokens/s, median of {args.repeats}")
     for name, values in rates.items():
         rate = statistics.median(values)
         rounds = " / ".join(f"{v:.1f}" for v in values)

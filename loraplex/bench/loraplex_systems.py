@@ -31,6 +31,7 @@ from loraplex.model.loader import read_config
 from loraplex.sampling_params import SamplingParams
 
 ENGINE_NAME = "loraplex"
+INT8_NAME = "loraplex, int8 adapter weights"  # EngineConfig.lora_dtype="int8"
 BASELINE_NAME = "loraplex, no adapters"  # the ceiling the report compares every system with
 RESIDENT_NAME = "loraplex, every adapter in a slot"  # what slot misses and loads cost
 RESIDENT_HOST_CACHE = 32  # its host cache: after pre-warming, every adapter serves from a slot
@@ -55,7 +56,7 @@ def adapter_rank(adapter_dir: Path) -> int:
 
 def engine_config(model_dir: Path, adapters: list[Path], dtype: str, *, max_batch_size: int,
                   max_loras: int, max_cpu_loras: int | None, max_model_len: int | None,
-                  kv_cache_bytes: int | None) -> EngineConfig:
+                  kv_cache_bytes: int | None, lora_dtype: str = "auto") -> EngineConfig:
     """The engine's settings for a benchmark: slots as wide as the widest adapter, every adapter
     in the host cache unless max_cpu_loras says otherwise, and (when max_model_len is known) a
     KV cache that holds max_batch_size full sequences, so nothing is preempted for lack of it."""
@@ -72,6 +73,7 @@ def engine_config(model_dir: Path, adapters: list[Path], dtype: str, *, max_batc
         max_cpu_loras=max_cpu_loras or max(max_loras, len(adapters)),
         max_lora_rank=max((adapter_rank(a) for a in adapters), default=DEFAULT_RANK),
         max_num_seqs=max_batch_size, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
+        lora_dtype=lora_dtype,
     )
 
 
@@ -127,13 +129,17 @@ class LoraplexEngineSystem:
     """The engine in process, stepped from the calling thread: each token's time is the moment
     the step that made it returned. `use_adapters=False` runs the same requests on the base
     model: the no-adapter ceiling; `max_loras=None` gives every adapter a slot of its own (with
-    a small host cache), so that no request ever waits for a load or a slot."""
+    a small host cache), so that no request ever waits for a load or a slot; `lora_dtype="int8"`
+    keeps the adapters' weights in slots as int8."""
 
     def __init__(self, *, max_batch_size: int = 32, max_loras: int | None = 32,
                  max_cpu_loras: int | None = None, use_adapters: bool = True,
-                 max_model_len: int | None = None, kv_cache_bytes: int | None = None):
+                 max_model_len: int | None = None, kv_cache_bytes: int | None = None,
+                 lora_dtype: str = "auto"):
         self.name = (BASELINE_NAME if not use_adapters
-                     else RESIDENT_NAME if max_loras is None else ENGINE_NAME)
+                     else RESIDENT_NAME if max_loras is None
+                     else INT8_NAME if lora_dtype == "int8" else ENGINE_NAME)
+        self.lora_dtype = lora_dtype
         self.max_batch_size = max_batch_size
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
@@ -152,7 +158,7 @@ class LoraplexEngineSystem:
         self.engine = LLMEngine(engine_config(
             model_dir, used, dtype, max_batch_size=self.max_batch_size, max_loras=max_loras,
             max_cpu_loras=max_cpu_loras, max_model_len=self.max_model_len,
-            kv_cache_bytes=self.kv_cache_bytes))
+            kv_cache_bytes=self.kv_cache_bytes, lora_dtype=self.lora_dtype))
         self.adapters = [AdapterRequest(i, str(Path(p).resolve())) for i, p in enumerate(used)]
         for adapter in self.adapters:  # into the host cache, and into a slot while one is free
             self.engine.prewarm(adapter)

@@ -30,12 +30,12 @@ class AdapterStats:
 
 class AdapterManager:
     def __init__(self, model: LlamaModel, max_loras: int, max_rank: int, max_cpu_loras: int,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, int8: bool = False):
         self.config = model.config
         self.cache_dir = cache_dir  # where loaded adapters are kept ready to serve, if anywhere
         self.dtype = model.embed_tokens.weight.dtype
         self.max_rank = max_rank
-        self.slots = AdapterSlots(model, max_loras, max_rank)
+        self.slots = AdapterSlots(model, max_loras, max_rank, int8=int8)
         self.host = HostCache(max_cpu_loras)
         self.stats = AdapterStats()
         self.slot_adapter: list[int | None] = [None] * max_loras  # slot -> adapter id

@@ -71,6 +71,7 @@ class LLMEngine:
         self.adapters = AdapterManager(
             self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
             cache_dir=adapter_cache_dir() if config.adapter_cache else None,
+            int8=config.lora_dtype == "int8",
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.blocks, self.adapters)

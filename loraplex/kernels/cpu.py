@@ -1,5 +1,6 @@
 """Builds and calls loraplex's CPU kernels (float32, bfloat16): lora.cpp, the mixed-adapter LoRA
-op, and decode_attention.cpp, decode attention over the paged KV cache.
+op (adapter weights in the same dtype, or int8 with scales), and decode_attention.cpp, decode
+attention over the paged KV cache.
 
 The sources are compiled together once per machine with the system's C++ compiler (a few
 seconds) into `$LORAPLEX_KERNEL_CACHE`, default `<loraplex home>/cache/kernels`, keyed by the
@@ -35,7 +36,7 @@ CACHE_ENV = "LORAPLEX_KERNEL_CACHE"
 CACHE_DIR = "cache/kernels"  # under the loraplex home, without CACHE_ENV
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 _DTYPE_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-# (kernel, dtype) -> its entry point, filled by _library()
+# (kernel, dtype) -> its entry point, filled by _library(); "add_lora_int8": int8 adapter weights
 _ENTRY_POINTS: dict[tuple[str, torch.dtype], Callable[..., int]] = {}
 
 logger = logging.getLogger(__name__)
@@ -63,36 +64,43 @@ def add_lora_segments(
     lora_a: torch.Tensor,
     lora_b: tuple[torch.Tensor, ...],
     segments: torch.Tensor,
+    lora_scales: torch.Tensor | None = None,
 ) -> None:
     """y[t] += the LoRA delta of slot s for every token t in [start, end) of each (s, start,
     end) in segments, in place (lora/ops.py add_lora's Semantics).
 
     Shapes: x [num_tokens, in], y [num_tokens, sum out_i], lora_a [max_loras, n * r, in],
-    lora_b n x [max_loras, r, out_i], segments [m, 3] int64.
+    lora_b n x [max_loras, r, out_i], segments [m, 3] int64; with int8 lora_a and lora_b,
+    lora_scales [max_loras, n * r] float32.
     """
     if _library() is None:
         raise KernelError("add_lora_segments: the CPU kernel is not available")
     num_slots, nr, in_features = lora_a.shape
     dtype, num_modules = x.dtype, len(lora_b)
+    weight_dtype = torch.int8 if lora_scales is not None else dtype
     rank = nr // num_modules
     matrices, outs = [0, 0, 0], [0, 0, 0]  # up to 3 modules (FUSED_LINEARS)
-    ok = (num_modules <= 3 and lora_a.dtype == dtype and y.dtype == dtype
+    ok = (num_modules <= 3 and lora_a.dtype == weight_dtype and y.dtype == dtype
           and x.stride(-1) == 1 and y.stride(-1) == 1 and x.shape[-1] == in_features
           and y.shape[0] == x.shape[0] and lora_a.is_contiguous()
           and segments.dtype == torch.int64 and segments.is_contiguous()
           and segments.dim() == 2 and segments.shape[1] == 3)
+    if ok and lora_scales is not None:
+        ok = (lora_scales.dtype == torch.float32 and lora_scales.is_contiguous()
+              and lora_scales.shape == (num_slots, nr))
     for i, b in enumerate(lora_b if ok else ()):
-        ok = (b.dtype == dtype and b.is_contiguous() and b.shape[0] == num_slots
+        ok = (b.dtype == weight_dtype and b.is_contiguous() and b.shape[0] == num_slots
               and b.shape[1] == rank)
         if not ok:
             break
         matrices[i], outs[i] = b.data_ptr(), b.shape[2]
     if not ok or y.shape[-1] != sum(outs):
         raise KernelError("add_lora_segments: tensors of unexpected dtype, shape or layout")
-    status = _ENTRY_POINTS["add_lora", dtype](
+    kernel = "add_lora" if lora_scales is None else "add_lora_int8"
+    status = _ENTRY_POINTS[kernel, dtype](
         segments.shape[0], segments.data_ptr(), x.shape[0], num_slots, x.data_ptr(), x.stride(0),
-        in_features, lora_a.data_ptr(), rank, num_modules, *matrices, *outs, y.data_ptr(),
-        y.stride(0), torch.get_num_threads(),
+        in_features, lora_a.data_ptr(), 0 if lora_scales is None else lora_scales.data_ptr(),
+        rank, num_modules, *matrices, *outs, y.data_ptr(), y.stride(0), torch.get_num_threads(),
     )
     if status != 0:
         raise KernelError("add_lora_segments: a segment's slot or tokens are out of range")
@@ -154,17 +162,19 @@ def _library() -> ctypes.CDLL | None:
                        "decode attention use plain PyTorch (slower)", e)
         return None
     for dtype, suffix in _DTYPE_SUFFIXES.items():
-        entry = getattr(library, f"add_lora_{suffix}")
-        entry.restype = ctypes.c_int
-        entry.argtypes = [
-            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # segments, tokens
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # x
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # A, rank, modules
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # Bt of each module
-            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # out of each module
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,  # y, threads
-        ]
-        _ENTRY_POINTS["add_lora", dtype] = entry
+        for kernel, name in [("add_lora", f"add_lora_{suffix}"),
+                             ("add_lora_int8", f"add_lora_{suffix}_int8")]:
+            entry = getattr(library, name)
+            entry.restype = ctypes.c_int
+            entry.argtypes = [
+                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # segments
+                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # x
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # A, scales
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # Bt of each module
+                ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # out of each module
+                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,  # y, threads
+            ]
+            _ENTRY_POINTS[kernel, dtype] = entry
         entry = getattr(library, f"decode_attention_{suffix}")
         entry.restype = ctypes.c_int
         entry.argtypes = [

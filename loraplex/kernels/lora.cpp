@@ -4,7 +4,8 @@
 //     h = A[s] @ x[t]                                   n * r values, float32 sums
 //     y[t, columns of module i] += h[i*r:(i+1)*r] @ Bt_i[s]
 // A [num_slots, n * r, in] and Bt_i [num_slots, r, out_i] (B transposed) contiguous; x and y
-// rows at the given strides; y's module columns side by side in module order.
+// rows at the given strides; y's module columns side by side in module order. With int8
+// weights (lora/quantize.py) h[k] is also multiplied by scales[s, k].
 //
 // Why our own loops: a decoding token reads its own adapter's matrices once, so that work is
 // bound by memory traffic, and PyTorch's batched small matmuls move ~8 GB/s here. A prefill
@@ -15,10 +16,13 @@
 // register) so the compiler keeps the group's sums in registers. Decoding tokens are whole tasks
 // of one thread each, which prefetches the next one's matrices while it reads the current ones
 // (decode_group). In bf16 on CPUs with bf16 dot products (AVX512_BF16) the shrink multiplies
-// bf16 directly, 32 products an instruction. The threads are OpenMP's, the same runtime
-// PyTorch's own ops use.
+// bf16 directly, 32 products an instruction. Int8 weights halve the bytes a decoding token
+// reads; on CPUs with int16 dot products (AVX512_VNNI) the inputs and h meet them as int16, so
+// that an int8 weight costs one widening for 32 products too. The threads are OpenMP's, the
+// same runtime PyTorch's own ops use.
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -64,10 +68,32 @@ constexpr bool kBf16Dot = true;  // the CPU multiplies bf16 pairs (vdpbf16ps)
 #else
 constexpr bool kBf16Dot = false;
 #endif
-// Whether the shrink reads float32 copies of the inputs, made once a call: bf16 without bf16
-// dot products, so that each input is widened once rather than once per row of A.
+#if defined(__AVX512VNNI__)
+constexpr bool kInt16Dot = true;  // the CPU sums int16 pair products into int32 (vpdpwssd)
+#else
+constexpr bool kInt16Dot = false;
+#endif
+// Whether the shrink reads int16 copies of the inputs, made once a call: int8 weights on CPUs
+// with int16 dot products (shrink_rows_int8).
+template <typename W>
+constexpr bool kQuantizesInputs = std::is_same_v<W, int8_t> && kInt16Dot;
+// Whether the shrink reads float32 copies of the inputs, made once a call: bf16 inputs without
+// dot products for the weights (bf16 pairs for bf16 weights, int16 ones for int8), so that each
+// input is widened once rather than once per row of A.
+template <typename T, typename W>
+constexpr bool kWidensInputs = std::is_same_v<T, BFloat16> &&
+                               !(std::is_same_v<W, int8_t> ? kInt16Dot : kBf16Dot);
+
+// A group's inputs in each form the shrink may read: x itself (x_stride apart), and the float32
+// (xf) or int16 (xq, with their scales xs) copies, in_features apart, where a call makes them.
 template <typename T>
-constexpr bool kWidensInputs = std::is_same_v<T, BFloat16> && !kBf16Dot;
+struct Inputs {
+  const T *x;
+  int64_t x_stride;
+  const float *xf;
+  const int16_t *xq;
+  const float *xs;
+};
 
 // A dot product's vector part plus its last terms, from column i on, in float32.
 template <typename T, typename U>
@@ -77,12 +103,13 @@ float dot_tail(float total, const T *row, const U *input, int64_t i, int64_t in_
 }
 
 // h[g * nr + k] = A row k . input g for R consecutive rows of A and the N tokens of a group
-// (xf: their float32 inputs, xf_stride apart), in float32 multiply-adds. Each load of A
-// prefetches the place `ahead` values on into L2 (rows this thread reads later): short rows
-// read in parallel outpace the hardware prefetcher.
+// (xf: their float32 inputs, xf_stride apart), in float32 multiply-adds; int8 rows' sums are
+// multiplied by their scales (scales[k]). Each load of A prefetches the place `ahead` values on
+// into L2 (rows this thread reads later): short rows read in parallel outpace the hardware
+// prefetcher.
 template <int N, int R, typename T>
 void shrink_rows_f32(const T *rows, const float *xf, int64_t xf_stride, int64_t in_features,
-                     float *h, int64_t nr, int64_t ahead) {
+                     float *h, int64_t nr, int64_t ahead, const float *scales) {
   f32x16 sums[R][N] = {};
   int64_t i = 0;
   for (; i + kLanes <= in_features; i += kLanes) {
@@ -96,8 +123,13 @@ void shrink_rows_f32(const T *rows, const float *xf, int64_t xf_stride, int64_t 
   }
   for (int k = 0; k < R; k++) {
     for (int g = 0; g < N; g++) {
-      h[g * nr + k] = as_stored(dot_tail(sum_lanes(sums[k][g]), rows + k * in_features,
-                                         xf + g * xf_stride, i, in_features), T{});
+      const float sum = dot_tail(sum_lanes(sums[k][g]), rows + k * in_features,
+                                 xf + g * xf_stride, i, in_features);
+      if constexpr (std::is_same_v<T, int8_t>) {
+        h[g * nr + k] = sum * scales[k];
+      } else {
+        h[g * nr + k] = as_stored(sum, T{});
+      }
     }
   }
 }
@@ -133,18 +165,104 @@ void shrink_rows_bf16(const BFloat16 *rows, const BFloat16 *x, int64_t x_stride,
 }
 #endif
 
-// shrink_rows_f32's result for the tokens whose inputs are x (x_stride apart), or their float32
-// copies xf (in_features apart) where kWidensInputs, in bf16 dot products where the CPU has them.
-template <int N, int R, typename T>
-void shrink_rows(const T *rows, const T *x, int64_t x_stride, const float *xf,
-                 int64_t in_features, float *h, int64_t nr, int64_t ahead) {
-  if constexpr (std::is_same_v<T, float>) {
-    shrink_rows_f32<N, R>(rows, x, x_stride, in_features, h, nr, ahead);
-  } else if constexpr (kWidensInputs<T>) {
-    shrink_rows_f32<N, R>(rows, xf, in_features, in_features, h, nr, ahead);
+// Int8 weights times int16 inputs, summed in int32 (vpdpwssd: 32 products an instruction, the
+// int8 widened by one instruction), at most this many inputs before the int32 sums go to float:
+// 8,192 / 32 instructions add at most 256 * 2 * 127 * 32,767 < 2^31 to a lane.
+constexpr int64_t kInt32Span = 8192;
+
+// An input as int16 and the scale that gives it back (absmax / 32,767): inputs meet int8
+// weights this way where the CPU has int16 dot products. Its rounding (2^-16 of the largest input) stays below bf16's own of
+// that input, whose error is then the larger one in any sum of products.
+template <typename T>
+float quantize_input(const T *input, int64_t in_features, int16_t *q) {
+  f32x16 largest16 = {};
+  int64_t i = 0;
+  for (; i + kLanes <= in_features; i += kLanes) {
+    const f32x16 v = load16(input + i);
+    const f32x16 magnitude = v < 0 ? -v : v;
+    largest16 = magnitude > largest16 ? magnitude : largest16;
+  }
+  float largest = 0.f;
+  for (int l = 0; l < kLanes; l++) largest = std::max(largest, largest16[l]);
+  for (; i < in_features; i++) largest = std::max(largest, std::abs(load(input[i])));
+  if (!(largest > 0.f) || !std::isfinite(largest)) {  // zeros, or NaN/inf that y already holds
+    std::fill(q, q + in_features, int16_t{0});
+    return 0.f;
+  }
+  const float inverse = 32767.f / largest;
+  i = 0;
+#if defined(__AVX512F__)
+  for (; i + kLanes <= in_features; i += kLanes) {  // rounded to nearest even, as below
+    const __m512i rounded = _mm512_cvtps_epi32((__m512)(load16(input + i) * inverse));
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(q + i), _mm512_cvtsepi32_epi16(rounded));
+  }
+#endif
+  for (; i < in_features; i++) {
+    q[i] = static_cast<int16_t>(std::nearbyint(load(input[i]) * inverse));
+  }
+  return largest / 32767.f;
+}
+
+#if defined(__AVX512VNNI__)
+// shrink_rows_f32 for int8 rows against the tokens' int16 inputs (xq, in_features apart, scales
+// xs): 32 products an instruction in int32, each span's sums added up in float32, then times
+// the row's scale and the input's.
+template <int N, int R>
+void shrink_rows_int8(const int8_t *rows, const int16_t *xq, const float *xs,
+                      int64_t in_features, float *h, int64_t nr, int64_t ahead,
+                      const float *scales) {
+  float totals[R][N] = {};
+  const int64_t vectors = in_features / 32 * 32;
+  for (int64_t span = 0; span < vectors; span += kInt32Span) {
+    __m512i sums[R][N];
+    for (int k = 0; k < R; k++) {
+      for (int g = 0; g < N; g++) sums[k][g] = _mm512_setzero_si512();
+    }
+    const int64_t end = std::min(vectors, span + kInt32Span);
+    for (int64_t i = span; i < end; i += 32) {
+      __m512i inputs[N];
+      for (int g = 0; g < N; g++) inputs[g] = _mm512_loadu_si512(xq + g * in_features + i);
+      for (int k = 0; k < R; k++) {
+        const int8_t *row = rows + k * in_features + i;
+        if ((i & 63) == 0) __builtin_prefetch(row + ahead, 0, 1);  // once a cache line
+        const __m512i w =
+            _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(row)));
+        for (int g = 0; g < N; g++) sums[k][g] = _mm512_dpwssd_epi32(sums[k][g], w, inputs[g]);
+      }
+    }
+    for (int k = 0; k < R; k++) {
+      for (int g = 0; g < N; g++) totals[k][g] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(sums[k][g]));
+    }
+  }
+  for (int k = 0; k < R; k++) {
+    for (int g = 0; g < N; g++) {
+      float total = totals[k][g];
+      for (int64_t i = vectors; i < in_features; i++) {
+        total += static_cast<float>(rows[k * in_features + i]) * xq[g * in_features + i];
+      }
+      h[g * nr + k] = total * scales[k] * xs[g];
+    }
+  }
+}
+#endif
+
+// shrink_rows_f32's result for the tokens of `in`: int8 rows against their int16 copies where
+// kQuantizesInputs, bf16 rows against bf16 inputs in bf16 dot products where the CPU has them,
+// else in float32 (from the float32 copies where kWidensInputs).
+template <int N, int R, typename W, typename T>
+void shrink_rows(const W *rows, const Inputs<T> &in, int64_t in_features, float *h, int64_t nr,
+                 int64_t ahead, const float *scales) {
+  if constexpr (kQuantizesInputs<W>) {
+#if defined(__AVX512VNNI__)
+    shrink_rows_int8<N, R>(rows, in.xq, in.xs, in_features, h, nr, ahead, scales);
+#endif
+  } else if constexpr (std::is_same_v<T, float>) {
+    shrink_rows_f32<N, R>(rows, in.x, in.x_stride, in_features, h, nr, ahead, scales);
+  } else if constexpr (kWidensInputs<T, W>) {
+    shrink_rows_f32<N, R>(rows, in.xf, in_features, in_features, h, nr, ahead, scales);
   } else {
 #if defined(__AVX512BF16__)
-    shrink_rows_bf16<N, R>(rows, x, x_stride, in_features, h, nr, ahead);
+    shrink_rows_bf16<N, R>(rows, in.x, in.x_stride, in_features, h, nr, ahead);
 #endif
   }
 }
@@ -152,8 +270,8 @@ void shrink_rows(const T *rows, const T *x, int64_t x_stride, const float *xf,
 // y[g, first:end] += h[g] . Bt[:, first:end] for the N tokens of a group (hr: their r values
 // of this module, nr apart; bt: the module's Bt for the slot, [rank, out]), C column vectors
 // at a time.
-template <int N, int C, typename T>
-int64_t expand_columns(const T *bt, int64_t rank, int64_t out, const float *hr, int64_t nr,
+template <int N, int C, typename W, typename T>
+int64_t expand_columns(const W *bt, int64_t rank, int64_t out, const float *hr, int64_t nr,
                        int64_t c, int64_t end, T *y, int64_t y_stride) {
   for (; c + C * kLanes <= end; c += C * kLanes) {
     f32x16 sums[C][N] = {};
@@ -227,14 +345,100 @@ int64_t expand_columns_bf16(const BFloat16 *bt, int64_t rank, int64_t out, const
 }
 #endif
 
+#if defined(__AVX512VNNI__)
+// expand_columns for int8 Bt where the CPU has int16 dot products, 32 columns at a time from
+// column c while they fit before end (returns where it stopped): each token's r values of h as
+// int16 with one scale (absmax / 32,767, finer than the bf16 h of the other paths), and per
+// strip of 64 columns (32 past two tokens) its sums in int32 registers over all rows of Bt, each
+// load prefetching the place `ahead` values on: rows q and q+1 interleaved
+// (vpunpck{l,h}bw, widened to int16 pairs) against the pair (h[q], h[q+1]), 32 products an
+// instruction. The unpacks work within 128-bit lanes, so a 32-column unit's sums hold columns
+// 0-7, 16-23 (lo) and 8-15, 24-31 (hi); two permutes restore them. Sums stay below 2^31 for
+// ranks up to kMaxPairs * 2 (then nothing is taken here).
 template <int N, typename T>
-void expand_block(const T *bt, int64_t rank, int64_t out, const float *hr, int64_t nr,
-                  int64_t first, int64_t end, T *y, int64_t y_stride) {
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    first = expand_columns_bf16<N>(bt, rank, out, hr, nr, first, end, y, y_stride);
+int64_t expand_strips_int8(const int8_t *bt, int64_t rank, int64_t out, const float *hr,
+                           int64_t nr, int64_t c, int64_t end, T *y, int64_t y_stride,
+                           int64_t ahead) {
+  constexpr int64_t kUnit = 32;
+  constexpr int kUnits = N <= 2 ? 2 : 1;  // sums of N * kUnits * 2 registers
+  const int64_t num_pairs = (rank + 1) / 2;
+  if (num_pairs > kMaxPairs) return c;
+  int32_t h_pairs[N][kMaxPairs];  // (h[q], h[q+1]) as int16 bits, an odd rank's last with 0
+  float h_scales[N];
+  for (int g = 0; g < N; g++) {
+    int16_t q[2 * kMaxPairs] = {};
+    h_scales[g] = quantize_input(hr + g * nr, rank, q);
+    for (int64_t p = 0; p < num_pairs; p++) {
+      h_pairs[g][p] = static_cast<int32_t>(static_cast<uint16_t>(q[2 * p])) |
+                      (static_cast<int32_t>(q[2 * p + 1]) << 16);
+    }
   }
+  const __m512i first_half = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16,
+                                              7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i second_half = _mm512_set_epi32(31, 30, 29, 28, 27, 26, 25, 24,
+                                               15, 14, 13, 12, 11, 10, 9, 8);
+  // Sums over all pairs for the U 32-column units from column c, kept in registers.
+  auto strip = [&](auto units, int64_t c) {
+    constexpr int U = decltype(units)::value;
+    __m512i sums[N][U][2];  // [token][unit][lo, hi]
+    for (int g = 0; g < N; g++) {
+      for (int u = 0; u < U; u++) sums[g][u][0] = sums[g][u][1] = _mm512_setzero_si512();
+    }
+    for (int64_t p = 0; p < num_pairs; p++) {
+      const int8_t *row0 = bt + 2 * p * out + c, *row1 = row0 + out;
+      const bool has_row1 = 2 * p + 1 < rank;
+      __builtin_prefetch(row0 + ahead, 0, 1);  // the strip's cache line of each row
+      if (has_row1) __builtin_prefetch(row1 + ahead, 0, 1);
+      for (int u = 0; u < U; u++) {
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(row0 + u * kUnit));
+        __m256i w1 = _mm256_setzero_si256();
+        if (has_row1) {
+          w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(row1 + u * kUnit));
+        }
+        const __m512i lo = _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(w0, w1));
+        const __m512i hi = _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(w0, w1));
+        for (int g = 0; g < N; g++) {
+          const __m512i h = _mm512_set1_epi32(h_pairs[g][p]);
+          sums[g][u][0] = _mm512_dpwssd_epi32(sums[g][u][0], lo, h);
+          sums[g][u][1] = _mm512_dpwssd_epi32(sums[g][u][1], hi, h);
+        }
+      }
+    }
+    for (int g = 0; g < N; g++) {
+      const __m512 scale = _mm512_set1_ps(h_scales[g]);
+      for (int u = 0; u < U; u++) {
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[g][u][0]), scale);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[g][u][1]), scale);
+        T *target = y + g * y_stride + c + u * kUnit;
+        store16(target, load16(target) + (f32x16)_mm512_permutex2var_ps(lo, first_half, hi));
+        store16(target + kLanes,
+                load16(target + kLanes) + (f32x16)_mm512_permutex2var_ps(lo, second_half, hi));
+      }
+    }
+  };
+  for (; c + kUnits * kUnit <= end; c += kUnits * kUnit) {
+    strip(std::integral_constant<int, kUnits>{}, c);
+  }
+  if (c + kUnit <= end) {
+    strip(std::integral_constant<int, 1>{}, c);
+    c += kUnit;
+  }
+  return c;
+}
 #endif
+
+template <int N, typename W, typename T>
+void expand_block(const W *bt, int64_t rank, int64_t out, const float *hr, int64_t nr,
+                  int64_t first, int64_t end, T *y, int64_t y_stride) {
+  if constexpr (kQuantizesInputs<W>) {
+#if defined(__AVX512VNNI__)
+    first = expand_strips_int8<N>(bt, rank, out, hr, nr, first, end, y, y_stride, 0);
+#endif
+  } else if constexpr (std::is_same_v<W, BFloat16>) {
+#if defined(__AVX512BF16__)
+    first = expand_columns_bf16<N>(bt, rank, out, hr, nr, first, end, y, y_stride);
+#endif
+  }
   int64_t c = expand_columns<N, ways_for(N)>(bt, rank, out, hr, nr, first, end, y, y_stride);
   c = expand_columns<N, 1>(bt, rank, out, hr, nr, c, end, y, y_stride);
   for (; c < end; c++) {  // the last columns when out is not a multiple of kLanes
@@ -246,19 +450,21 @@ void expand_block(const T *bt, int64_t rank, int64_t out, const float *hr, int64
   }
 }
 
-// expand_block's result for a decoding group's N tokens over all of a module's columns: Bt's
-// rows in address order, two at a time, the sums kept in float32 in L1 (kWideBlock columns at
-// a time), each load prefetching the place `ahead` values on.
-template <int N, typename T>
-void expand_rows(const T *bt, int64_t rank, int64_t out, const float *hr, int64_t nr, T *y,
-                 int64_t y_stride, int64_t ahead) {
+// expand_block's result for a decoding group's N tokens over `columns` columns of a module (bt:
+// its Bt from the first of them, rows `out` apart): Bt's rows in address order, two at a time,
+// the sums kept in float32 in L1 (kWideBlock columns at a time), each load prefetching the place
+// `ahead` values on.
+template <int N, typename W, typename T>
+void expand_rows(const W *bt, int64_t rank, int64_t out, const float *hr, int64_t nr, T *y,
+                 int64_t y_stride, int64_t ahead, int64_t columns) {
   alignas(64) float sums[N][kWideBlock];
-  for (int64_t first = 0; first < out; first += kWideBlock) {
-    const int64_t width = std::min(kWideBlock, out - first), vectors = width / kLanes * kLanes;
+  for (int64_t first = 0; first < columns; first += kWideBlock) {
+    const int64_t width = std::min(kWideBlock, columns - first);
+    const int64_t vectors = width / kLanes * kLanes;
     for (int g = 0; g < N; g++) std::fill(sums[g], sums[g] + width, 0.f);
     int64_t q = 0;
     for (; q + 2 <= rank; q += 2) {
-      const T *row0 = bt + q * out + first, *row1 = row0 + out;
+      const W *row0 = bt + q * out + first, *row1 = row0 + out;
       float h0[N], h1[N];
       for (int g = 0; g < N; g++) h0[g] = hr[g * nr + q], h1[g] = hr[g * nr + q + 1];
       for (int64_t c = 0; c < vectors; c += kLanes) {
@@ -274,7 +480,7 @@ void expand_rows(const T *bt, int64_t rank, int64_t out, const float *hr, int64_
       }
     }
     if (q < rank) {  // an odd rank's last row
-      const T *row = bt + q * out + first;
+      const W *row = bt + q * out + first;
       for (int64_t c = 0; c < width; c++) {
         for (int g = 0; g < N; g++) sums[g][c] += hr[g * nr + q] * load(row[c]);
       }
@@ -288,31 +494,48 @@ void expand_rows(const T *bt, int64_t rank, int64_t out, const float *hr, int64_
   }
 }
 
+
 // All of a decoding group's work (N <= kDecodeTokens tokens on one slot) by one thread: its
 // slot's A and each Bt read once, in address order, while the same places of next_slot's (the
 // group this thread does next) are prefetched into L2, a whole group ahead. A slot's matrices
 // are 6-55 KB apiece, too short for the hardware prefetcher to reach memory speed by itself
 // (a decode step of 32 adapters read at ~16 GB/s without this, ~24 GB/s with it, of the ~27
 // this machine streams), and the group needs no barrier between its shrink and its expand.
-template <int N, typename T>
-void decode_group(int64_t slot, int64_t next_slot, const T *x, int64_t x_stride, const float *xf,
-                  int64_t in_features, const T *a, int64_t rank, int64_t num_modules,
-                  const T *const *b, const int64_t *outs, float *h, T *y, int64_t y_stride) {
+// Int8 Bt is read in 64-column strips over all its rows instead (expand_strips_int8), where
+// that path exists: its sums stay in registers.
+template <int N, typename T, typename W>
+void decode_group(int64_t slot, int64_t next_slot, const Inputs<T> &in, int64_t in_features,
+                  const W *a, const float *scales, int64_t rank, int64_t num_modules,
+                  const W *const *b, const int64_t *outs, float *h, T *y, int64_t y_stride) {
   const int64_t nr = num_modules * rank;
   constexpr int R = ways_for(N);
-  const T *rows = a + slot * nr * in_features;
+  const W *rows = a + slot * nr * in_features;
+  const float *row_scales = scales ? scales + slot * nr : nullptr;
   const int64_t ahead = (next_slot - slot) * nr * in_features;
   int64_t j = 0;
   for (; j + R <= nr; j += R) {
-    shrink_rows<N, R>(rows + j * in_features, x, x_stride, xf, in_features, h + j, nr, ahead);
+    shrink_rows<N, R>(rows + j * in_features, in, in_features, h + j, nr, ahead,
+                      row_scales ? row_scales + j : nullptr);
   }
   for (; j < nr; j++) {
-    shrink_rows<N, 1>(rows + j * in_features, x, x_stride, xf, in_features, h + j, nr, ahead);
+    shrink_rows<N, 1>(rows + j * in_features, in, in_features, h + j, nr, ahead,
+                      row_scales ? row_scales + j : nullptr);
   }
   for (int64_t i = 0, column = 0; i < num_modules; column += outs[i], i++) {
     const int64_t size = rank * outs[i];  // of one slot's Bt
-    expand_rows<N>(b[i] + slot * size, rank, outs[i], h + i * rank, nr, y + column, y_stride,
-                   (next_slot - slot) * size);
+    const W *bt = b[i] + slot * size;
+    const int64_t bt_ahead = (next_slot - slot) * size;
+    int64_t done = 0;  // columns expand_strips_int8 took
+    if constexpr (kQuantizesInputs<W>) {
+#if defined(__AVX512VNNI__)
+      done = expand_strips_int8<N>(bt, rank, outs[i], h + i * rank, nr, 0, outs[i], y + column,
+                                   y_stride, bt_ahead);
+#endif
+    }
+    if (done < outs[i]) {
+      expand_rows<N>(bt + done, rank, outs[i], h + i * rank, nr, y + column + done, y_stride,
+                     bt_ahead, outs[i] - done);
+    }
   }
 }
 
@@ -325,11 +548,13 @@ void prefetch_lines(const T *start, int64_t count) {
   }
 }
 
-template <typename T>
+// T: the inputs' and outputs' type; W: the adapter weights', T or int8 (then with scales, one per
+// row of A: [num_slots, n * r], the product of that row's scale and its Bt row's).
+template <typename T, typename W>
 int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
-             int64_t num_slots, const T *x, int64_t x_stride, int64_t in_features, const T *a,
-             int64_t rank, int64_t num_modules, const T *const *b, const int64_t *outs, T *y,
-             int64_t y_stride, int num_threads) {
+             int64_t num_slots, const T *x, int64_t x_stride, int64_t in_features, const W *a,
+             const float *scales, int64_t rank, int64_t num_modules, const W *const *b,
+             const int64_t *outs, T *y, int64_t y_stride, int num_threads) {
   // Decoding groups (a few tokens) each go whole to one thread when there are enough of them to
   // keep every thread busy; the rest (prefill) are split into row chunks (shrink) and column
   // blocks (expand) across the threads.
@@ -360,22 +585,37 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
   // Scratch, uninitialised: only the listed tokens' rows are written and read.
   std::unique_ptr<float[]> h(new float[num_tokens * nr]);  // [num_tokens, n * r]
-  std::unique_ptr<float[]> xf;  // [num_tokens, in] float32 inputs, where kWidensInputs
-  if constexpr (kWidensInputs<T>) xf.reset(new float[num_tokens * in_features]);
-  auto widened = [&](int64_t first) -> const float * {  // a group's rows of xf, if any
-    return xf ? xf.get() + first * in_features : nullptr;
+  // Copies of the inputs: float32 [num_tokens, in] where kWidensInputs; int16 [num_tokens, in]
+  // and their scales [num_tokens] where kQuantizesInputs.
+  std::unique_ptr<float[]> xf, xs;
+  std::unique_ptr<int16_t[]> xq;
+  if constexpr (kWidensInputs<T, W>) xf.reset(new float[num_tokens * in_features]);
+  if constexpr (kQuantizesInputs<W>) {
+    xq.reset(new int16_t[num_tokens * in_features]);
+    xs.reset(new float[num_tokens]);
+  }
+  auto inputs = [&](int64_t first) {  // the group's from token first on
+    return Inputs<T>{x + first * x_stride, x_stride,
+                     xf ? xf.get() + first * in_features : nullptr,
+                     xq ? xq.get() + first * in_features : nullptr,
+                     xs ? xs.get() + first : nullptr};
   };
 
 #pragma omp parallel num_threads(num_threads)
   {
-    if constexpr (kWidensInputs<T>) {
+    if constexpr (kWidensInputs<T, W> || kQuantizesInputs<W>) {
 #pragma omp for schedule(static)
-      for (int64_t k = 0; k < num_segments; k++) {
-        for (int64_t t = segments[3 * k + 1]; t < segments[3 * k + 2]; t++) {
+      for (int64_t k = 0; k < num_decoding + num_groups; k++) {  // by groups: a long segment
+        const Group &group = k < num_decoding ? decoding[k] : groups[k - num_decoding];
+        for (int64_t t = group.first; t < group.first + group.count; t++) {
           const T *input = x + t * x_stride;
-          float *converted = xf.get() + t * in_features;
+          if constexpr (kQuantizesInputs<W>) {
+            xs[t] = quantize_input(input, in_features, xq.get() + t * in_features);
+          } else {
+            float *converted = xf.get() + t * in_features;
 #pragma omp simd
-          for (int64_t i = 0; i < in_features; i++) converted[i] = load(input[i]);
+            for (int64_t i = 0; i < in_features; i++) converted[i] = load(input[i]);
+          }
         }
       }
     }
@@ -397,9 +637,9 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
       const int64_t next_slot = d + 1 < finish ? decoding[d + 1].slot : group.slot;
       auto run = [&](auto n) {
         decode_group<decltype(n)::value>(
-            group.slot, next_slot, x + group.first * x_stride, x_stride,
-            widened(group.first), in_features, a, rank, num_modules, b, outs,
-            h.get() + group.first * nr, y + group.first * y_stride, y_stride);
+            group.slot, next_slot, inputs(group.first), in_features, a, scales, rank,
+            num_modules, b, outs, h.get() + group.first * nr, y + group.first * y_stride,
+            y_stride);
       };
       if (group.count == 1) {
         run(std::integral_constant<int, 1>{});
@@ -412,21 +652,23 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
     for (int64_t g = 0; g < num_groups; g++) {
       for (int64_t first = 0; first < nr; first += kChains) {
         const Group &group = groups[g];
-        const T *rows = a + (group.slot * nr + first) * in_features;
-        const float *inputs = widened(group.first);
+        const W *rows = a + (group.slot * nr + first) * in_features;
+        const float *row_scales = scales ? scales + group.slot * nr + first : nullptr;
+        const Inputs<T> in = inputs(group.first);
         float *sums = h.get() + group.first * nr + first;
-        const T *x_rows = x + group.first * x_stride;
         with_constant<kGroup>(group.count, [&](auto n) {
           constexpr int N = decltype(n)::value, R = ways_for(N);
           int64_t j = first;
           const int64_t end = std::min(first + kChains, nr);
           for (; j + R <= end; j += R) {  // prefetching the next R rows
-            shrink_rows<N, R>(rows + (j - first) * in_features, x_rows, x_stride, inputs,
-                              in_features, sums + (j - first), nr, R * in_features);
+            shrink_rows<N, R>(rows + (j - first) * in_features, in, in_features,
+                              sums + (j - first), nr, R * in_features,
+                              row_scales ? row_scales + (j - first) : nullptr);
           }
           for (; j < end; j++) {
-            shrink_rows<N, 1>(rows + (j - first) * in_features, x_rows, x_stride, inputs,
-                              in_features, sums + (j - first), nr, in_features);
+            shrink_rows<N, 1>(rows + (j - first) * in_features, in, in_features,
+                              sums + (j - first), nr, in_features,
+                              row_scales ? row_scales + (j - first) : nullptr);
           }
         });
       }
@@ -438,7 +680,7 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
         const Group &group = groups[g];
         const Block &block = blocks[k];
         const int64_t out = outs[block.module];
-        const T *bt = b[block.module] + group.slot * rank * out;
+        const W *bt = b[block.module] + group.slot * rank * out;
         const float *hr = h.get() + group.first * nr + block.module * rank;
         T *target = y + group.first * y_stride + block.column;
         with_constant<kGroup>(group.count, [&](auto n) {
@@ -453,24 +695,28 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
 
 }  // namespace
 
-// One entry point per dtype. segments: [num_segments, 3] int64 (slot, start, end); b0..b2 and
-// out0..out2: the Bt and width of each of the num_modules (1 to 3) modules. Returns 0, or 1 when
-// a segment is out of range (nothing is written then).
-#define LORAPLEX_ENTRY(NAME, T)                                                                \
+// One entry point per (activation dtype, weight dtype). segments: [num_segments, 3] int64 (slot,
+// start, end); b0..b2 and out0..out2: the Bt and width of each of the num_modules (1 to 3)
+// modules; scales: [num_slots, n * r] float32 for int8 weights, else ignored. Returns 0, or 1
+// when a segment is out of range (nothing is written then).
+#define LORAPLEX_ENTRY(NAME, T, W)                                                             \
   extern "C" int NAME(int64_t num_segments, const int64_t *segments, int64_t num_tokens,       \
                       int64_t num_slots, const void *x, int64_t x_stride, int64_t in_features, \
-                      const void *a, int64_t rank, int64_t num_modules, const void *b0,        \
-                      const void *b1, const void *b2, int64_t out0, int64_t out1,              \
-                      int64_t out2, void *y, int64_t y_stride, int num_threads) {              \
-    const T *b[3] = {static_cast<const T *>(b0), static_cast<const T *>(b1),                   \
-                     static_cast<const T *>(b2)};                                              \
+                      const void *a, const float *scales, int64_t rank, int64_t num_modules,   \
+                      const void *b0, const void *b1, const void *b2, int64_t out0,            \
+                      int64_t out1, int64_t out2, void *y, int64_t y_stride,                   \
+                      int num_threads) {                                                       \
+    const W *b[3] = {static_cast<const W *>(b0), static_cast<const W *>(b1),                   \
+                     static_cast<const W *>(b2)};                                              \
     const int64_t outs[3] = {out0, out1, out2};                                                \
     if (num_modules < 1 || num_modules > 3) return 1;                                          \
-    return add_lora<T>(num_segments, segments, num_tokens, num_slots,                         \
-                       static_cast<const T *>(x), x_stride, in_features,                      \
-                       static_cast<const T *>(a), rank, num_modules, b, outs,                 \
-                       static_cast<T *>(y), y_stride, num_threads);                           \
+    return add_lora<T, W>(num_segments, segments, num_tokens, num_slots,                      \
+                          static_cast<const T *>(x), x_stride, in_features,                   \
+                          static_cast<const W *>(a), scales, rank, num_modules, b, outs,      \
+                          static_cast<T *>(y), y_stride, num_threads);                        \
   }
 
-LORAPLEX_ENTRY(add_lora_f32, float)
-LORAPLEX_ENTRY(add_lora_bf16, BFloat16)
+LORAPLEX_ENTRY(add_lora_f32, float, float)
+LORAPLEX_ENTRY(add_lora_bf16, BFloat16, BFloat16)
+LORAPLEX_ENTRY(add_lora_f32_int8, float, int8_t)
+LORAPLEX_ENTRY(add_lora_bf16_int8, BFloat16, int8_t)

@@ -1,5 +1,6 @@
 // What loraplex's CPU kernels share: bf16 as bits, and 16-float vectors (GCC / Clang vector
-// extensions: one AVX-512 register, two AVX2 ones) with their loads, stores and lane sum.
+// extensions: one AVX-512 register, two AVX2 ones) with their loads (from float32, bf16 or
+// int8), stores and lane sum.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +18,7 @@ struct BFloat16 {
 };
 
 inline float load(float v) { return v; }
+inline float load(int8_t v) { return v; }
 inline float load(BFloat16 v) {
   uint32_t u = static_cast<uint32_t>(v.bits) << 16;
   float f;
@@ -40,6 +42,7 @@ constexpr int kLanes = 16;
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
 
 inline f32x16 load16(const float *p) {
   f32x16 v;
@@ -56,6 +59,10 @@ inline f32x16 load16(const BFloat16 *p) {
   return (f32x16)_mm512_slli_epi32(wide, 16);
 }
 inline u16x16 narrow16(u32x16 v) { return (u16x16)_mm512_cvtepi32_epi16((__m512i)v); }
+inline f32x16 load16(const int8_t *p) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(p));
+  return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+}
 #else
 inline f32x16 load16(const BFloat16 *p) {
   u16x16 bits;
@@ -63,6 +70,11 @@ inline f32x16 load16(const BFloat16 *p) {
   return (f32x16)(__builtin_convertvector(bits, u32x16) << 16);
 }
 inline u16x16 narrow16(u32x16 v) { return __builtin_convertvector(v, u16x16); }
+inline f32x16 load16(const int8_t *p) {
+  i8x16 bytes;
+  std::memcpy(&bytes, p, sizeof bytes);
+  return __builtin_convertvector(bytes, f32x16);
+}
 #endif
 
 inline void store16(float *p, f32x16 v) { std::memcpy(p, &v, sizeof v); }

@@ -5,7 +5,9 @@ gate/up) holds n modules that read the same input, so their A matrices are stack
 input in one matmul; each module keeps its own B, stored transposed (rows of outputs):
     lora_a  [max_loras, n * max_rank, in_features]
     lora_b  n x [max_loras, max_rank, out_i]   (already multiplied by the adapter's scaling)
-A smaller rank is zero-padded up to max_rank, so padding adds nothing to the result.
+A smaller rank is zero-padded up to max_rank, so padding adds nothing to the result. With int8
+adapter weights (lora/quantize.py) A and B are int8 and each row of A has a scale:
+    lora_scales [max_loras, n * max_rank] float32, applied to the shrink's result
 
 Per step, the engine describes which slot each token uses with one `AdapterBatch`, built once and
 shared by every layer. No layer ever copies adapter weights:
@@ -115,39 +117,51 @@ def add_lora(
     lora_a: torch.Tensor,
     lora_b: tuple[torch.Tensor, ...],
     batch: AdapterBatch,
+    lora_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add each token's LoRA delta to the base layer's output, in place, and return y.
 
     Semantics (s = the slot of token t as given to AdapterBatch.build, r = max_rank, module i's
-    output columns follow module i-1's):
+    output columns follow module i-1's; with int8 weights, h is multiplied by lora_scales[s]):
         for t in range(num_tokens):
             if s != NO_ADAPTER:
-                y[t] += cat([(lora_a[s][i*r:(i+1)*r] @ x[t]) @ lora_b[i][s] for i in modules])
+                h = lora_a[s] @ x[t]
+                y[t] += cat([h[i*r:(i+1)*r] @ lora_b[i][s] for i in modules])
 
     Shapes: x [num_tokens, in], y [num_tokens, sum out_i], lora_a [max_loras, n * r, in],
-    lora_b n x [max_loras, r, out_i].
+    lora_b n x [max_loras, r, out_i], lora_scales [max_loras, n * r].
     """
     r = lora_a.shape[1] // len(lora_b)
     outs = [b.shape[2] for b in lora_b]
+
+    def weights(t: torch.Tensor) -> torch.Tensor:  # int8 weights in the inputs' dtype
+        return t if lora_scales is None else t.to(x.dtype)
+
     for slot, start, end in batch.runs:
-        shrunk = x[start:end] @ lora_a[slot].T  # [run_len, n * r]
+        shrunk = x[start:end] @ weights(lora_a[slot]).T  # [run_len, n * r]
+        if lora_scales is not None:
+            shrunk *= lora_scales[slot].to(x.dtype)
         column = 0
         for i, b in enumerate(lora_b):
-            y[start:end, column:column + outs[i]].addmm_(shrunk[:, i * r:(i + 1) * r], b[slot])
+            y[start:end, column:column + outs[i]].addmm_(shrunk[:, i * r:(i + 1) * r],
+                                                         weights(b[slot]))
             column += outs[i]
     if batch.kernel_segments is not None:
-        cpu_kernel.add_lora_segments(y, x, lora_a, lora_b, batch.kernel_segments)
+        cpu_kernel.add_lora_segments(y, x, lora_a, lora_b, batch.kernel_segments, lora_scales)
     if batch.piece_tokens is not None:
         num_pieces = batch.piece_tokens.shape[0]
         if batch.piece_slots is None:  # views of the slot buffers, no copy
-            a, bs = lora_a[:num_pieces], [b[:num_pieces] for b in lora_b]
+            pieces = slice(num_pieces)
         else:
-            a, bs = lora_a[batch.piece_slots], [b[batch.piece_slots] for b in lora_b]
+            pieces = batch.piece_slots
+        a, bs = weights(lora_a[pieces]), [weights(b[pieces]) for b in lora_b]
         if batch.pieces_are_tokens:
             xs = x[:num_pieces, None]  # [num_pieces, 1, in], a view
         else:
             xs = x[batch.piece_tokens]  # [num_pieces, piece_len, in]
         shrunk = torch.bmm(xs, a.transpose(1, 2))  # [num_pieces, piece_len, n * r]
+        if lora_scales is not None:
+            shrunk *= lora_scales[pieces, None].to(x.dtype)
         deltas = [torch.bmm(shrunk[..., i * r:(i + 1) * r], b)
                   for i, b in enumerate(bs)]  # [num_pieces, piece_len, out_i]
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)
@@ -165,12 +179,17 @@ def add_lora_reference(
     lora_a: torch.Tensor,
     lora_b: tuple[torch.Tensor, ...],
     token_slots: torch.Tensor,
+    lora_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Semantics block of `add_lora`, one token at a time: the reference tests compare with."""
+    """The Semantics block of `add_lora`, one token at a time: the reference tests compare with
+    (int8 weights are taken in y's dtype)."""
     y = y.clone()
     r = lora_a.shape[1] // len(lora_b)
     for t, slot in enumerate(token_slots.tolist()):
         if slot != NO_ADAPTER:
-            y[t] += torch.cat([(lora_a[slot][i * r:(i + 1) * r] @ x[t]) @ b[slot]
+            h = lora_a[slot].to(y.dtype) @ x[t]
+            if lora_scales is not None:
+                h = h * lora_scales[slot].to(y.dtype)
+            y[t] += torch.cat([h[i * r:(i + 1) * r] @ b[slot].to(y.dtype)
                                for i, b in enumerate(lora_b)])
     return y

@@ -10,6 +10,7 @@ import torch
 
 from loraplex.lora.adapter import LoRAWeights
 from loraplex.lora.modules import FUSED_LINEARS
+from loraplex.lora.quantize import quantize
 
 
 class AdapterSlots:
@@ -21,33 +22,48 @@ class AdapterSlots:
     layer's Linear gets views of its layer's part. Activating copies an adapter into one slot:
     one copy per module it targets (its weights come stacked over layers), zeros elsewhere. The
     base weights are never touched.
+
+    With `int8` the buffers hold int8 weights, quantized on activation (lora/quantize.py), and
+    each fused linear has a scale buffer [num_layers, max_loras, n * max_rank] float32 too.
     """
 
-    def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int):
+    def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int,
+                 int8: bool = False):
         self.max_loras = max_loras
         self.max_rank = max_rank
+        self.int8 = int8
         config = model.config
         shapes = config.module_shapes()
         num_layers = len(model.layers)
         weight = model.embed_tokens.weight
+        dtype = torch.int8 if int8 else weight.dtype
         self.a: dict[str, torch.Tensor] = {}  # fused linear path -> its A buffer
         self.b: dict[str, torch.Tensor] = {}  # module name -> its B buffer
+        self.scales: dict[str, torch.Tensor] = {}  # fused linear path -> its scales, if int8
         self.place: dict[str, tuple[str, int]] = {}  # module -> (fused linear path, A row offset)
         for path, modules in FUSED_LINEARS.items():
             in_features = shapes[modules[0]][0]
             self.a[path] = weight.new_zeros(num_layers, max_loras, len(modules) * max_rank,
-                                            in_features)
+                                            in_features, dtype=dtype)
+            if int8:
+                self.scales[path] = weight.new_zeros(num_layers, max_loras,
+                                                     len(modules) * max_rank,
+                                                     dtype=torch.float32)
             for i, module in enumerate(modules):
                 self.b[module] = weight.new_zeros(num_layers, max_loras, max_rank,
-                                                  shapes[module][1])
+                                                  shapes[module][1], dtype=dtype)
                 self.place[module] = (path, i * max_rank)
             for layer_index, layer in enumerate(model.layers):
                 linear = layer.get_submodule(path)
                 linear.lora_a = self.a[path][layer_index]
                 linear.lora_b = tuple(self.b[module][layer_index] for module in modules)
+                linear.lora_scales = self.scales[path][layer_index] if int8 else None
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [*self.a.values(), *self.b.values(), *self.scales.values()]
 
     def num_bytes(self) -> int:
-        return sum(t.nbytes for t in [*self.a.values(), *self.b.values()])
+        return sum(t.nbytes for t in self.buffers())
 
     def activate(self, slot: int, weights: LoRAWeights) -> None:
         """Copy an adapter into `slot` (any previous occupant is overwritten, padding included)."""
@@ -55,11 +71,14 @@ class AdapterSlots:
         for module, (a, b_t) in weights.modules.items():  # [layers, r, in], [layers, r, out]
             path, row = self.place[module]
             r = a.shape[1]
+            if self.int8:
+                a, b_t, scales = quantize(a, b_t)
+                self.scales[path][:, slot, row:row + r].copy_(scales)
             self.a[path][:, slot, row:row + r].copy_(a)
             self.b[module][:, slot, :r].copy_(b_t)
 
     def deactivate(self, slot: int) -> None:
-        for buffer in [*self.a.values(), *self.b.values()]:
+        for buffer in self.buffers():
             buffer[:, slot].zero_()
 
 

@@ -137,8 +137,9 @@ class Linear(nn.Module):
 
     A fused linear (q/k/v, gate/up) holds several modules side by side in its output columns.
     `lora_a` / `lora_b` are the stacked slot buffers, attached by `AdapterSlots`: one A for all
-    its modules (they read the same input) and one B per module. Until then (or for a step where
-    no token has an adapter) this is a plain linear layer.
+    its modules (they read the same input) and one B per module, plus `lora_scales` when they
+    hold int8 weights. Until then (or for a step where no token has an adapter) this is a plain
+    linear layer.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -147,11 +148,12 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.lora_a: torch.Tensor | None = None  # [max_loras, modules * max_rank, in_features]
         self.lora_b: tuple[torch.Tensor, ...] = ()  # per module [max_loras, max_rank, out_i]
+        self.lora_scales: torch.Tensor | None = None  # int8 weights: [max_loras, modules * r]
 
     def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if adapters is not None and self.lora_a is not None:
-            y = add_lora(y, x, self.lora_a, self.lora_b, adapters)
+            y = add_lora(y, x, self.lora_a, self.lora_b, adapters, self.lora_scales)
         return y
 
 

@@ -9,14 +9,17 @@ from loraplex.bench import lora_share
 from loraplex.model import llama
 
 
-def test_lora_share_reports_every_run_and_restores_the_op(tiny_llama_dir, monkeypatch, capsys):
+@pytest.mark.parametrize("lora_dtype", ["auto", "int8"])
+def test_lora_share_reports_every_run_and_restores_the_op(lora_dtype, tiny_llama_dir, monkeypatch,
+                                                          capsys):
     real_op = llama.add_lora
     monkeypatch.setattr(sys, "argv", [
         "lora_share", "--model", str(tiny_llama_dir), "--dtype", "float32", "--repeats", "1",
         "--num-adapters", "3", "--num-requests", "4", "--concurrency", "2",
-        "--prompt-len", "4-40", "--output-len", "2-6"])
+        "--prompt-len", "4-40", "--output-len", "2-6", "--lora-dtype", lora_dtype])
     lora_share.main()
     out = capsys.readouterr().out
+    assert f"lora_dtype {lora_dtype}," in out
     for name in ("with adapters", "LoRA op skipped", "no adapters"):
         assert re.search(rf"{name}: [\d.]+ \([\d.]+x; rounds [\d.]+\)", out)
     prefill, decode = map(float, re.search(
@@ -44,6 +47,7 @@ def test_a_skipped_op_returns_y_untouched_and_its_time_goes_to_its_kind_of_step(
     (["--prompt-len", "abc"], "--prompt-len should look like 16-256"),
     (["--output-len", "9-3"], "--output-len must be 1 <= low <= high"),
     (["--repeats", "0"], "--repeats: should be a whole number of at least 1, got '0'"),
+    (["--lora-dtype", "int4"], "invalid choice: 'int4'"),
     (["--model", "/nonexistent"], "is neither a known model nor an existing directory"),
 ])
 def test_bad_options_are_a_usage_error_not_a_traceback(args, message, monkeypatch, capsys):

@@ -11,6 +11,7 @@ from loraplex import LLM
 from loraplex.bench.adapters import write_random_adapter
 from loraplex.bench.loraplex_systems import (
     BASELINE_NAME,
+    INT8_NAME,
     RESIDENT_NAME,
     LoraplexEngineSystem,
     LoraplexHTTPSystem,
@@ -128,6 +129,18 @@ def test_resident_system_gives_every_adapter_a_slot_and_the_same_tokens(
         assert stats["slot_hits"] == len(requests)
         engine_system.run(requests)
         assert system.outputs == engine_system.outputs
+    finally:
+        system.close()
+
+
+def test_int8_system_serves_with_int8_slots(sharp_llama_dir, adapters):
+    system = LoraplexEngineSystem(max_batch_size=3, max_model_len=MAX_MODEL_LEN,
+                                  lora_dtype="int8")
+    try:
+        system.setup(sharp_llama_dir, adapters, dtype="float32")
+        assert system.name == INT8_NAME and system.engine.adapters.slots.int8
+        records = system.run(make_workload(spec(), VOCAB))
+        assert all(r.error is None and r.output_tokens > 0 for r in records)
     finally:
         system.close()
 

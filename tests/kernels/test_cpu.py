@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from loraplex.kernels import cpu as cpu_kernel
 from loraplex.lora.ops import NO_ADAPTER, AdapterBatch, add_lora, add_lora_reference
+from loraplex.lora.quantize import quantize
 
 CPU = torch.device("cpu")
 HAS_COMPILER = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"))
@@ -20,6 +21,20 @@ needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on
 # own order, and in bfloat16 rounds the result once: 2^-8 on terms of size ~1.
 TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-5},
               torch.bfloat16: {"rtol": 1.6e-2, "atol": 3e-2}}
+# Against int8 weights the reference takes them exactly (dequantized); the kernel takes float32
+# inputs and h as int16 (2^-16 of the largest, summed over up to 64 terms) where the CPU has int16
+# dot products.
+INT8_TOLERANCES = {torch.float32: {"rtol": 1e-3, "atol": 1e-3},
+                   torch.bfloat16: TOLERANCES[torch.bfloat16]}
+
+
+def quantized(lora_a, lora_b):
+    """The int8 slot buffers (A, Bt of each module, scales) of float buffers, as AdapterSlots
+    makes them."""
+    rank = lora_b[0].shape[1]
+    parts = [quantize(lora_a[:, i * rank:(i + 1) * rank], b) for i, b in enumerate(lora_b)]
+    return (torch.cat([p[0] for p in parts], dim=1), tuple(p[1] for p in parts),
+            torch.cat([p[2] for p in parts], dim=1).contiguous())
 
 
 def random_layer(gen, num_tokens, out_sizes, dtype, num_slots=12, rank=8, d_in=40):
@@ -35,22 +50,27 @@ def random_layer(gen, num_tokens, out_sizes, dtype, num_slots=12, rank=8, d_in=4
     return x, y, lora_a, lora_b
 
 
-def assert_kernel_matches_reference(token_slots, gen, out_sizes, dtype, rank, d_in, threads=None):
-    """add_lora's kernel path on a random layer (with `threads` OpenMP threads) against the
-    float32 reference."""
+def assert_kernel_matches_reference(token_slots, gen, out_sizes, dtype, rank, d_in, threads=None,
+                                    int8=False):
+    """add_lora's kernel path on a random layer (with `threads` OpenMP threads, with the
+    weights as int8 if `int8`) against the float32 reference."""
     x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes, dtype,
                                          rank=rank, d_in=d_in)
+    scales = None
+    if int8:
+        lora_a, lora_b, scales = quantized(lora_a.float(), tuple(b.float() for b in lora_b))
     want = add_lora_reference(y.float(), x.float(), lora_a.float(),
-                              tuple(b.float() for b in lora_b), torch.tensor(token_slots))
+                              tuple(b.float() for b in lora_b), torch.tensor(token_slots), scales)
     batch = AdapterBatch.build(token_slots, CPU, use_kernel=True)
     assert batch.runs == () and batch.piece_tokens is None  # every token went to the kernel
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
-        got = add_lora(y.clone(), x, lora_a, lora_b, batch)
+        got = add_lora(y.clone(), x, lora_a, lora_b, batch, scales)
     finally:
         torch.set_num_threads(before)
-    torch.testing.assert_close(got.float(), want, **TOLERANCES[dtype])
+    tolerances = INT8_TOLERANCES if int8 else TOLERANCES
+    torch.testing.assert_close(got.float(), want, **tolerances[dtype])
 
 
 @needs_compiler
@@ -68,15 +88,16 @@ def assert_kernel_matches_reference(token_slots, gen, out_sizes, dtype, rank, d_
     # rows of A go 8, 4, 2 or 1 at a time by group size: ranks leave partial blocks of rows
     rank=st.sampled_from([3, 8, 11]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    int8=st.booleans(),  # adapter weights in the inputs' dtype, or int8 with scales
 )
-def test_kernel_path_matches_reference(runs, seed, out_sizes, d_in, rank, dtype):
+def test_kernel_path_matches_reference(runs, seed, out_sizes, d_in, rank, dtype, int8):
     assert cpu_kernel.is_available(dtype, CPU)
     token_slots = [slot for slot, length in runs for _ in range(length)]
     if all(s == NO_ADAPTER for s in token_slots):
         assert AdapterBatch.build(token_slots, CPU, use_kernel=True) is None
         return
     assert_kernel_matches_reference(token_slots, torch.Generator().manual_seed(seed), out_sizes,
-                                    dtype, rank, d_in)
+                                    dtype, rank, d_in, int8=int8)
 
 
 @needs_compiler
@@ -92,35 +113,41 @@ def test_kernel_path_matches_reference(runs, seed, out_sizes, d_in, rank, dtype)
     rank=st.sampled_from([3, 8, 11]),  # odd: the last row of B alone
     threads=st.sampled_from([1, 2, 3]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    int8=st.booleans(),
 )
-def test_decoding_steps_match_reference(runs, seed, out_sizes, d_in, rank, threads, dtype):
+def test_decoding_steps_match_reference(runs, seed, out_sizes, d_in, rank, threads, dtype, int8):
     token_slots = [slot for slot, length in runs for _ in range(length)]
     assert_kernel_matches_reference(token_slots, torch.Generator().manual_seed(seed), out_sizes,
-                                    dtype, rank, d_in, threads)
+                                    dtype, rank, d_in, threads, int8)
 
 
 @needs_compiler
-def test_a_rank_past_the_bf16_expand_takes_the_float32_loops():
-    """The bf16 expand takes ranks up to 256 (pairs of h on the stack); larger ones, which
-    max_lora_rank allows, go through the float32 loops, prefill and decode alike."""
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_rank_past_the_pair_expands_takes_the_float32_loops(int8):
+    """The bf16 and int8 expands take ranks up to 256 (pairs of h on the stack); larger ones,
+    which max_lora_rank allows, go through the float32 loops, prefill and decode alike."""
     assert_kernel_matches_reference([2] * 9 + [5, 7, 1], torch.Generator().manual_seed(0),
-                                    (40, 20), torch.bfloat16, rank=260, d_in=40)
+                                    (40, 20), torch.bfloat16, rank=260, d_in=40, int8=int8)
 
 
 @needs_compiler
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 build flag")
-def test_kernel_built_without_bf16_dot_products_matches_reference(tmp_path, monkeypatch):
-    """CPUs without AVX512_BF16 take bf16 through float32 copies of the inputs, made once a call:
-    the library built for such a CPU, on decoding and prefill steps."""
-    monkeypatch.setattr(cpu_kernel, "FLAGS", [*cpu_kernel.FLAGS, "-mno-avx512bf16"])
+def test_kernel_built_without_bf16_or_int16_dot_products_matches_reference(tmp_path, monkeypatch):
+    """CPUs without AVX512_BF16 take bf16 through float32 copies of the inputs, made once a call,
+    and without AVX512_VNNI int8 weights through float32 multiply-adds: the library built for
+    such a CPU, on decoding and prefill steps."""
+    monkeypatch.setattr(cpu_kernel, "FLAGS",
+                        [*cpu_kernel.FLAGS, "-mno-avx512bf16", "-mno-avx512vnni"])
     monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
     cpu_kernel._library.cache_clear()
     try:
         gen = torch.Generator().manual_seed(0)
         for token_slots in ([3, 5, 5, 0, 7, 2, 9], [4] * 19 + [1, 1, 6]):
             for rank, d_in, out_sizes in ((8, 40, (300, 20)), (3, 64, (10, 6, 6))):
-                assert_kernel_matches_reference(token_slots, gen, out_sizes, torch.bfloat16,
-                                                rank, d_in)
+                for dtype, int8 in ((torch.bfloat16, False), (torch.bfloat16, True),
+                                    (torch.float32, True)):
+                    assert_kernel_matches_reference(token_slots, gen, out_sizes, dtype, rank,
+                                                    d_in, int8=int8)
         assert len(list(tmp_path.glob("*.so"))) == 1  # the library built for such a CPU
     finally:
         monkeypatch.undo()
@@ -149,6 +176,16 @@ def test_kernel_refuses_out_of_range_indices_and_bad_layouts_without_writing():
         cpu_kernel.add_lora_segments(y, x, lora_a, tuple(b.transpose(1, 2) for b in lora_b), good)
     with pytest.raises(cpu_kernel.KernelError, match="dtype"):
         cpu_kernel.add_lora_segments(y.double(), x, lora_a, lora_b, good)
+    a8, b8, scales = quantized(lora_a, lora_b)
+    for bad_weights in ((lora_a, lora_b, scales),  # float weights with scales
+                        (a8, b8, scales[:, :-1]),  # a scale short
+                        (a8, b8, scales.double())):
+        with pytest.raises(cpu_kernel.KernelError, match="dtype"):
+            cpu_kernel.add_lora_segments(y, x, bad_weights[0], bad_weights[1], good,
+                                         bad_weights[2])
+    with pytest.raises(cpu_kernel.KernelError, match="dtype"):  # int8 weights without scales
+        cpu_kernel.add_lora_segments(y, x, a8, b8, good)
+    assert torch.equal(y, before)
     assert not cpu_kernel.is_available(torch.float64, CPU)
     assert not cpu_kernel.is_available(torch.float32, torch.device("meta"))
 

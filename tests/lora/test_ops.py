@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraplex.lora.ops import NO_ADAPTER, AdapterBatch, add_lora, add_lora_reference
+from loraplex.lora.quantize import quantize
 
 
 @settings(max_examples=60, deadline=None)
@@ -14,8 +15,9 @@ from loraplex.lora.ops import NO_ADAPTER, AdapterBatch, add_lora, add_lora_refer
                   min_size=1, max_size=10),
     seed=st.integers(0, 2**16),
     out_sizes=st.sampled_from([(10,), (10, 6, 6), (7, 7)]),  # one module, fused q/k/v, gate/up
+    int8=st.booleans(),  # weights as int8 with scales (lora_dtype="int8")
 )
-def test_add_lora_matches_reference(runs, seed, out_sizes):
+def test_add_lora_matches_reference(runs, seed, out_sizes, int8):
     token_slots = [slot for slot, length in runs for _ in range(length)]
     gen = torch.Generator().manual_seed(seed)
     num_slots, rank, d_in, d_out = 12, 8, 12, sum(out_sizes)
@@ -25,12 +27,17 @@ def test_add_lora_matches_reference(runs, seed, out_sizes):
                          dtype=torch.float64)
     lora_b = tuple(torch.randn(num_slots, rank, out, generator=gen, dtype=torch.float64)
                    for out in out_sizes)
-    want = add_lora_reference(y, x, lora_a, lora_b, torch.tensor(token_slots))
+    scales = None
+    if int8:
+        parts = [quantize(lora_a[:, i * rank:(i + 1) * rank], b) for i, b in enumerate(lora_b)]
+        lora_a, lora_b = torch.cat([p[0] for p in parts], dim=1), tuple(p[1] for p in parts)
+        scales = torch.cat([p[2] for p in parts], dim=1)
+    want = add_lora_reference(y, x, lora_a, lora_b, torch.tensor(token_slots), scales)
     batch = AdapterBatch.build(token_slots, torch.device("cpu"))
     if batch is None:  # no token has an adapter: the layer output is the base output
         assert all(s == NO_ADAPTER for s in token_slots)
         return
-    got = add_lora(y.clone(), x, lora_a, lora_b, batch)
+    got = add_lora(y.clone(), x, lora_a, lora_b, batch, scales)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 

@@ -3,6 +3,7 @@
 import torch
 
 from loraplex.lora.adapter import load_adapter
+from loraplex.lora.quantize import quantize
 from loraplex.lora.slots import AdapterSlots, HostCache
 from loraplex.model.loader import load_model
 from tests.conftest import make_peft_adapter, tiny_llama
@@ -40,6 +41,34 @@ def test_activate_overwrites_every_trace_of_the_previous_adapter(tiny_llama_dir,
     # The base weights are never modified.
     for k, v in model.state_dict().items():
         assert torch.equal(v, base[k]), k
+
+
+def test_int8_slots_hold_each_module_quantized_and_clear_it_on_overwrite(tiny_llama_dir, tmp_path):
+    model = load_model(tiny_llama_dir, torch.float32, torch.device("cpu"))
+    shapes = model.config.module_shapes()
+    make_peft_adapter(tiny_llama(), tmp_path / "big", 16, 16, ["q_proj", "down_proj"])
+    make_peft_adapter(tiny_llama(), tmp_path / "small", 4, 8, ["q_proj"])
+    big = load_adapter(tmp_path / "big", num_layers=2, module_shapes=shapes, max_rank=16)
+    small = load_adapter(tmp_path / "small", num_layers=2, module_shapes=shapes, max_rank=16)
+
+    slots = AdapterSlots(model, max_loras=2, max_rank=16, int8=True)
+    assert all(t.dtype == torch.int8 for t in [*slots.a.values(), *slots.b.values()])
+    slots.activate(0, big)
+    slots.activate(0, small)
+    for module in ("q_proj", "down_proj"):
+        path, row = slots.place[module]
+        a = slots.a[path][:, 0, row:row + 16]  # [layers, max_rank, in]
+        b_t = slots.b[module][:, 0]
+        scales = slots.scales[path][:, 0, row:row + 16]
+        if module == "q_proj":
+            sa, sb_t = small.modules["q_proj"]
+            qa, qb, qs = quantize(sa, sb_t)
+            assert torch.equal(a[:, :4], qa) and torch.equal(b_t[:, :4], qb)
+            assert torch.equal(scales[:, :4], qs)
+            a, b_t, scales = a[:, 4:], b_t[:, 4:], scales[:, 4:]
+        assert not a.any() and not b_t.any() and not scales.any()  # nothing of big is left
+    attention = model.layers[1].self_attn.qkv_proj
+    assert attention.lora_scales.data_ptr() == slots.scales["self_attn.qkv_proj"][1].data_ptr()
 
 
 def test_host_cache_evicts_least_recently_used_but_never_pinned():
