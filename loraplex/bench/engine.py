@@ -1,7 +1,8 @@
 """Engine micro-benchmark: cold adapter load (disk -> host -> slot) and decode tokens/s by
 concurrency and number of distinct adapters.
 
-    python -m loraplex.bench.engine [--dtype float32] [--repeats 3] [--json results.json]
+    python -m loraplex.bench.engine [--dtype float32] [--lora-dtype auto] [--repeats 3]
+        [--json results.json]
 
 Decode configurations run `repeats` times, interleaved round-robin so that drift on the machine
 affects all of them alike, and the median is shown. The output is markdown for BENCHMARKS.md.
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from loraplex.bench.adapters import private_adapter_cache, write_random_adapter
-from loraplex.config import DTYPES, EngineConfig
+from loraplex.config import DTYPES, LORA_DTYPES, EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.sequence import AdapterRequest
 from loraplex.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, load_adapter
@@ -132,6 +133,8 @@ def _parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--lora-dtype", default="auto", choices=LORA_DTYPES,
+                        help="adapter weights in slots (int8: quantized on activation)")
     parser.add_argument("--repeats", type=int, help="runs per decode configuration (default 3)")
     parser.add_argument("--max-tokens", type=int,
                         help=f"tokens generated per request (default 64, at most "
@@ -220,7 +223,7 @@ def measure(args: argparse.Namespace, engine: LLMEngine, tmp: Path) -> dict:
 def report(args: argparse.Namespace, meta: dict, results: dict) -> None:
     print(f"`{meta['command']}`\n")
     print(f"torch {meta['torch']}, {meta['threads']} threads, device {meta['device']}, "
-          f"dtype {args.dtype}, model {args.model}\n")
+          f"dtype {args.dtype}, adapter weights {args.lora_dtype}, model {args.model}\n")
     print(f"### Cold adapter load: rank {RANK}, all seven target modules "
           f"({results['adapter_bytes'] / 1e6:.1f} MB float32 safetensors), "
           f"{args.load_samples} adapters\n")
@@ -260,7 +263,7 @@ def main() -> None:
         engine = LLMEngine(EngineConfig(
             model=args.model, dtype=args.dtype, max_loras=MAX_LORAS, max_cpu_loras=2 * MAX_LORAS,
             max_num_seqs=MAX_NUM_SEQS, max_lora_rank=RANK, max_model_len=MAX_MODEL_LEN,
-            kv_cache_bytes=KV_CACHE_BYTES,
+            kv_cache_bytes=KV_CACHE_BYTES, lora_dtype=args.lora_dtype,
         ))
         try:
             results = measure(args, engine, Path(tmp))
@@ -272,6 +275,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "device": str(engine.config.torch_device),
         "dtype": args.dtype,
+        "lora_dtype": args.lora_dtype,
         "model": args.model,
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,

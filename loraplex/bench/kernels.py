@@ -1,8 +1,8 @@
 """The CPU kernels alone, on SmolLM2-135M's shapes: what a step's LoRA work and decode attention
 cost, without the rest of the engine.
 
-    python -m loraplex.bench.kernels [--dtype bfloat16] [--lora-dtype int8] [--slots 32]
-                                     [--repeats 7]
+    python -m loraplex.bench.kernels [--dtype bfloat16] [--lora-dtype auto[,int8]]
+                                     [--slots 32] [--repeats 7]
 
 LoRA: random rank-16 slot buffers of 30 layers for the four groups the model calls (q/k/v,
 gate/up, o, down), `slots` adapters, each layer's buffers its own tensors so that a step reads
@@ -10,7 +10,8 @@ them from memory as the engine does; times one decode step (one token per slot) 
 runs of 8, 64 and 200 tokens on one slot, and prints the decode step's read rate. Attention: 32
 sequences with contexts of 16-300 tokens on scattered blocks of 16, 30 layers. Medians of
 `repeats`. With `--lora-dtype int8` the adapter weights are int8 with scales
-(lora/quantize.py). Used for the kernel rows of BENCHMARKS.md's "Attempts".
+(lora/quantize.py); with `auto,int8` both, their runs alternating in one process. Used for the
+kernel rows of BENCHMARKS.md's "Attempts".
 """
 
 import argparse
@@ -32,13 +33,30 @@ GROUPS = [(HIDDEN, [HIDDEN, 192, 192]), (HIDDEN, [INTERMEDIATE, INTERMEDIATE]),
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return alternating_medians([fn], repeats)[0]
+
+
+def alternating_medians(fns: list, repeats: int) -> list[float]:
+    """Each function's median time over `repeats` rounds, each round running them all in turn
+    (so that the machine's drift touches them alike), after one warm-up call each."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, samples in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
+
+
+def lora_dtypes(text: str) -> list[str]:
+    """argparse type: a comma list of EngineConfig.lora_dtype values."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or any(name not in LORA_DTYPES for name in names):
+        raise argparse.ArgumentTypeError(f"should be a comma list of {', '.join(LORA_DTYPES)}, "
+                                         f"got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def lora_step(layers, segments: list[list[int]], num_tokens: int, dtype):
@@ -90,28 +108,37 @@ def attention_step(dtype, num_seqs: int = 32):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--lora-dtype", default="auto", choices=LORA_DTYPES)
+    parser.add_argument("--lora-dtype", type=lora_dtypes, default=["auto"])
     parser.add_argument("--slots", type=positive_int, default=32)
     parser.add_argument("--repeats", type=positive_int, default=7)
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     if not cpu_kernel.is_available(dtype, torch.device("cpu")):
         raise SystemExit("the CPU kernels are not available here (no C++ compiler?)")
-    int8 = args.lora_dtype == "int8"
-    layers = [[random_group(args.slots, d_in, outs, dtype, int8) for d_in, outs in GROUPS]
-              for _ in range(LAYERS)]
-    itemsize = 1 if int8 else torch.tensor([], dtype=dtype).element_size()
-    step_bytes = LAYERS * args.slots * RANK * sum(
-        len(outs) * d_in + sum(outs) + (4 * len(outs) if int8 else 0) for d_in, outs in GROUPS
-    ) * itemsize
-    decode = median_seconds(lora_step(layers, [[s, s, s + 1] for s in range(args.slots)],
-                                      args.slots, dtype), args.repeats)
-    weights = "int8 weights" if int8 else "weights in the same dtype"
-    print(f"LoRA, {args.dtype}, {weights}, {LAYERS} layers: decode step of {args.slots} adapters "
-          f"{1e3 * decode:.1f} ms ({step_bytes / decode / 1e9:.1f} GB/s)")
-    for n in (8, 64, 200):
-        run = median_seconds(lora_step(layers, [[0, 0, n]], n, dtype), args.repeats)
-        print(f"LoRA, prefill run of {n} tokens on one slot: {1e3 * run:.2f} ms")
+    layers, step_bytes = {}, {}
+    for lora_dtype in args.lora_dtype:
+        int8 = lora_dtype == "int8"
+        layers[lora_dtype] = [[random_group(args.slots, d_in, outs, dtype, int8)
+                               for d_in, outs in GROUPS] for _ in range(LAYERS)]
+        itemsize = 1 if int8 else torch.tensor([], dtype=dtype).element_size()
+        step_bytes[lora_dtype] = LAYERS * args.slots * RANK * sum(
+            (len(outs) * d_in + sum(outs)) * itemsize + (4 * len(outs) if int8 else 0)
+            for d_in, outs in GROUPS)
+
+    def medians(segments: list[list[int]], num_tokens: int) -> dict[str, float]:
+        steps = [lora_step(layers[d], segments, num_tokens, dtype) for d in args.lora_dtype]
+        return dict(zip(args.lora_dtype, alternating_medians(steps, args.repeats), strict=True))
+
+    decode = medians([[s, s, s + 1] for s in range(args.slots)], args.slots)
+    runs = {n: medians([[0, 0, n]], n) for n in (8, 64, 200)}
+    for lora_dtype in args.lora_dtype:
+        weights = "int8 weights" if lora_dtype == "int8" else "weights in the same dtype"
+        seconds = decode[lora_dtype]
+        print(f"LoRA, {args.dtype}, {weights}, {LAYERS} layers: decode step of {args.slots} "
+              f"adapters {1e3 * seconds:.1f} ms ({step_bytes[lora_dtype] / seconds / 1e9:.1f} "
+              "GB/s)")
+        for n, run in runs.items():
+            print(f"LoRA, prefill run of {n} tokens on one slot: {1e3 * run[lora_dtype]:.2f} ms")
     step, context = attention_step(dtype)
     print(f"decode attention, 32 sequences ({context} cached tokens), {LAYERS} layers: "
           f"{1e3 * median_seconds(step, args.repeats):.1f} ms")

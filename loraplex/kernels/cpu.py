@@ -106,6 +106,26 @@ def add_lora_segments(
         raise KernelError("add_lora_segments: a segment's slot or tokens are out of range")
 
 
+def quantize_rows(src: torch.Tensor, dst: torch.Tensor, steps: torch.Tensor) -> None:
+    """dst = src's rows as int8 and steps = their steps, in place (lora/quantize.py, quantize's
+    rows, the same bytes): one pass over src, written straight into dst (a slot's part).
+
+    Shapes: src, dst [outer, inner, cols] with contiguous columns (dst int8, e.g. a slot of a
+    slot buffer), steps [outer, inner] float32 contiguous.
+    """
+    if _library() is None:
+        raise KernelError("quantize_rows: the CPU kernel is not available")
+    ok = (src.dim() == 3 and dst.shape == src.shape and dst.dtype == torch.int8
+          and src.dtype in _DTYPE_SUFFIXES and src.stride(-1) == 1 and dst.stride(-1) == 1
+          and steps.shape == src.shape[:2] and steps.dtype == torch.float32
+          and steps.is_contiguous())
+    if not ok:
+        raise KernelError("quantize_rows: tensors of unexpected dtype, shape or layout")
+    getattr(_library(), f"quantize_rows_{_DTYPE_SUFFIXES[src.dtype]}")(
+        src.data_ptr(), *src.shape, src.stride(0), src.stride(1), dst.data_ptr(), dst.stride(0),
+        dst.stride(1), steps.data_ptr(), torch.get_num_threads())
+
+
 def decode_attention(
     out: torch.Tensor,
     q: torch.Tensor,
@@ -186,6 +206,11 @@ def _library() -> ctypes.CDLL | None:
             ctypes.c_int,  # threads
         ]
         _ENTRY_POINTS["decode_attention", dtype] = entry
+    for suffix in _DTYPE_SUFFIXES.values():
+        entry = getattr(library, f"quantize_rows_{suffix}")
+        entry.restype = None
+        entry.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_void_p,
+                          ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     library.decode_attention_takes.restype = ctypes.c_int
     library.decode_attention_takes.argtypes = [ctypes.c_int64] * 3
     return library

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -170,27 +171,35 @@ void shrink_rows_bf16(const BFloat16 *rows, const BFloat16 *x, int64_t x_stride,
 // 8,192 / 32 instructions add at most 256 * 2 * 127 * 32,767 < 2^31 to a lane.
 constexpr int64_t kInt32Span = 8192;
 
-// An input as int16 and the scale that gives it back (absmax / 32,767): inputs meet int8
-// weights this way where the CPU has int16 dot products. Its rounding (2^-16 of the largest input) stays below bf16's own of
-// that input, whose error is then the larger one in any sum of products.
+// The largest |value| of count values (NaN lanes are skipped, as std::max skips them).
 template <typename T>
-float quantize_input(const T *input, int64_t in_features, int16_t *q) {
+float largest_magnitude(const T *values, int64_t count) {
   f32x16 largest16 = {};
   int64_t i = 0;
-  for (; i + kLanes <= in_features; i += kLanes) {
-    const f32x16 v = load16(input + i);
+  for (; i + kLanes <= count; i += kLanes) {
+    const f32x16 v = load16(values + i);
     const f32x16 magnitude = v < 0 ? -v : v;
     largest16 = magnitude > largest16 ? magnitude : largest16;
   }
   float largest = 0.f;
   for (int l = 0; l < kLanes; l++) largest = std::max(largest, largest16[l]);
-  for (; i < in_features; i++) largest = std::max(largest, std::abs(load(input[i])));
+  for (; i < count; i++) largest = std::max(largest, std::abs(load(values[i])));
+  return largest;
+}
+
+// An input as int16 and the scale that gives it back (absmax / 32,767): inputs meet int8
+// weights this way where the CPU has int16 dot products. Its rounding (2^-16 of the largest
+// input) stays below bf16's own of that input, whose error is then the larger one in any sum of
+// products.
+template <typename T>
+float quantize_input(const T *input, int64_t in_features, int16_t *q) {
+  const float largest = largest_magnitude(input, in_features);
+  int64_t i = 0;
   if (!(largest > 0.f) || !std::isfinite(largest)) {  // zeros, or NaN/inf that y already holds
     std::fill(q, q + in_features, int16_t{0});
     return 0.f;
   }
   const float inverse = 32767.f / largest;
-  i = 0;
 #if defined(__AVX512F__)
   for (; i + kLanes <= in_features; i += kLanes) {  // rounded to nearest even, as below
     const __m512i rounded = _mm512_cvtps_epi32((__m512)(load16(input + i) * inverse));
@@ -231,7 +240,9 @@ void shrink_rows_int8(const int8_t *rows, const int16_t *xq, const float *xs,
       }
     }
     for (int k = 0; k < R; k++) {
-      for (int g = 0; g < N; g++) totals[k][g] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(sums[k][g]));
+      for (int g = 0; g < N; g++) {
+        totals[k][g] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(sums[k][g]));
+      }
     }
   }
   for (int k = 0; k < R; k++) {
@@ -346,11 +357,11 @@ int64_t expand_columns_bf16(const BFloat16 *bt, int64_t rank, int64_t out, const
 #endif
 
 #if defined(__AVX512VNNI__)
-// expand_columns for int8 Bt where the CPU has int16 dot products, 32 columns at a time from
-// column c while they fit before end (returns where it stopped): each token's r values of h as
-// int16 with one scale (absmax / 32,767, finer than the bf16 h of the other paths), and per
-// strip of 64 columns (32 past two tokens) its sums in int32 registers over all rows of Bt, each
-// load prefetching the place `ahead` values on: rows q and q+1 interleaved
+// expand_rows for a decoding group's int8 Bt where the CPU has int16 dot products, 32 columns at
+// a time from column c while they fit before end (returns where it stopped): each token's r
+// values of h as int16 with one scale (absmax / 32,767, finer than the bf16 h of the other
+// paths), and per strip of 64 columns its sums in int32 registers over all rows of Bt, each
+// row's cache line prefetching the place `ahead` values on: rows q and q+1 interleaved
 // (vpunpck{l,h}bw, widened to int16 pairs) against the pair (h[q], h[q+1]), 32 products an
 // instruction. The unpacks work within 128-bit lanes, so a 32-column unit's sums hold columns
 // 0-7, 16-23 (lo) and 8-15, 24-31 (hi); two permutes restore them. Sums stay below 2^31 for
@@ -360,7 +371,6 @@ int64_t expand_strips_int8(const int8_t *bt, int64_t rank, int64_t out, const fl
                            int64_t nr, int64_t c, int64_t end, T *y, int64_t y_stride,
                            int64_t ahead) {
   constexpr int64_t kUnit = 32;
-  constexpr int kUnits = N <= 2 ? 2 : 1;  // sums of N * kUnits * 2 registers
   const int64_t num_pairs = (rank + 1) / 2;
   if (num_pairs > kMaxPairs) return c;
   int32_t h_pairs[N][kMaxPairs];  // (h[q], h[q+1]) as int16 bits, an odd rank's last with 0
@@ -416,9 +426,7 @@ int64_t expand_strips_int8(const int8_t *bt, int64_t rank, int64_t out, const fl
       }
     }
   };
-  for (; c + kUnits * kUnit <= end; c += kUnits * kUnit) {
-    strip(std::integral_constant<int, kUnits>{}, c);
-  }
+  for (; c + 2 * kUnit <= end; c += 2 * kUnit) strip(std::integral_constant<int, 2>{}, c);
   if (c + kUnit <= end) {
     strip(std::integral_constant<int, 1>{}, c);
     c += kUnit;
@@ -427,18 +435,14 @@ int64_t expand_strips_int8(const int8_t *bt, int64_t rank, int64_t out, const fl
 }
 #endif
 
-template <int N, typename W, typename T>
-void expand_block(const W *bt, int64_t rank, int64_t out, const float *hr, int64_t nr,
+template <int N, typename T>
+void expand_block(const T *bt, int64_t rank, int64_t out, const float *hr, int64_t nr,
                   int64_t first, int64_t end, T *y, int64_t y_stride) {
-  if constexpr (kQuantizesInputs<W>) {
-#if defined(__AVX512VNNI__)
-    first = expand_strips_int8<N>(bt, rank, out, hr, nr, first, end, y, y_stride, 0);
-#endif
-  } else if constexpr (std::is_same_v<W, BFloat16>) {
 #if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, BFloat16>) {
     first = expand_columns_bf16<N>(bt, rank, out, hr, nr, first, end, y, y_stride);
-#endif
   }
+#endif
   int64_t c = expand_columns<N, ways_for(N)>(bt, rank, out, hr, nr, first, end, y, y_stride);
   c = expand_columns<N, 1>(bt, rank, out, hr, nr, c, end, y, y_stride);
   for (; c < end; c++) {  // the last columns when out is not a multiple of kLanes
@@ -488,7 +492,9 @@ void expand_rows(const W *bt, int64_t rank, int64_t out, const float *hr, int64_
     for (int g = 0; g < N; g++) {
       T *target = y + g * y_stride + first;
       int64_t c = 0;
-      for (; c < vectors; c += kLanes) store16(target + c, load16(target + c) + load16(sums[g] + c));
+      for (; c < vectors; c += kLanes) {
+        store16(target + c, load16(target + c) + load16(sums[g] + c));
+      }
       for (; c < width; c++) store(target + c, load(target[c]) + sums[g][c]);
     }
   }
@@ -548,6 +554,44 @@ void prefetch_lines(const T *start, int64_t count) {
   }
 }
 
+// Prefill groups against int8 slots read a copy of their slots' weights in T, made once a call
+// (so once for all the groups of a prefill chunk): A's rows times their scales, and Bt as it is
+// (int8 values are exact in bf16). Each group's slot is renumbered to its place in the copy.
+// Against int16 inputs their shrink would cost an input conversion per token comparable to the
+// rank-16 shrink itself; in T they take the bf16 dot products of the other prefill groups.
+template <typename T>
+struct SlotCopy {
+  std::vector<int64_t> slots;  // place in the copy -> slot
+  std::unique_ptr<T[]> a;      // [copied slots, n * r, in]
+  std::unique_ptr<T[]> b[3];   // [copied slots, r, out_i]
+};
+
+template <typename T>
+SlotCopy<T> plan_slot_copy(std::vector<Group> &groups, int64_t num_slots, int64_t nr,
+                           int64_t in_features, int64_t rank, int64_t num_modules,
+                           const int64_t *outs) {
+  SlotCopy<T> copy;
+  std::vector<int64_t> place(num_slots, -1);
+  for (Group &group : groups) {
+    if (place[group.slot] < 0) {
+      place[group.slot] = static_cast<int64_t>(copy.slots.size());
+      copy.slots.push_back(group.slot);
+    }
+    group.slot = place[group.slot];
+  }
+  const int64_t copied = static_cast<int64_t>(copy.slots.size());
+  copy.a.reset(new T[copied * nr * in_features]);
+  for (int64_t i = 0; i < num_modules; i++) copy.b[i].reset(new T[copied * rank * outs[i]]);
+  return copy;
+}
+
+template <typename T>
+void dequantize_row(const int8_t *row, float scale, int64_t count, T *target) {
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) store16(target + i, load16(row + i) * scale);
+  for (; i < count; i++) store(target + i, scale * load(row[i]));
+}
+
 // T: the inputs' and outputs' type; W: the adapter weights', T or int8 (then with scales, one per
 // row of A: [num_slots, n * r], the product of that row's scale and its Bt row's).
 template <typename T, typename W>
@@ -555,9 +599,11 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
              int64_t num_slots, const T *x, int64_t x_stride, int64_t in_features, const W *a,
              const float *scales, int64_t rank, int64_t num_modules, const W *const *b,
              const int64_t *outs, T *y, int64_t y_stride, int num_threads) {
+  constexpr bool kInt8 = std::is_same_v<W, int8_t>;
   // Decoding groups (a few tokens) each go whole to one thread when there are enough of them to
   // keep every thread busy; the rest (prefill) are split into row chunks (shrink) and column
-  // blocks (expand) across the threads.
+  // blocks (expand) across the threads. Int8 decoding groups always go whole: the split work
+  // would copy their weights first.
   std::vector<Group> decoding, groups;
   for (int64_t k = 0; k < num_segments; k++) {
     const int64_t slot = segments[3 * k], start = segments[3 * k + 1], end = segments[3 * k + 2];
@@ -569,7 +615,7 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
       (count <= kDecodeTokens ? decoding : groups).push_back({slot, first, count});
     }
   }
-  if (static_cast<int64_t>(decoding.size()) < num_threads) {
+  if (!kInt8 && static_cast<int64_t>(decoding.size()) < num_threads) {
     groups.insert(groups.end(), decoding.begin(), decoding.end());
     decoding.clear();
   }
@@ -580,16 +626,33 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
       blocks.push_back({i, column, first, std::min(first + kBlock, outs[i])});
     }
   }
+  // The weights the split work reads: the slots themselves, or their copy in T.
+  const T *split_a = nullptr;
+  const T *split_b[3] = {};
+  SlotCopy<T> copy;
+  if constexpr (kInt8) {
+    if (!groups.empty()) {
+      copy = plan_slot_copy<T>(groups, num_slots, nr, in_features, rank, num_modules, outs);
+      split_a = copy.a.get();
+      for (int64_t i = 0; i < num_modules; i++) split_b[i] = copy.b[i].get();
+    }
+  } else {
+    split_a = a;
+    for (int64_t i = 0; i < num_modules; i++) split_b[i] = b[i];
+  }
+  const int64_t num_copied = static_cast<int64_t>(copy.slots.size());
   const int64_t num_decoding = static_cast<int64_t>(decoding.size());
   const int64_t num_groups = static_cast<int64_t>(groups.size());
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
   // Scratch, uninitialised: only the listed tokens' rows are written and read.
   std::unique_ptr<float[]> h(new float[num_tokens * nr]);  // [num_tokens, n * r]
-  // Copies of the inputs: float32 [num_tokens, in] where kWidensInputs; int16 [num_tokens, in]
-  // and their scales [num_tokens] where kQuantizesInputs.
+  // Copies of the inputs: float32 [num_tokens, in] of every token where the shrink of T or W
+  // weights widens them; int16 [num_tokens, in] and their scales [num_tokens] of the decoding
+  // tokens where kQuantizesInputs.
+  constexpr bool kWidens = kWidensInputs<T, T> || kWidensInputs<T, W>;
   std::unique_ptr<float[]> xf, xs;
   std::unique_ptr<int16_t[]> xq;
-  if constexpr (kWidensInputs<T, W>) xf.reset(new float[num_tokens * in_features]);
+  if constexpr (kWidens) xf.reset(new float[num_tokens * in_features]);
   if constexpr (kQuantizesInputs<W>) {
     xq.reset(new int16_t[num_tokens * in_features]);
     xs.reset(new float[num_tokens]);
@@ -603,18 +666,34 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
 
 #pragma omp parallel num_threads(num_threads)
   {
-    if constexpr (kWidensInputs<T, W> || kQuantizesInputs<W>) {
+    if constexpr (kWidens || kQuantizesInputs<W>) {
 #pragma omp for schedule(static)
       for (int64_t k = 0; k < num_decoding + num_groups; k++) {  // by groups: a long segment
-        const Group &group = k < num_decoding ? decoding[k] : groups[k - num_decoding];
+        const bool is_decoding = k < num_decoding;              // is many groups
+        const Group &group = is_decoding ? decoding[k] : groups[k - num_decoding];
         for (int64_t t = group.first; t < group.first + group.count; t++) {
           const T *input = x + t * x_stride;
           if constexpr (kQuantizesInputs<W>) {
-            xs[t] = quantize_input(input, in_features, xq.get() + t * in_features);
-          } else {
+            if (is_decoding) xs[t] = quantize_input(input, in_features, xq.get() + t * in_features);
+          }
+          if constexpr (kWidens) {
             float *converted = xf.get() + t * in_features;
 #pragma omp simd
             for (int64_t i = 0; i < in_features; i++) converted[i] = load(input[i]);
+          }
+        }
+      }
+    }
+    if constexpr (kInt8) {
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t u = 0; u < num_copied; u++) {
+        for (int64_t k = 0; k < nr; k++) {
+          const int64_t slot = copy.slots[u];
+          dequantize_row(a + (slot * nr + k) * in_features, scales[slot * nr + k], in_features,
+                         copy.a.get() + (u * nr + k) * in_features);
+          for (int64_t m = 0; m < num_modules && k < rank; m++) {  // Bt row k of each module
+            dequantize_row(b[m] + (slot * rank + k) * outs[m], 1.f, outs[m],
+                           copy.b[m].get() + (u * rank + k) * outs[m]);
           }
         }
       }
@@ -652,8 +731,7 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
     for (int64_t g = 0; g < num_groups; g++) {
       for (int64_t first = 0; first < nr; first += kChains) {
         const Group &group = groups[g];
-        const W *rows = a + (group.slot * nr + first) * in_features;
-        const float *row_scales = scales ? scales + group.slot * nr + first : nullptr;
+        const T *rows = split_a + (group.slot * nr + first) * in_features;
         const Inputs<T> in = inputs(group.first);
         float *sums = h.get() + group.first * nr + first;
         with_constant<kGroup>(group.count, [&](auto n) {
@@ -662,13 +740,11 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
           const int64_t end = std::min(first + kChains, nr);
           for (; j + R <= end; j += R) {  // prefetching the next R rows
             shrink_rows<N, R>(rows + (j - first) * in_features, in, in_features,
-                              sums + (j - first), nr, R * in_features,
-                              row_scales ? row_scales + (j - first) : nullptr);
+                              sums + (j - first), nr, R * in_features, nullptr);
           }
           for (; j < end; j++) {
             shrink_rows<N, 1>(rows + (j - first) * in_features, in, in_features,
-                              sums + (j - first), nr, in_features,
-                              row_scales ? row_scales + (j - first) : nullptr);
+                              sums + (j - first), nr, in_features, nullptr);
           }
         });
       }
@@ -680,7 +756,7 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
         const Group &group = groups[g];
         const Block &block = blocks[k];
         const int64_t out = outs[block.module];
-        const W *bt = b[block.module] + group.slot * rank * out;
+        const T *bt = split_b[block.module] + group.slot * rank * out;
         const float *hr = h.get() + group.first * nr + block.module * rank;
         T *target = y + group.first * y_stride + block.column;
         with_constant<kGroup>(group.count, [&](auto n) {
@@ -691,6 +767,34 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
     }
   }
   return 0;
+}
+
+// Rows of T as int8 with one step each (lora/quantize.py, quantize): step = absmax / 127 and
+// q = round(v / step) to nearest even, the same float32 operations as the PyTorch path, so both
+// give the same bytes. Rows [outer, inner, cols], at src / dst strides (in elements) per outer
+// and inner index, columns contiguous; steps [outer, inner] contiguous.
+template <typename T>
+void quantize_rows(const T *src, int64_t outer, int64_t inner, int64_t cols, int64_t src_outer,
+                   int64_t src_inner, int8_t *dst, int64_t dst_outer, int64_t dst_inner,
+                   float *steps, int num_threads) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
+  for (int64_t o = 0; o < outer; o++) {
+    for (int64_t i = 0; i < inner; i++) {
+      const T *row = src + o * src_outer + i * src_inner;
+      int8_t *target = dst + o * dst_outer + i * dst_inner;
+      const float step = largest_magnitude(row, cols) / 127.f;
+      const float divisor = std::max(step, std::numeric_limits<float>::min());
+      int64_t c = 0;
+#if defined(__AVX512F__)
+      for (; c + kLanes <= cols; c += kLanes) {  // division and rounding as below, 16 at a time
+        const __m512i q = _mm512_cvtps_epi32((__m512)(load16(row + c) / divisor));
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(target + c), _mm512_cvtsepi32_epi8(q));
+      }
+#endif
+      for (; c < cols; c++) target[c] = static_cast<int8_t>(std::nearbyint(load(row[c]) / divisor));
+      steps[o * inner + i] = step;
+    }
+  }
 }
 
 }  // namespace
@@ -720,3 +824,14 @@ LORAPLEX_ENTRY(add_lora_f32, float, float)
 LORAPLEX_ENTRY(add_lora_bf16, BFloat16, BFloat16)
 LORAPLEX_ENTRY(add_lora_f32_int8, float, int8_t)
 LORAPLEX_ENTRY(add_lora_bf16_int8, BFloat16, int8_t)
+
+#define LORAPLEX_QUANTIZE_ENTRY(NAME, T)                                                        \
+  extern "C" void NAME(const void *src, int64_t outer, int64_t inner, int64_t cols,           \
+                       int64_t src_outer, int64_t src_inner, int8_t *dst, int64_t dst_outer,   \
+                       int64_t dst_inner, float *steps, int num_threads) {                     \
+    quantize_rows<T>(static_cast<const T *>(src), outer, inner, cols, src_outer, src_inner,    \
+                     dst, dst_outer, dst_inner, steps, num_threads);                           \
+  }
+
+LORAPLEX_QUANTIZE_ENTRY(quantize_rows_f32, float)
+LORAPLEX_QUANTIZE_ENTRY(quantize_rows_bf16, BFloat16)

@@ -14,6 +14,8 @@ own rounding to bf16 (tests/lora/test_quantize.py; engine figures in BENCHMARKS.
 
 import torch
 
+from loraplex.kernels import cpu as cpu_kernel
+
 INT8_MAX = 127
 
 
@@ -27,6 +29,22 @@ def quantize(a: torch.Tensor, b_t: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     a_q = (a / a_step.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).round()
     b_q = (b_t / b_step.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).round()
     return a_q.to(torch.int8), b_q.to(torch.int8), a_step * b_step
+
+
+def quantize_into(a: torch.Tensor, b_t: torch.Tensor, a_q: torch.Tensor, b_q: torch.Tensor,
+                  scales: torch.Tensor) -> None:
+    """quantize(a, b_t) written into a_q, b_q and scales (views of slot buffers, rows
+    contiguous): by the CPU kernel in one pass where it takes a's dtype (activating an adapter
+    stays as fast as copying it), else by quantize."""
+    if cpu_kernel.is_available(a.dtype, a.device) and a.dim() == 3:
+        a_steps = a.new_empty(a.shape[:2], dtype=torch.float32)
+        b_steps = b_t.new_empty(b_t.shape[:2], dtype=torch.float32)
+        cpu_kernel.quantize_rows(a.contiguous(), a_q, a_steps)
+        cpu_kernel.quantize_rows(b_t.contiguous(), b_q, b_steps)
+        scales.copy_(a_steps * b_steps)
+        return
+    for target, value in zip((a_q, b_q, scales), quantize(a, b_t), strict=True):
+        target.copy_(value)
 
 
 def dequantize(a_q: torch.Tensor, b_q: torch.Tensor,

@@ -10,7 +10,7 @@ import torch
 
 from loraplex.lora.adapter import LoRAWeights
 from loraplex.lora.modules import FUSED_LINEARS
-from loraplex.lora.quantize import quantize
+from loraplex.lora.quantize import quantize_into
 
 
 class AdapterSlots:
@@ -71,11 +71,12 @@ class AdapterSlots:
         for module, (a, b_t) in weights.modules.items():  # [layers, r, in], [layers, r, out]
             path, row = self.place[module]
             r = a.shape[1]
+            a_part, b_part = self.a[path][:, slot, row:row + r], self.b[module][:, slot, :r]
             if self.int8:
-                a, b_t, scales = quantize(a, b_t)
-                self.scales[path][:, slot, row:row + r].copy_(scales)
-            self.a[path][:, slot, row:row + r].copy_(a)
-            self.b[module][:, slot, :r].copy_(b_t)
+                quantize_into(a, b_t, a_part, b_part, self.scales[path][:, slot, row:row + r])
+            else:
+                a_part.copy_(a)
+                b_part.copy_(b_t)
 
     def deactivate(self, slot: int) -> None:
         for buffer in self.buffers():
