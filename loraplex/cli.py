@@ -78,10 +78,13 @@ def plan(
     host_memory: Annotated[str | None, typer.Option(
         help="RAM for the host adapter cache (default: same as --memory)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    lora_dtype: Annotated[str, typer.Option(
+        help="Adapter weights in slots: auto (the model's dtype) | int8")] = "auto",
 ):
     """How many adapters and how much context fit in a memory budget (no model is loaded)."""
     from rich.table import Table
 
+    from loraplex.config import LORA_DTYPES
     from loraplex.model.llama import ModelConfig
     from loraplex.model.loader import read_config
     from loraplex.model.pull import PullError, resolve_model
@@ -96,6 +99,9 @@ def plan(
     )
 
     try:
+        if lora_dtype not in LORA_DTYPES:
+            raise ValueError(f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, "
+                             f"got {lora_dtype!r}")
         memory_bytes = parse_bytes(memory)
         host_memory_bytes = None if host_memory is None else parse_bytes(host_memory)
         if model in KNOWN_MODEL_SHAPES:  # a default model's shape is known: no pull needed
@@ -104,7 +110,8 @@ def plan(
             config = read_config(resolve_model(model))
         p = plan_capacity(config, rank=rank, targets=targets, clients=clients,
                           memory_bytes=memory_bytes, dtype_bytes=dtype_bytes(dtype),
-                          host_memory_bytes=host_memory_bytes)
+                          host_memory_bytes=host_memory_bytes,
+                          int8_slots=lora_dtype == "int8")
     except (ValueError, OSError, PullError) as e:  # each carries a clear message
         fail(str(e))
 
@@ -116,7 +123,8 @@ def plan(
     table.add_row("one adapter", format_bytes(p.bytes_per_adapter),
                   "in the host cache and on disk (its target modules)")
     table.add_row("one device slot", format_bytes(p.bytes_per_slot),
-                  f"all seven modules at rank {rank}, whatever an adapter targets")
+                  f"all seven modules at rank {rank}, whatever an adapter targets"
+                  + (", int8 with a scale per rank row" if p.int8_slots else ""))
     table.add_row("KV cache per token", format_bytes(p.kv_bytes_per_token),
                   f"2 x {config.num_layers} layers x {config.num_kv_heads} kv heads x "
                   f"{config.head_dim} x {p.dtype_bytes} bytes")
@@ -143,7 +151,8 @@ def plan(
     disk_note = (f" The other {on_disk} adapters load from disk on first use." if on_disk > 0
                  else " Every client's adapter stays in the host cache.")
     console.print(
-        f"Run [bold]loraplex serve --dtype {dtype} --max-lora-rank {rank} --max-loras "
+        f"Run [bold]loraplex serve --dtype {dtype} --max-lora-rank {rank} "
+        f"{'--lora-dtype int8 ' if p.int8_slots else ''}--max-loras "
         f"{p.max_loras} --max-cpu-loras {p.max_cpu_loras} --kv-cache {p.kv_cache_bytes}[/]: up "
         f"to {p.max_loras} different adapters share a batch, and {p.max_cpu_loras} stay loaded "
         f"in RAM.{disk_note} The KV cache holds {p.num_full_context_seqs:,} full "

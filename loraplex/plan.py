@@ -75,11 +75,12 @@ class CapacityPlan:
     memory_bytes: int  # device budget: weights, slots, KV cache and runtime overhead
     host_memory_bytes: int  # RAM for the host cache
     dtype_bytes: int
+    int8_slots: bool  # slots hold int8 adapter weights (EngineConfig.lora_dtype="int8")
     # the model
     num_base_params: int
     base_weight_bytes: int
     bytes_per_adapter: int  # one adapter as loaded into the host cache (its target modules)
-    bytes_per_slot: int  # one device slot (all seven modules at `rank`)
+    bytes_per_slot: int  # one device slot (all seven modules at `rank`, scales if int8)
     kv_bytes_per_token: int
     context_len: int  # tokens of one full-context sequence (the engine's default max_model_len)
     # the budget
@@ -170,6 +171,15 @@ def lora_bytes(config: ModelConfig, rank: int, targets: Sequence[str], dtype_byt
     return config.num_layers * per_layer * dtype_bytes
 
 
+def device_slot_bytes(config: ModelConfig, rank: int, dtype_bytes: int, int8: bool = False) -> int:
+    """Bytes of one device slot: all seven modules at `rank`, in the model's dtype, or as int8
+    with one float32 scale per rank row of each module (lora/slots.py)."""
+    if not int8:
+        return lora_bytes(config, rank, TARGET_MODULES, dtype_bytes)
+    scales = config.num_layers * len(TARGET_MODULES) * rank * 4
+    return lora_bytes(config, rank, TARGET_MODULES, 1) + scales
+
+
 def _positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise PlanError(f"{name} must be a positive integer, got {value!r}")
@@ -184,11 +194,13 @@ def plan_capacity(
     memory_bytes: int,
     dtype_bytes: int = 4,
     host_memory_bytes: int | None = None,
+    int8_slots: bool = False,
 ) -> CapacityPlan:
     """Size slots, host cache and KV cache for `clients` adapters in `memory_bytes`.
 
-    `host_memory_bytes` (RAM for the host cache) defaults to `memory_bytes`. Raises PlanError on
-    bad inputs or when the budget cannot hold the base model, one slot and one sequence.
+    `host_memory_bytes` (RAM for the host cache) defaults to `memory_bytes`; `int8_slots`: the
+    slots hold int8 adapter weights (the host cache keeps the model's dtype). Raises PlanError
+    on bad inputs or when the budget cannot hold the base model, one slot and one sequence.
     """
     for name, value in (("rank", rank), ("clients", clients), ("memory_bytes", memory_bytes),
                         ("dtype_bytes", dtype_bytes)):
@@ -200,7 +212,7 @@ def plan_capacity(
     num_base_params = count_base_params(model_config)
     base_weight_bytes = num_base_params * dtype_bytes
     bytes_per_adapter = lora_bytes(model_config, rank, targets, dtype_bytes)
-    bytes_per_slot = lora_bytes(model_config, rank, TARGET_MODULES, dtype_bytes)
+    bytes_per_slot = device_slot_bytes(model_config, rank, dtype_bytes, int8_slots)
     kv_bytes_per_token = (2 * model_config.num_layers * model_config.num_kv_heads
                           * model_config.head_dim * dtype_bytes)
     context_len = min(model_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
@@ -236,7 +248,7 @@ def plan_capacity(
 
     return CapacityPlan(
         rank=rank, targets=targets, clients=clients, memory_bytes=memory_bytes,
-        host_memory_bytes=host_memory_bytes, dtype_bytes=dtype_bytes,
+        host_memory_bytes=host_memory_bytes, dtype_bytes=dtype_bytes, int8_slots=int8_slots,
         num_base_params=num_base_params, base_weight_bytes=base_weight_bytes,
         bytes_per_adapter=bytes_per_adapter, bytes_per_slot=bytes_per_slot,
         kv_bytes_per_token=kv_bytes_per_token, context_len=context_len,

@@ -2,6 +2,7 @@
 parameter counts, the engine's own slot and KV allocators), the budget's invariants, the errors,
 and `loraplex plan` on the default model without pulling it."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -115,16 +116,17 @@ def test_smollm2_base_params_match_transformers():
 
 @pytest.mark.parametrize(("dtype", "itemsize"), [("float32", 4), ("bfloat16", 2)])
 @pytest.mark.parametrize("targets", ["attn", "all"])
-def test_slot_bytes_match_the_engine_slots(dtype, itemsize, targets):
+@pytest.mark.parametrize("int8", [False, True])
+def test_slot_bytes_match_the_engine_slots(dtype, itemsize, targets, int8):
     from loraplex.lora.slots import AdapterSlots
     from loraplex.model.llama import LlamaModel
 
     with torch.device("meta"):
         model = LlamaModel(SMOLLM2).to(getattr(torch, dtype))
-    slots = AdapterSlots(model, max_loras=3, max_rank=8)
+    slots = AdapterSlots(model, max_loras=3, max_rank=8, int8=int8)
     # A slot holds all seven modules, whatever the adapters target.
-    assert plan(rank=8, targets=targets, dtype_bytes=itemsize).bytes_per_slot == (
-        slots.num_bytes() // 3)
+    assert plan(rank=8, targets=targets, dtype_bytes=itemsize,
+                int8_slots=int8).bytes_per_slot == slots.num_bytes() // 3
 
 
 @pytest.mark.parametrize(("dtype", "itemsize"), [("float32", 4), ("float16", 2)])
@@ -302,6 +304,18 @@ def test_cli_plans_the_default_model_without_pulling_it(empty_home):
     assert not (empty_home / "models").exists()  # nothing was pulled
 
 
+def test_cli_plans_int8_slots(empty_home):
+    args = ["plan", "--model", "smollm2-135m", "--clients", "500", "--memory", "2GiB",
+            "--dtype", "bfloat16"]
+    bf16 = runner.invoke(app, args)
+    int8 = runner.invoke(app, [*args, "--lora-dtype", "int8"])
+    assert bf16.exit_code == int8.exit_code == 0, int8.output
+    assert "--dtype bfloat16 --max-lora-rank 16 --lora-dtype int8 --max-loras" in int8.output
+    assert "int8 with a scale per rank row" in int8.output
+    slots = [int(re.search(r"--max-loras (\d+)", r.output)[1]) for r in (bf16, int8)]
+    assert slots[1] > 1.9 * slots[0]  # half the bytes a slot: about twice the slots
+
+
 def test_cli_reads_a_checkpoint_dir(empty_home, tmp_path):
     hf_config().save_pretrained(tmp_path / "ckpt")
     result = runner.invoke(app, ["plan", "--model", str(tmp_path / "ckpt"), "--clients", "3",
@@ -315,6 +329,7 @@ def test_cli_reads_a_checkpoint_dir(empty_home, tmp_path):
     (["--memory", "100MiB"], "is too little"),
     (["--targets", "lm_head"], "unknown target module(s) 'lm_head'"),
     (["--dtype", "int8"], "dtype must be one of float32, bfloat16, float16"),
+    (["--lora-dtype", "int4"], "lora_dtype must be one of auto, int8, got 'int4'"),
     (["--model", "/nonexistent/model"], "known models"),
 ])
 def test_cli_errors_are_one_clear_line(empty_home, args, message):
