@@ -357,8 +357,9 @@ int64_t expand_columns_bf16(const BFloat16 *bt, int64_t rank, int64_t out, const
 #endif
 
 #if defined(__AVX512VNNI__)
-// expand_rows for a decoding group's int8 Bt where the CPU has int16 dot products, 32 columns at
-// a time from column c while they fit before end (returns where it stopped): each token's r
+// expand_rows for a decoding group's int8 Bt where the CPU has int16 dot products, over the
+// module's first out / 32 * 32 columns (returns how many; expand_rows takes the rest): each
+// token's r
 // values of h as int16 with one scale (absmax / 32,767, finer than the bf16 h of the other
 // paths), and per strip of 64 columns its sums in int32 registers over all rows of Bt, each
 // row's cache line prefetching the place `ahead` values on: rows q and q+1 interleaved
@@ -368,11 +369,10 @@ int64_t expand_columns_bf16(const BFloat16 *bt, int64_t rank, int64_t out, const
 // ranks up to kMaxPairs * 2 (then nothing is taken here).
 template <int N, typename T>
 int64_t expand_strips_int8(const int8_t *bt, int64_t rank, int64_t out, const float *hr,
-                           int64_t nr, int64_t c, int64_t end, T *y, int64_t y_stride,
-                           int64_t ahead) {
+                           int64_t nr, T *y, int64_t y_stride, int64_t ahead) {
   constexpr int64_t kUnit = 32;
   const int64_t num_pairs = (rank + 1) / 2;
-  if (num_pairs > kMaxPairs) return c;
+  if (num_pairs > kMaxPairs) return 0;
   int32_t h_pairs[N][kMaxPairs];  // (h[q], h[q+1]) as int16 bits, an odd rank's last with 0
   float h_scales[N];
   for (int g = 0; g < N; g++) {
@@ -426,8 +426,9 @@ int64_t expand_strips_int8(const int8_t *bt, int64_t rank, int64_t out, const fl
       }
     }
   };
-  for (; c + 2 * kUnit <= end; c += 2 * kUnit) strip(std::integral_constant<int, 2>{}, c);
-  if (c + kUnit <= end) {
+  int64_t c = 0;
+  for (; c + 2 * kUnit <= out; c += 2 * kUnit) strip(std::integral_constant<int, 2>{}, c);
+  if (c + kUnit <= out) {
     strip(std::integral_constant<int, 1>{}, c);
     c += kUnit;
   }
@@ -534,8 +535,8 @@ void decode_group(int64_t slot, int64_t next_slot, const Inputs<T> &in, int64_t 
     int64_t done = 0;  // columns expand_strips_int8 took
     if constexpr (kQuantizesInputs<W>) {
 #if defined(__AVX512VNNI__)
-      done = expand_strips_int8<N>(bt, rank, outs[i], h + i * rank, nr, 0, outs[i], y + column,
-                                   y_stride, bt_ahead);
+      done = expand_strips_int8<N>(bt, rank, outs[i], h + i * rank, nr, y + column, y_stride,
+                                   bt_ahead);
 #endif
     }
     if (done < outs[i]) {
@@ -691,9 +692,11 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
           const int64_t slot = copy.slots[u];
           dequantize_row(a + (slot * nr + k) * in_features, scales[slot * nr + k], in_features,
                          copy.a.get() + (u * nr + k) * in_features);
-          for (int64_t m = 0; m < num_modules && k < rank; m++) {  // Bt row k of each module
-            dequantize_row(b[m] + (slot * rank + k) * outs[m], 1.f, outs[m],
-                           copy.b[m].get() + (u * rank + k) * outs[m]);
+          if (k < rank) {  // Bt row k of each module
+            for (int64_t m = 0; m < num_modules; m++) {
+              dequantize_row(b[m] + (slot * rank + k) * outs[m], 1.f, outs[m],
+                             copy.b[m].get() + (u * rank + k) * outs[m]);
+            }
           }
         }
       }

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from loraplex.bench import kernels
+from tests.bench.usage import usage_error
 
 
 @pytest.mark.skipif(not shutil.which("c++") and not shutil.which("g++"), reason="no compiler")
@@ -47,8 +48,4 @@ def test_alternating_medians_take_each_functions_own_times():
     (["--lora-dtype", "int4"], "should be a comma list of auto, int8, got 'int4'"),
 ])
 def test_bad_options_are_a_usage_error(args, message, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["kernels", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        kernels.main()
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(kernels.main, ["kernels", *args], monkeypatch, capsys)

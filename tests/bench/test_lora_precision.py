@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from loraplex.bench import lora_precision
+from tests.bench.usage import usage_error
 
 
 def test_precision_report_compares_both_bf16_variants_with_float32(
@@ -35,9 +36,5 @@ def test_agreement_counts_tokens_up_to_the_first_difference():
 
 
 def test_a_broken_adapter_is_a_usage_error(sharp_llama_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["lora_precision", str(tmp_path), "--model",
-                                      str(sharp_llama_dir)])
-    with pytest.raises(SystemExit) as exit_info:
-        lora_precision.main()
-    assert exit_info.value.code == 2
-    assert "adapter_config.json" in capsys.readouterr().err
+    argv = ["lora_precision", str(tmp_path), "--model", str(sharp_llama_dir)]
+    assert "adapter_config.json" in usage_error(lora_precision.main, argv, monkeypatch, capsys)

@@ -7,6 +7,7 @@ import pytest
 
 from loraplex.bench import lora_share
 from loraplex.model import llama
+from tests.bench.usage import usage_error
 
 
 @pytest.mark.parametrize("lora_dtype", ["auto", "int8"])
@@ -51,8 +52,4 @@ def test_a_skipped_op_returns_y_untouched_and_its_time_goes_to_its_kind_of_step(
     (["--model", "/nonexistent"], "is neither a known model nor an existing directory"),
 ])
 def test_bad_options_are_a_usage_error_not_a_traceback(args, message, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["lora_share", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        lora_share.main()
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(lora_share.main, ["lora_share", *args], monkeypatch, capsys)
