@@ -10,6 +10,7 @@ from loraplex.bench.cli import bench_command
 from loraplex.cli_support import actor, err, fail, open_registry, or_fail
 from loraplex.export.cli import export_app
 from loraplex.train.cli import train_command
+from loraplex.usage_cli import quota_command, usage_command
 from loraplex.vault.cli import data_app
 
 app = typer.Typer(help="loraplex: one base LLM, many tenants' LoRA adapters.",
@@ -171,6 +172,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
 app.command("train")(train_command)
 app.command("bench")(bench_command)
+app.command("usage")(usage_command)
+tenant_app.command("quota")(quota_command)
 
 
 def _split_text(split: dict[int, int]) -> str:
@@ -338,8 +341,14 @@ def serve(
         help="Adapter weights in slots: auto (the model's dtype) | int8 (half the bytes of "
         "bf16: faster decode steps with many adapters, see BENCHMARKS.md)")] = "auto",
     max_num_seqs: int = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option(
+        help="Tokens computed in one step (prompts are prefilled in chunks of this)")] = 512,
+    scheduling: Annotated[str, typer.Option(
+        help="fair (tenants share by their tiers: `loraplex tenant quota --tier`) | fcfs "
+        "(first come, first served)")] = "fair",
     max_model_len: Annotated[int | None, typer.Option(help="Context length")] = None,
-    max_concurrent_per_tenant: int = 32,
+    max_concurrent_per_tenant: Annotated[int, typer.Option(
+        help="A tenant's concurrent requests unless its quota says otherwise")] = 32,
     kv_cache: Annotated[str | None, typer.Option(
         help="KV cache size, e.g. 8GiB (default: 10% of device memory; see `loraplex plan`)")] = (
         None),
@@ -370,6 +379,7 @@ def serve(
         config = EngineConfig(
             model=model, dtype=dtype, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
             max_lora_rank=max_lora_rank, lora_dtype=lora_dtype, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, scheduling=scheduling,
             max_model_len=max_model_len,
             kv_cache_bytes=None if kv_cache is None else parse_bytes(kv_cache))
         resolve_model(model)  # pull a default model once here, not in every engine at once

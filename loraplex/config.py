@@ -6,6 +6,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_DTYPES = ("auto", "int8")
+SCHEDULING = ("fair", "fcfs")
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,15 @@ class EngineConfig:
     """Keep each loaded adapter in ready-to-serve form under <home>/cache/adapters, so that
     loading it again is one read (see loraplex/lora/packed.py)."""
     max_num_seqs: int = 64
-    """Sequences in one batch."""
+    """Sequences in one batch (seats): fewer make each step shorter, so a tenant that is
+    admitted streams faster, at the cost of total throughput when many are busy."""
+    scheduling: str = "fair"
+    """'fair': tenants (the fairness key of each request) get service in proportion to their
+    weights, by virtual token counters (engine/fairness.py); 'fcfs': first come, first served."""
+    fairness_input_cost: float = 1.0
+    """What one prompt token computed costs a tenant's virtual token counter."""
+    fairness_output_cost: float = 2.0
+    """What one generated token costs a tenant's virtual token counter."""
     max_num_batched_tokens: int = 512
     """Tokens computed in one step; long prompts are prefilled in chunks of at most this."""
     max_model_len: int | None = None
@@ -62,6 +71,13 @@ class EngineConfig:
         if self.lora_dtype not in LORA_DTYPES:
             raise ConfigError(f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, "
                               f"got {self.lora_dtype!r}")
+        if self.scheduling not in SCHEDULING:
+            raise ConfigError(f"scheduling must be one of {', '.join(SCHEDULING)}, "
+                              f"got {self.scheduling!r}")
+        for name in ("fairness_input_cost", "fairness_output_cost"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if self.max_model_len is not None:
             positive("max_model_len")
         if self.kv_cache_bytes is not None:

@@ -6,6 +6,7 @@ import and most tests never need them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -252,3 +253,35 @@ def bpe_llama_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
     return path
+
+
+@contextlib.contextmanager
+def serve_process(home: Path, model_dir: Path, *args: str):
+    """`loraplex serve` on the model in a process of its own, with `home` as its loraplex home;
+    yields (url, process) once it is ready, and kills it on the way out."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(model_dir),
+         "--port", str(port), "--max-model-len", "256", *args],
+        env={**os.environ, "LORAPLEX_HOME": str(home)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url, server
+    finally:
+        server.kill()

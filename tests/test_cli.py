@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraplex.cli import app
+from tests.conftest import serve_process
 
 runner = CliRunner()
 
@@ -90,37 +91,17 @@ def test_admin_commands(tmp_path, monkeypatch, sharp_llama_dir, sharp_adapters):
 
 def test_serve_finishes_running_requests_on_sigterm(tmp_path, sharp_llama_dir, sharp_adapters):
     import json
-    import os
     import signal
-    import socket
-    import subprocess
-    import sys
-    import time
 
     import httpx
 
     from loraplex.registry import Registry
 
-    env = {**os.environ, "LORAPLEX_HOME": str(tmp_path)}
     registry = Registry(tmp_path)
     registry.create_tenant("acme", actor="test")
     registry.push_version("acme", "bot", sharp_adapters[0], actor="test", validate=None)
     _, key = registry.create_key("acme", actor="test")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(sharp_llama_dir),
-         "--port", str(port), "--max-model-len", "256"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with serve_process(tmp_path, sharp_llama_dir) as (url, server):
         body = {"model": "bot", "prompt": "go", "max_tokens": 120, "temperature": 0,
                 "ignore_eos": True, "stream": True}
         finish, sent_signal = None, False
@@ -137,5 +118,3 @@ def test_serve_finishes_running_requests_on_sigterm(tmp_path, sharp_llama_dir, s
         # uvicorn re-raises the signal once it has shut down gracefully.
         assert server.wait(timeout=60) in (0, -signal.SIGTERM)
         assert "Traceback" not in server.stderr.read()
-    finally:
-        server.kill()

@@ -43,6 +43,7 @@ class StreamDelta:
     error: str | None
     prompt_tokens: int  # usage so far
     completion_tokens: int
+    queue_seconds: float | None  # from arrival to first admission; None while queued
 
 
 class AsyncEngine:
@@ -71,15 +72,19 @@ class AsyncEngine:
         params: SamplingParams,
         adapter: AdapterRequest | None = None,
         request_id: str | None = None,
+        fairness_key: str = "",
+        fairness_weight: float = 1.0,
     ) -> AsyncIterator[StreamDelta]:
         """Stream a request's deltas until every completion is finished. Raises the engine's
         ValueError (a clear message) if the request is refused. Leaving the loop early (or a
-        cancelled task, e.g. a client disconnect) aborts the request."""
+        cancelled task, e.g. a client disconnect) aborts the request. `fairness_key` and
+        `fairness_weight`: see LLMEngine.add_request."""
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, outputs)
-        self._inbox.put(("add", request_id, prompt, params, adapter))
+        self._inbox.put(("add", request_id, prompt, params, adapter, fairness_key,
+                         fairness_weight))
         sent: dict[int, RequestOutput] = {}
         remaining = params.n
         try:
@@ -139,9 +144,9 @@ class AsyncEngine:
     def _handle(self, message) -> None:
         kind = message[0]
         if kind == "add":
-            _, request_id, prompt, params, adapter = message
+            _, request_id, prompt, params, adapter, key, weight = message
             try:
-                self.engine.add_request(request_id, prompt, params, adapter)
+                self.engine.add_request(request_id, prompt, params, adapter, key, weight)
             except ValueError as e:  # a bad request fails alone, with its message
                 self._publish(request_id, e)
         elif kind == "abort":
@@ -216,4 +221,5 @@ def _delta(previous: RequestOutput | None, current: RequestOutput) -> StreamDelt
         error=current.error,
         prompt_tokens=len(current.prompt_token_ids),
         completion_tokens=len(current.token_ids),
+        queue_seconds=current.queue_seconds,
     )

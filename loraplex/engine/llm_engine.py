@@ -42,6 +42,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    queue_seconds: float | None = None  # from arrival to first admission; None while queued
 
 
 def _total_memory(device: torch.device) -> int:
@@ -101,7 +102,12 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         adapter: AdapterRequest | None = None,
+        fairness_key: str = "",
+        fairness_weight: float = 1.0,
     ) -> None:
+        """Queue a request. `fairness_key` is the tenant, opaque to the engine: keys share the
+        engine in proportion to their `fairness_weight` (the latest weight given for a key
+        holds)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -113,22 +119,28 @@ class LLMEngine:
                 raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         if not prompt_ids:
             raise RequestError("the prompt is empty")
+        if isinstance(fairness_weight, bool) or not isinstance(fairness_weight, int | float) \
+                or not 0 < fairness_weight < float("inf"):
+            raise RequestError(f"fairness_weight must be a positive number, got "
+                               f"{fairness_weight!r}")
         if len(prompt_ids) >= self.max_model_len:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens; this engine's context length "
                 f"(max_model_len) is {self.max_model_len}, which leaves no room to generate"
             )
         seqs = []
+        added_at = time.monotonic()
         for index in range(params.n):
             generator = None
             if params.seed is not None:
                 generator = torch.Generator().manual_seed(params.seed + index)
             seqs.append(Sequence(request_id, index, prompt_ids, params, adapter,
-                                 arrival=self._arrivals, generator=generator))
+                                 arrival=self._arrivals, generator=generator,
+                                 fairness_key=fairness_key, added_at=added_at))
             self._arrivals += 1
         self.requests[request_id] = seqs
         for seq in seqs:
-            self.scheduler.add(seq)
+            self.scheduler.add(seq, fairness_weight)
         if adapter is not None:
             self.adapters.poll(adapter)  # start reading it from disk right away
 
@@ -245,6 +257,7 @@ class LLMEngine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             error=seq.error,
+            queue_seconds=seq.queue_seconds,
         )
 
     def stats(self) -> dict:
@@ -256,6 +269,8 @@ class LLMEngine:
             "kv_blocks_total": self.blocks.num_blocks,
             "kv_blocks_free": self.blocks.num_free,
             "preemptions": self.scheduler.num_preemptions,
+            "fairness_preemptions": self.scheduler.num_fairness_preemptions,
+            "fairness": self.scheduler.fairness(),
             "steps": self.scheduler.step_count,
             "generated_tokens": self.num_generated_tokens,
             "tokens_per_second": self._tokens_per_second(),

@@ -1,18 +1,34 @@
-"""Who runs this step: continuous batching with chunked prefill, KV blocks and adapter slots.
+"""Who runs this step: continuous batching with chunked prefill, KV blocks, adapter slots and
+fair shares between tenants.
 
-Every step spends a budget of `max_num_batched_tokens`: first on the running sequences (oldest
-first; a decoding sequence needs one token, a prompt being prefilled takes a chunk), then on
-waiting ones in arrival order. When KV blocks run out, the newest running sequence is preempted:
-its blocks are freed and it is recomputed later; nothing is ever dropped.
+Every step spends a budget of `max_num_batched_tokens`: first one token for each decoding
+sequence (they are cheap and what streaming users wait on), then prompt chunks of the running
+sequences, then new sequences from the queue. Prompt chunks and admissions go to the tenant
+(fairness key) with the lowest virtual token counter first (engine/fairness.py), and within a
+tenant in arrival order. With `scheduling="fcfs"` every sequence has the same key: first come,
+first served.
+
+Preemption frees a running sequence's KV blocks; it is recomputed later and nothing is dropped.
+Two causes, both of which take the newest sequence of the tenant furthest ahead (highest
+counter):
+- KV pressure: a running sequence needs a block and none is free;
+- fairness: every seat (`max_num_seqs`) is taken, a tenant holding fewer seats than its weighted
+  share has a request ready to run, and a tenant furthest ahead of it holds more than its share.
+  At most one such preemption a step, and a sequence is preempted for fairness at most
+  MAX_FAIRNESS_PREEMPTIONS times, so none is preempted without end.
 """
 
-from collections import deque
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from loraplex.config import EngineConfig
 from loraplex.engine.adapter_manager import AdapterManager
 from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.fairness import VirtualTokenCounter
 from loraplex.engine.sequence import Sequence, SequenceStatus
+
+MAX_FAIRNESS_PREEMPTIONS = 1  # per sequence; KV-pressure preemptions are not bounded (forced)
 
 
 @dataclass(frozen=True)
@@ -26,12 +42,18 @@ class Scheduler:
         self.config = config
         self.blocks = blocks
         self.adapters = adapters
-        self.waiting: deque[Sequence] = deque()
+        self.fair = config.scheduling == "fair"
+        self.vtc = VirtualTokenCounter(config.fairness_input_cost, config.fairness_output_cost)
+        self.waiting: deque[Sequence] = deque()  # in arrival order
         self.running: list[Sequence] = []
         self.step_count = 0
         self.num_preemptions = 0
+        self.num_fairness_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, weight: float = 1.0) -> None:
+        if not self.fair:
+            seq.fairness_key = ""  # one key for everyone: first come, first served
+        self.vtc.arrive(seq.fairness_key, weight)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -40,22 +62,37 @@ class Scheduler:
     def schedule(self) -> tuple[list[ScheduledSeq], list[Sequence]]:
         """Returns this step's work and the sequences that failed (e.g. a broken adapter)."""
         self.step_count += 1
-        budget = self.config.max_num_batched_tokens
+        self.budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
-        failed: list[Sequence] = []
-        preempted = False
+        if self.fair:
+            self._preempt_for_fairness()
+        preempted = self._schedule_running(scheduled)
+        # None are admitted while we are short of memory.
+        failed = [] if preempted else self._admit(scheduled)
+        self.adapters.release_reservations(
+            {s.adapter_id for s in self.waiting if s.adapter is not None}
+        )
+        return scheduled, failed
 
-        for seq in sorted(self.running, key=lambda s: s.arrival):
+    def _rank(self, seq: Sequence) -> tuple[float, int]:
+        """Who goes first: the lowest counter, then the oldest."""
+        return self.vtc.counter(seq.fairness_key), seq.arrival
+
+    def _schedule_running(self, scheduled: list[ScheduledSeq]) -> bool:
+        """Give the running sequences their tokens; returns whether KV pressure preempted."""
+        preempted = False
+        given: set[int] = set()  # ids of the sequences scheduled so far
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in sorted(decoding, key=lambda s: s.arrival) + sorted(prefilling, key=self._rank):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num = min(seq.num_tokens - seq.num_computed_tokens, self.budget)
             if num == 0:
                 continue
             while not self.blocks.can_allocate(seq, num):
-                victim = max(
-                    (s for s in self.running if s.status is SequenceStatus.RUNNING),
-                    key=lambda s: s.arrival,
-                )
+                # Never one already given blocks this step; `seq` itself is a candidate.
+                victim = max((s for s in self.running if id(s) not in given), key=self._rank)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -65,19 +102,26 @@ class Scheduler:
             self.blocks.allocate(seq, num)
             if seq.slot >= 0:
                 self.adapters.touch(seq.slot, self.step_count)
-            scheduled.append(ScheduledSeq(seq, num))
-            budget -= num
+            self._take(scheduled, seq, num)
+            given.add(id(seq))
+        return preempted
 
-        # Admit waiting sequences in arrival order; none while we are short of memory.
+    def _admit(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
+        """Admit waiting sequences, the lowest counter first; returns those that failed."""
+        failed: list[Sequence] = []
         in_use = {s.adapter_id for s in self.running if s.adapter is not None}
-        for seq in list(self.waiting) if not preempted else []:
-            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+        passed: set[int] = set()  # ids of sequences that cannot run this step
+        while self.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = min((s for s in self.waiting if id(s) not in passed), key=self._rank,
+                      default=None)
+            if seq is None:
                 break
             slot = -1
             if seq.adapter is not None:
                 problem = self.adapters.poll(seq.adapter)
                 if problem == "loading":
-                    continue  # others go ahead; this one is admitted once its load finishes
+                    passed.add(id(seq))  # others go ahead; it is admitted once its load lands
+                    continue
                 if problem is not None:
                     self.waiting.remove(seq)
                     seq.error = problem
@@ -85,24 +129,67 @@ class Scheduler:
                     continue
                 acquired = self.adapters.acquire_slot(seq.adapter_id, in_use, self.step_count)
                 if acquired is None:
-                    continue  # waits for a slot to drain; later requests may still run
+                    passed.add(id(seq))  # waits for a slot to drain; later ones may still run
+                    continue
                 slot = acquired
-            num = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num = min(seq.num_tokens - seq.num_computed_tokens, self.budget)
             if not self.blocks.can_allocate(seq, num):
-                break  # FCFS: the head of the queue keeps its turn for memory
+                break  # the first in line keeps its turn for memory
             self.waiting.remove(seq)
             self.blocks.allocate(seq, num)
+            if seq.queue_seconds is None:
+                seq.queue_seconds = time.monotonic() - seq.added_at
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             seq.slot = slot
             if seq.adapter is not None:
                 in_use.add(seq.adapter_id)
-            scheduled.append(ScheduledSeq(seq, num))
-            budget -= num
-        self.adapters.release_reservations(
-            {s.adapter_id for s in self.waiting if s.adapter is not None}
-        )
-        return scheduled, failed
+            self._take(scheduled, seq, num)
+        return failed
+
+    def _take(self, scheduled: list[ScheduledSeq], seq: Sequence, num: int) -> None:
+        """Schedule `num` tokens of `seq` and charge its key for the service."""
+        scheduled.append(ScheduledSeq(seq, num))
+        self.budget -= num
+        # Prompt tokens are charged once: recomputing after a preemption is not new service.
+        new_prompt = max(0, min(seq.num_computed_tokens + num, len(seq.prompt_token_ids))
+                         - seq.num_charged_prompt_tokens)
+        seq.num_charged_prompt_tokens += new_prompt
+        samples = int(seq.num_computed_tokens + num == seq.num_tokens)
+        self.vtc.charge(seq.fairness_key, new_prompt, samples)
+
+    def _preempt_for_fairness(self) -> None:
+        """Free a seat for a tenant below its share, taken from a tenant above it (see the
+        module docstring)."""
+        seats = self.config.max_num_seqs
+        if len(self.running) < seats or not self.waiting:
+            return
+        total = self.vtc.active_weight()
+        holding = Counter(s.fairness_key for s in self.running)
+
+        def share(key: str) -> float:
+            return seats * self.vtc.weight(key) / total
+
+        claimant = min((s for s in self.waiting
+                        if holding[s.fairness_key] + 1 <= share(s.fairness_key)
+                        and self._is_loaded(s)), key=self._rank, default=None)
+        if claimant is None:
+            return
+        # >=: a tenant back from idle starts level with the lowest counter, and must still get
+        # a seat; the seat shares keep this from swinging back and forth.
+        below = self.vtc.counter(claimant.fairness_key)
+        victims = [s for s in self.running
+                   if holding[s.fairness_key] - 1 >= share(s.fairness_key)
+                   and self.vtc.counter(s.fairness_key) >= below
+                   and s.num_fairness_preemptions < MAX_FAIRNESS_PREEMPTIONS]
+        if victims:
+            victim = max(victims, key=self._rank)
+            victim.num_fairness_preemptions += 1
+            self.num_fairness_preemptions += 1
+            self._preempt(victim)
+
+    def _is_loaded(self, seq: Sequence) -> bool:
+        return seq.adapter is None or self.adapters.poll(seq.adapter) is None
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's KV cache; it re-enters the queue by arrival order."""
@@ -118,6 +205,8 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a sequence from wherever it is and free what it holds."""
+        if seq.is_finished:
+            return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.blocks.free(seq)
@@ -126,3 +215,12 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self.vtc.leave(seq.fairness_key)
+
+    def fairness(self) -> dict[str, dict]:
+        """Per fairness key with work: counter, weight, sequences, and how many run now."""
+        running = Counter(s.fairness_key for s in self.running)
+        snapshot = self.vtc.snapshot()
+        for key, entry in snapshot.items():
+            entry["running"] = running[key]
+        return snapshot

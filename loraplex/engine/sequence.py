@@ -31,14 +31,19 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: AdapterRequest | None
-    arrival: int  # admission order: FCFS fairness and preemption choose by it
+    arrival: int  # arrival order: within a tenant, admission and preemption choose by it
     generator: torch.Generator | None = None  # set when the request has a seed
+    fairness_key: str = ""  # the tenant, opaque: fair shares are kept per key
+    added_at: float = 0.0  # time.monotonic() when the request arrived
+    queue_seconds: float | None = None  # from arrival to first admission; None while queued
     output_text: str = ""  # detokenized output, cut at a stop string
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)  # of each generated token
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)  # top-k each
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache
+    num_charged_prompt_tokens: int = 0  # prompt tokens charged to the key (once, despite recompute)
+    num_fairness_preemptions: int = 0  # preempted to free a seat for a tenant below its share
     block_table: list[int] = field(default_factory=list)
     slot: int = -1  # adapter slot while running; -1 for the base model
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"

@@ -53,14 +53,16 @@ class RemoteEngine:
         return self.replicas.options(multiplexed_model_id=str(adapter.adapter_id))
 
     async def generate(self, prompt: list[int], params: SamplingParams,
-                       adapter: AdapterRequest | None = None) -> AsyncIterator[StreamDelta]:
+                       adapter: AdapterRequest | None = None, *, fairness_key: str = "",
+                       fairness_weight: float = 1.0) -> AsyncIterator[StreamDelta]:
         """AsyncEngine.generate on a replica. If the replica dies before the first delta, the
         request goes to another one (nobody saw a token yet); after it, every unfinished
         completion ends with an engine error, as a failed local engine would end it."""
         handle = self._handle(adapter).options(stream=True)
         last: dict[int, StreamDelta] = {}  # completion index -> its latest delta
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            stream = handle.generate.remote(prompt, params, adapter)
+            stream = handle.generate.remote(prompt, params, adapter, fairness_key,
+                                            fairness_weight)
             is_done = False
             try:
                 async for delta in stream:
@@ -117,7 +119,8 @@ def _error_delta(previous: StreamDelta | None, index: int, prompt_tokens: int,
     if previous is None:
         return StreamDelta(request_id="", index=index, text="", token_ids=[], logprobs=[],
                            top_logprobs=[], finished=True, finish_reason="error",
-                           error=message, prompt_tokens=prompt_tokens, completion_tokens=0)
+                           error=message, prompt_tokens=prompt_tokens, completion_tokens=0,
+                           queue_seconds=None)
     return replace(previous, text="", token_ids=[], logprobs=[], top_logprobs=[],
                    finished=True, finish_reason="error", error=message)
 

@@ -46,13 +46,16 @@ class EngineReplica:
         await self._get_adapter(str(adapter.adapter_id))
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       adapter: AdapterRequest | None) -> AsyncIterator[StreamDelta]:
+                       adapter: AdapterRequest | None, fairness_key: str = "",
+                       fairness_weight: float = 1.0) -> AsyncIterator[StreamDelta]:
         """Stream one request's deltas (the caller set multiplexed_model_id to the version id).
         A cancelled call (the gateway's client went away) aborts the request in the engine."""
         self.num_requests += 1
         if adapter is not None:
             await self._ensure_loaded(adapter)
-        async for delta in self.engine.generate(prompt_ids, params, adapter):
+        async for delta in self.engine.generate(prompt_ids, params, adapter,
+                                                fairness_key=fairness_key,
+                                                fairness_weight=fairness_weight):
             yield delta
 
     async def prewarm(self, adapter: AdapterRequest, pin: bool) -> None:

@@ -185,4 +185,37 @@ def m002_base_model_access(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS = [m001_initial, m002_base_model_access]
+def m003_quotas_and_ledger(conn: sqlite3.Connection) -> None:
+    """Per-tenant quotas and fairness tier, and the usage ledger billing reads."""
+    # NULL in a limit column: no limit of that kind (the server's default for max_concurrent).
+    conn.execute(
+        """CREATE TABLE quotas (
+    tenant_id INTEGER PRIMARY KEY REFERENCES tenants (id),
+    tier REAL NOT NULL CHECK (tier > 0),
+    requests_per_minute INTEGER CHECK (requests_per_minute > 0),
+    tokens_per_minute INTEGER CHECK (tokens_per_minute > 0),
+    max_concurrent INTEGER CHECK (max_concurrent > 0),
+    monthly_tokens INTEGER CHECK (monthly_tokens > 0)
+)"""
+    )
+    # One row per (tenant, key, adapter, version, UTC hour); the server adds to rows in batches.
+    # adapter and version are names as billed ("support-bot", "v2"; the base model's name and
+    # "base"), kept as text so that a bill stays readable whatever happens to the adapter later.
+    conn.execute(
+        """CREATE TABLE usage (
+    tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+    key_id TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    version TEXT NOT NULL,
+    hour TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_prompt_tokens INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, hour, key_id, adapter, version)
+)"""
+    )
+
+
+MIGRATIONS = [m001_initial, m002_base_model_access, m003_quotas_and_ledger]

@@ -19,13 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraplex.registry import adapters, audit, deployments, stats, tenants
+from loraplex.registry import adapters, audit, deployments, ledger, quotas, stats, tenants
 from loraplex.registry.adapters import Adapter, Version, label, version_by_number
 from loraplex.registry.artifacts import Validate, store_artifact
 from loraplex.registry.audit import AuditEntry
 from loraplex.registry.db import connect, transaction
 from loraplex.registry.deployments import Deployment
-from loraplex.registry.errors import NotFound
+from loraplex.registry.errors import InvalidInput, NotFound
+from loraplex.registry.quotas import Quota
 from loraplex.registry.resolver import ResolvedVersion, Resolver, bump_generation
 from loraplex.registry.tenants import ADMIN, TENANT, KeyInfo, Principal, Tenant
 
@@ -270,10 +271,46 @@ class Registry:
             adapter, _ = self._adapter(conn, tenant, name)
             return stats.version_stats(conn, adapter.id)
 
-    def tenant_usage(self, tenant: str) -> dict[str, int]:
-        """requests, errors, prompt_tokens, completion_tokens over all the tenant's versions."""
+    # -- quotas and the usage ledger ---------------------------------------------------------
+
+    def set_quota(self, tenant: str, *, actor: str, **changes) -> Quota:
+        """Change some of a tenant's quota fields (see quotas.Quota; None lifts a limit)."""
+        unknown = set(changes) - set(Quota.__dataclass_fields__)
+        if unknown:
+            raise InvalidInput(f"unknown quota field(s): {', '.join(sorted(unknown))}")
+        with self._change() as conn:
+            tenant_id = tenants.get_tenant(conn, tenant).id
+            quota = quotas.check(Quota(**vars(quotas.get_quota(conn, tenant_id)) | changes))
+            quotas.set_quota(conn, tenant_id, quota)
+            audit.record(conn, actor, "tenant.quota", tenant, changes, tenant_id=tenant_id)
+        return quota
+
+    def get_quota(self, tenant: str) -> Quota:
         with self._read() as conn:
-            return stats.tenant_usage(conn, tenants.get_tenant(conn, tenant).id)
+            return quotas.get_quota(conn, tenants.get_tenant(conn, tenant).id)
+
+    def quota_of(self, tenant_id: int) -> Quota:
+        """get_quota by id, as the server has it per request."""
+        with self._read() as conn:
+            return quotas.get_quota(conn, tenant_id)
+
+    def add_usage(self, batch: dict[ledger.UsageKey, tuple[int, ...]]) -> None:
+        """Add a batch of usage to the ledger in one transaction (LedgerWriter calls this)."""
+        with self._lock, transaction(self._conn):  # no generation bump: nothing deployed changed
+            ledger.add(self._conn, batch)
+
+    def usage(self, tenant: str, *, start: str | None = None, end: str | None = None,
+              group_by: str = "day") -> list[dict]:
+        """The tenant's usage over hours [start, end) (ledger.parse_time's formats), grouped by
+        key, adapter, version, day or hour."""
+        start = None if start is None else ledger.parse_time(start, "from")
+        end = None if end is None else ledger.parse_time(end, "to")
+        with self._read() as conn:
+            return ledger.query(conn, tenants.get_tenant(conn, tenant).id, start, end, group_by)
+
+    def tokens_between(self, tenant_id: int, start: str, end: str) -> int:
+        with self._read() as conn:
+            return ledger.tokens_between(conn, tenant_id, start, end)
 
     # -- audit -----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Per-version request counters, and a tenant's usage summed over its versions.
+"""Per-version request counters (a tenant's billable usage is the ledger, ledger.py).
 
 Sums are stored, not means, so each request is one UPSERT that adds to the row; means are
 computed when read.
@@ -62,17 +62,6 @@ def version_stats(conn: sqlite3.Connection, adapter_id: int) -> list[dict]:
         }
         for row in rows
     ]
-
-
-def tenant_usage(conn: sqlite3.Connection, tenant_id: int) -> dict[str, int]:
-    """requests, errors, prompt_tokens, completion_tokens over all of a tenant's versions."""
-    sums = ", ".join(f"COALESCE(SUM(s.{name}), 0) AS {name}" for name in _COUNTERS)
-    row = conn.execute(
-        f"SELECT {sums} FROM version_stats s JOIN versions v ON v.id = s.version_id"
-        " JOIN adapters a ON a.id = v.adapter_id WHERE a.tenant_id = ?",
-        (tenant_id,),
-    ).fetchone()
-    return {name: row[name] for name in _COUNTERS}
 
 
 def _mean(total: float | None, count: int) -> float | None:

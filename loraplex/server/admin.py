@@ -6,8 +6,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from loraplex.engine.sequence import AdapterRequest
@@ -27,6 +27,17 @@ class PromoteBody(BaseModel):
     version: int = Field(ge=1)
 
 
+class QuotaBody(BaseModel):
+    """The fields to change: a field left out stays as it is; null lifts a limit."""
+
+    model_config = ConfigDict(extra="forbid")
+    tier: float | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_concurrent: int | None = None
+    monthly_tokens: int | None = None
+
+
 class SplitBody(BaseModel):
     split: dict[str, int]  # {"v1": 90, "v2": 10}
 
@@ -42,8 +53,9 @@ def parse_split(spec: dict[str, int]) -> dict[int, int]:
     return split
 
 
-def admin_router(registry: Registry, engine, validate=None) -> APIRouter:
-    """`validate` checks an uploaded adapter against the base model (see validation.py)."""
+def admin_router(registry: Registry, engine, ledger, validate=None) -> APIRouter:
+    """`validate` checks an uploaded adapter against the base model (see validation.py);
+    `ledger` is the server's LedgerWriter, flushed before usage is read."""
     router = APIRouter(prefix="/admin")
 
     def actor(request: Request) -> str:
@@ -120,10 +132,29 @@ def admin_router(registry: Registry, engine, validate=None) -> APIRouter:
         actor(request)
         return {"versions": registry.version_stats(tenant, name)}
 
-    @router.get("/tenants/{tenant}/usage")
-    async def usage(tenant: str, request: Request):
+    @router.get("/tenants/{tenant}/quota")
+    async def get_quota(tenant: str, request: Request):
         actor(request)
-        return registry.tenant_usage(tenant)
+        return asdict(registry.get_quota(tenant))
+
+    @router.patch("/tenants/{tenant}/quota")
+    async def set_quota(tenant: str, body: QuotaBody, request: Request):
+        quota = registry.set_quota(tenant, actor=actor(request),
+                                   **body.model_dump(exclude_unset=True))
+        return asdict(quota)
+
+    @router.get("/usage")
+    async def usage(request: Request, tenant: str | None = None,
+                    start: str | None = Query(None, alias="from"),
+                    end: str | None = Query(None, alias="to"), group_by: str = "day"):
+        """Every tenant's usage (or one's), each row with its tenant; see usage_rows."""
+        actor(request)
+        names = [tenant] if tenant is not None else [t.name for t in registry.list_tenants()]
+        rows = []
+        for name in names:
+            rows += [{"tenant": name} | row for row in await usage_rows(
+                registry, ledger, name, start, end, group_by)]
+        return {"group_by": group_by, "from": start, "to": end, "data": rows}
 
     @router.post("/tenants/{tenant}/adapters/{name}/prewarm")
     async def prewarm(tenant: str, name: str, request: Request, pin: bool = False):
@@ -148,6 +179,15 @@ def admin_router(registry: Registry, engine, validate=None) -> APIRouter:
         return await engine.stats()
 
     return router
+
+
+async def usage_rows(registry: Registry, ledger, tenant: str, start: str | None,
+                     end: str | None, group_by: str) -> list[dict]:
+    """The ledger's rows for hours [start, end), grouped; what finished so far is committed
+    first, so the answer includes every request that has been answered."""
+    await asyncio.to_thread(ledger.flush)
+    return await asyncio.to_thread(registry.usage, tenant, start=start, end=end,
+                                   group_by=group_by)
 
 
 def _split_json(split: dict[int, int]) -> dict[str, int]:

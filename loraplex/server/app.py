@@ -7,10 +7,12 @@ never reaches the engine, and one tenant cannot tell another's adapters from mis
 import asyncio
 import json
 import time
-from collections import Counter
+import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from loraplex.engine.async_engine import AsyncEngine, StreamDelta
 from loraplex.engine.sequence import AdapterRequest
 from loraplex.registry import AlreadyExists, InvalidInput, NotFound, Registry, RegistryError
+from loraplex.registry.ledger import FLUSH_SECONDS, LedgerWriter, UsageKey, hour_of
 from loraplex.server.admin import admin_router
 from loraplex.server.auth import bearer_key
 from loraplex.server.metrics import Metrics
@@ -29,6 +32,7 @@ from loraplex.server.protocol import (
     new_id,
     now,
 )
+from loraplex.server.quotas import QuotaExceeded, QuotaGate
 from loraplex.server.tenant_data import tenant_data_router
 from loraplex.train.jobs import TrainingJobs
 from loraplex.vault import Vault
@@ -43,8 +47,9 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20  # for /v1 requests; adapter uploads have their own limit
     max_upload_bytes: int = 1 << 30
     max_tokens_cap: int = 4096  # the most a single request may ask to generate
-    max_concurrent_per_tenant: int = 32  # beyond this: 429 with Retry-After
+    max_concurrent_per_tenant: int = 32  # a tenant's default max_concurrent quota; beyond: 429
     max_in_flight: int = 512  # all tenants together; beyond this: 503
+    ledger_flush_seconds: float = FLUSH_SECONDS  # how much usage a crash may lose, at most
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class Target:
     """What a request's `model` resolved to."""
 
     adapter: AdapterRequest | None  # None: the base model
-    labels: tuple[str, str, str]  # (tenant, adapter name, version) for metrics
+    labels: tuple[str, str, str]  # (tenant, adapter name, version): metrics and the ledger
     version_id: int | None
 
 
@@ -66,7 +71,10 @@ def create_app(
     vault = Vault(registry.home)
     if jobs is None:
         jobs = TrainingJobs(registry.home, str(engine.engine.config.model))
-    in_flight: Counter[int] = Counter()  # tenant id -> running requests
+    ledger = LedgerWriter(registry.add_usage, settings.ledger_flush_seconds)
+    quotas = QuotaGate(registry, ledger, settings.max_concurrent_per_tenant)
+    # Per-version counters, written off the event loop (finish() may run outside it).
+    stats_writer = ThreadPoolExecutor(1, thread_name_prefix="loraplex-stats")
     tokenizer = engine.tokenizer
     max_model_len = engine.engine.max_model_len
 
@@ -74,12 +82,14 @@ def create_app(
     async def lifespan(_app):
         yield
         engine.shutdown()  # after uvicorn has let running requests finish (graceful SIGTERM)
+        stats_writer.shutdown()
+        ledger.close()  # commits what the last requests used
         jobs.close()
         vault.close()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.registry, app.state.settings = engine, registry, settings
-    app.state.metrics = metrics
+    app.state.metrics, app.state.ledger = metrics, ledger
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_request, exc: OpenAIError):
@@ -110,11 +120,19 @@ def create_app(
             return JSONResponse(error.body(), status_code=413)
         return await call_next(request)
 
+    @app.middleware("http")
+    async def _rate_limit_headers(request: Request, call_next):
+        """Every answer to a tenant's key carries its x-ratelimit-* standing."""
+        response = await call_next(request)
+        response.headers.update(getattr(request.state, "rate_limit_headers", {}))
+        return response
+
     def authenticate(request: Request):
         principal = registry.authenticate(bearer_key(request))
         if principal is None or principal.role != "tenant":
             raise OpenAIError(401, "invalid or revoked API key", "authentication_error",
                               code="invalid_api_key")
+        request.state.rate_limit_headers = quotas.headers(principal.tenant_id)
         return principal
 
     def resolve(principal, model: str, user: str | None) -> Target:
@@ -130,16 +148,19 @@ def create_app(
         return Target(AdapterRequest(found.version_id, str(found.artifact_path)),
                       (tenant, model, f"v{found.number}"), found.version_id)
 
-    def admit(principal):
-        if sum(in_flight.values()) >= settings.max_in_flight:
+    def admit(request: Request, principal, estimated_tokens: int):
+        """Reserve the request against the server's capacity and the tenant's quota."""
+        if quotas.in_flight() >= settings.max_in_flight:
             metrics.rejected.labels("queue_full").inc()
             raise OpenAIError(503, "the server is at capacity; retry shortly", "server_error",
                               headers={"Retry-After": "1"})
-        if in_flight[principal.tenant_id] >= settings.max_concurrent_per_tenant:
-            metrics.rejected.labels("tenant_concurrency").inc()
-            raise OpenAIError(429, f"too many concurrent requests for this key (limit "
-                              f"{settings.max_concurrent_per_tenant})", "rate_limit_error",
-                              headers={"Retry-After": "1"})
+        try:
+            admitted = quotas.admit(principal.tenant_id, estimated_tokens)
+        except QuotaExceeded as e:
+            metrics.rejected.labels(e.limit).inc()
+            raise
+        request.state.rate_limit_headers = quotas.headers(principal.tenant_id)
+        return admitted
 
     def max_tokens_for(body, prompt_len: int) -> int:
         room = max_model_len - prompt_len
@@ -157,20 +178,24 @@ def create_app(
 
     async def run(request: Request, principal, target: Target, prompt_ids, params,
                   chat: bool, stream: bool, include_usage: bool):
-        admit(principal)
-        in_flight[principal.tenant_id] += 1
+        ticket, quota = admit(request, principal, len(prompt_ids) + params.n * params.max_tokens)
         started = time.monotonic()
-        state = {"ttft": None, "prompt": len(prompt_ids), "completion": 0, "status": "ok"}
+        state = {"ttft": None, "queue": None, "prompt": len(prompt_ids), "status": "ok",
+                 "settled": False}
+        completion: dict[int, int] = {}  # tokens generated so far, per completion
 
         async def deltas() -> AsyncIterator[StreamDelta]:
             try:
-                async for delta in engine.generate(prompt_ids, params, target.adapter):
+                async for delta in engine.generate(prompt_ids, params, target.adapter,
+                                                   fairness_key=principal.tenant_name,
+                                                   fairness_weight=quota.tier):
                     if state["ttft"] is None and delta.token_ids:
                         state["ttft"] = time.monotonic() - started
-                    if delta.finished:
-                        state["completion"] += delta.completion_tokens
-                        if delta.error:
-                            state["status"] = "error"
+                    if state["queue"] is None:
+                        state["queue"] = delta.queue_seconds
+                    completion[delta.index] = delta.completion_tokens
+                    if delta.finished and delta.error:
+                        state["status"] = "error"
                     yield delta
             except asyncio.CancelledError:
                 state["status"] = "aborted"
@@ -180,16 +205,26 @@ def create_app(
                 raise OpenAIError(400, str(e)) from None
 
         def finish():
-            in_flight[principal.tenant_id] -= 1
+            if state["settled"]:
+                return
+            state["settled"], status = True, state["status"]
             latency = time.monotonic() - started
-            metrics.observe_request(target.labels, state["status"], state["prompt"],
-                                    state["completion"], state["ttft"], latency)
+            # What a refused prompt never cost is not billed; what was computed is.
+            prompt = 0 if status == "invalid" else state["prompt"]
+            generated = sum(completion.values())
+            quotas.settle(ticket, prompt + generated)
+            ledger.record(UsageKey(principal.tenant_id, principal.key_id, target.labels[1],
+                                   target.labels[2], hour_of(datetime.now(UTC))),
+                          errors=int(status in ("error", "invalid")),
+                          prompt_tokens=prompt, completion_tokens=generated)
+            metrics.observe_request(target.labels, status, prompt, generated,
+                                    state["ttft"], latency, state["queue"])
             if target.version_id is not None:
-                asyncio.get_running_loop().run_in_executor(None, lambda: registry.record_request(
-                    target.version_id, prompt_tokens=state["prompt"],
-                    completion_tokens=state["completion"], latency_ms=latency * 1e3,
+                stats_writer.submit(lambda: registry.record_request(
+                    target.version_id, prompt_tokens=prompt,
+                    completion_tokens=generated, latency_ms=latency * 1e3,
                     ttft_ms=None if state["ttft"] is None else state["ttft"] * 1e3,
-                    error=state["status"] != "ok"))
+                    error=status != "ok"))
 
         response_id = new_id("chatcmpl" if chat else "cmpl")
         with_logprobs = params.logprobs is not None
@@ -207,7 +242,10 @@ def create_app(
                 finally:
                     finish()
 
-            return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+            body = sse()
+            # A client gone before the stream starts never runs sse(): settle when it is dropped.
+            weakref.finalize(body, finish)
+            return StreamingResponse(body, media_type="text/event-stream", headers=headers)
         try:
             collected = await _collect_unless_disconnected(request, deltas())
         finally:
@@ -271,8 +309,8 @@ def create_app(
         return Response(metrics.render(await engine.stats()),
                         media_type="text/plain; version=0.0.4")
 
-    app.include_router(admin_router(registry, engine, validate))
-    app.include_router(tenant_data_router(registry, vault, jobs))
+    app.include_router(admin_router(registry, engine, ledger, validate))
+    app.include_router(tenant_data_router(registry, vault, jobs, ledger))
     return app
 
 
@@ -379,7 +417,8 @@ def _full_response(deltas: list[StreamDelta], response_id, target: Target, chat:
             logprobs=[x for p in parts for x in p.logprobs],
             top_logprobs=[x for p in parts for x in p.top_logprobs], finished=True,
             finish_reason=parts[-1].finish_reason, error=None,
-            prompt_tokens=parts[-1].prompt_tokens, completion_tokens=parts[-1].completion_tokens)
+            prompt_tokens=parts[-1].prompt_tokens, completion_tokens=parts[-1].completion_tokens,
+            queue_seconds=parts[-1].queue_seconds)
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": merged.text},
                             "finish_reason": _finish_reason(merged),

@@ -20,8 +20,17 @@ class Metrics:
                               LABELS, buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("loraplex_request_latency_seconds", "Request latency",
                                  LABELS, buckets=LATENCY_BUCKETS, registry=r)
-        self.rejected = Counter("loraplex_rejected_requests", "Requests refused before running",
-                                ("reason",), registry=r)
+        self.queue_time = Histogram("loraplex_queue_time_seconds", "Time from arrival in the "
+                                    "engine to first admission", LABELS,
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("loraplex_rejected_requests", "Requests refused before running "
+                                "(reason: the limit, e.g. tokens_per_minute)", ("reason",),
+                                registry=r)
+        self.virtual_tokens = Gauge("loraplex_tenant_virtual_tokens", "A busy tenant's virtual "
+                                    "token counter (weighted service received)", ("tenant",),
+                                    registry=r)
+        self.tenant_sequences = Gauge("loraplex_tenant_sequences", "A busy tenant's sequences in "
+                                      "the engine", ("tenant", "state"), registry=r)
         self.engine = {
             name: Gauge(f"loraplex_engine_{name}", help_text, registry=r)
             for name, help_text in {
@@ -30,6 +39,8 @@ class Metrics:
                 "kv_blocks_total": "KV cache blocks",
                 "kv_blocks_free": "Free KV cache blocks",
                 "preemptions": "Sequences preempted so far",
+                "fairness_preemptions": "Sequences preempted to free a seat for a tenant below "
+                                        "its fair share",
                 "slot_hits": "Adapter requests that found their adapter in a slot",
                 "slot_misses": "Adapter activations into a slot",
                 "host_misses": "Adapter loads from disk",
@@ -41,13 +52,16 @@ class Metrics:
         }
 
     def observe_request(self, labels: tuple[str, str, str], status: str, prompt_tokens: int,
-                        completion_tokens: int, ttft: float | None, latency: float) -> None:
+                        completion_tokens: int, ttft: float | None, latency: float,
+                        queue_time: float | None = None) -> None:
         self.requests.labels(*labels, status).inc()
         self.prompt_tokens.labels(*labels).inc(prompt_tokens)
         self.completion_tokens.labels(*labels).inc(completion_tokens)
         if ttft is not None:
             self.ttft.labels(*labels).observe(ttft)
         self.latency.labels(*labels).observe(latency)
+        if queue_time is not None:
+            self.queue_time.labels(*labels).observe(queue_time)
 
     def render(self, engine_stats: dict) -> bytes:
         stats = dict(engine_stats)
@@ -56,4 +70,12 @@ class Metrics:
         for name, gauge in self.engine.items():
             value = stats.get(name)
             gauge.set(value if isinstance(value, int | float) else 0)
+        # Only tenants with work now: an idle tenant's series go away rather than go stale.
+        self.virtual_tokens.clear()
+        self.tenant_sequences.clear()
+        for tenant, share in stats.get("fairness", {}).items():
+            self.virtual_tokens.labels(tenant).set(share["counter"])
+            running = share.get("running", 0)
+            self.tenant_sequences.labels(tenant, "running").set(running)
+            self.tenant_sequences.labels(tenant, "waiting").set(share["sequences"] - running)
         return generate_latest(self.registry)

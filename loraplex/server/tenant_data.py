@@ -1,18 +1,19 @@
-"""A tenant's datasets and training jobs over HTTP, under /tenants/{tenant}/.
+"""A tenant's datasets, training jobs and usage over HTTP, under /tenants/{tenant}/.
 
 A tenant's key acts on its own tenant only (any other tenant gets 403, whether it exists or
 not, so a key cannot probe for other clients); the admin key acts for every tenant. The
-operations are the CLI's: `loraplex data add|list|rm` and `loraplex train`.
+operations are the CLI's: `loraplex data add|list|rm`, `loraplex train` and `loraplex usage`.
 """
 
 import asyncio
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from loraplex.lora.modules import TARGET_MODULES
 from loraplex.registry import Registry
+from loraplex.server.admin import usage_rows
 from loraplex.server.auth import bearer_key
 from loraplex.server.protocol import OpenAIError
 from loraplex.train.jobs import JobNotFound, TrainingJobs
@@ -37,7 +38,8 @@ class TrainBody(BaseModel):
     promote: bool = False
 
 
-def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs) -> APIRouter:
+def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
+                       ledger) -> APIRouter:
     router = APIRouter(prefix="/tenants/{tenant}")
 
     def actor(request: Request, tenant: str) -> str:
@@ -58,6 +60,14 @@ def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs) -> 
         who = actor(request, tenant)
         registry.get_tenant(tenant)  # 404 for an unknown tenant
         return jobs, who
+
+    @router.get("/usage")
+    async def usage(tenant: str, request: Request, start: str | None = Query(None, alias="from"),
+                    end: str | None = Query(None, alias="to"), group_by: str = "day"):
+        """The tenant's own usage from the ledger, as GET /admin/usage groups it."""
+        actor(request, tenant)
+        rows = await usage_rows(registry, ledger, tenant, start, end, group_by)
+        return {"group_by": group_by, "from": start, "to": end, "data": rows}
 
     @router.post("/datasets/{name}", status_code=201)
     async def add_dataset(tenant: str, name: str, request: Request):

@@ -145,8 +145,10 @@ sampling_params = st.builds(
     max_tokens=st.integers(1, 12),
     ignore_eos=st.booleans(),
 )
-# (prompt, params, adapter index): -1 is the base model, -2 the corrupt adapter.
-requests = st.tuples(prompts, sampling_params, st.integers(-2, len(ADAPTERS) - 1))
+# (prompt, params, adapter index, tenant, its weight): -1 is the base model, -2 the corrupt
+# adapter. Three tenants, so that fair shares reorder admissions and preempt for fairness.
+requests = st.tuples(prompts, sampling_params, st.integers(-2, len(ADAPTERS) - 1),
+                     st.sampled_from(["", "t1", "t2"]), st.sampled_from([1.0, 3.0]))
 
 
 class EngineMachine(RuleBasedStateMachine):
@@ -176,7 +178,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(target=request_ids, burst=st.lists(requests, min_size=1, max_size=3))
     def add(self, burst):
         accepted = []
-        for prompt, params, which in burst:
+        for prompt, params, which, tenant, weight in burst:
             adapter = None if which == -1 else self.corrupt if which == -2 else self.adapters[which]
             request_id = f"r{self.next_id}"
             self.next_id += 1
@@ -184,7 +186,7 @@ class EngineMachine(RuleBasedStateMachine):
                 with pytest.raises(RequestError, match="max_model_len"):
                     self.engine.add_request(request_id, prompt, params, adapter)
                 continue  # rejected up front: never known to the engine
-            self.engine.add_request(request_id, prompt, params, adapter)
+            self.engine.add_request(request_id, prompt, params, adapter, tenant, weight)
             self.added[request_id] = (params.n, adapter)
             accepted.append(request_id)
         return multiple(*accepted)
@@ -271,6 +273,7 @@ class EngineMachine(RuleBasedStateMachine):
             pytest.fail(f"still unfinished after {MAX_DRAIN_STEPS} steps: {self.engine.stats()}")
         assert self.engine.blocks.num_free == NUM_BLOCKS
         assert self.engine.requests == {}
+        assert self.engine.scheduler.fairness() == {}, "a finished sequence still counts"
         for request_id, (n, adapter) in self.added.items():
             for index in range(n):
                 out = self.final.get((request_id, index))

@@ -95,11 +95,24 @@ END""",
     value INTEGER NOT NULL
 )""",
     ),
+    (
+        "table",
+        "quotas",
+        """CREATE TABLE quotas (
+    tenant_id INTEGER PRIMARY KEY REFERENCES tenants (id),
+    tier REAL NOT NULL CHECK (tier > 0),
+    requests_per_minute INTEGER CHECK (requests_per_minute > 0),
+    tokens_per_minute INTEGER CHECK (tokens_per_minute > 0),
+    max_concurrent INTEGER CHECK (max_concurrent > 0),
+    monthly_tokens INTEGER CHECK (monthly_tokens > 0)
+)""",
+    ),
     ("index", "sqlite_autoindex__migrations_1", None),
     ("index", "sqlite_autoindex_adapters_1", None),
     ("index", "sqlite_autoindex_api_keys_1", None),
     ("index", "sqlite_autoindex_deployment_history_1", None),
     ("index", "sqlite_autoindex_tenants_1", None),
+    ("index", "sqlite_autoindex_usage_1", None),
     ("index", "sqlite_autoindex_versions_1", None),
     ("table", "sqlite_sequence", "CREATE TABLE sqlite_sequence(name,seq)"),
     (
@@ -109,6 +122,23 @@ END""",
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     created_at TEXT NOT NULL
+)""",
+    ),
+    (
+        "table",
+        "usage",
+        """CREATE TABLE usage (
+    tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+    key_id TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    version TEXT NOT NULL,
+    hour TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_prompt_tokens INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, hour, key_id, adapter, version)
 )""",
     ),
     (

@@ -43,27 +43,6 @@ def test_version_stats(registry, push):
     }
 
 
-def test_tenant_usage_sums_over_its_versions(registry, push):
-    registry.create_tenant("beta", actor="operator")
-    mine = [push(seed=1), push(seed=2, adapter="other")]
-    theirs = push(seed=3, tenant="beta")
-    for version in mine:
-        record(registry, version.id, error=version is mine[0])
-    record(registry, theirs.id)
-    expected = {"requests": 2, "errors": 1, "prompt_tokens": 10, "completion_tokens": 14}
-    assert registry.tenant_usage("acme") == expected
-    assert registry.tenant_usage("beta")["requests"] == 1
-
-
-def test_usage_of_a_tenant_without_requests(registry, acme):
-    assert registry.tenant_usage("acme") == {
-        "requests": 0,
-        "errors": 0,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-    }
-
-
 def test_recording_from_many_threads(registry, push):
     version = push()
 
