@@ -233,3 +233,34 @@ def test_adapters_in_slots_serve_without_a_host_copy(sharp_llama_dir, sharp_adap
     final = run(engine, [(prompts(12)[displaced], adapter(sharp_adapters, displaced))])
     check_against_alone(final, alone, [(displaced, displaced)])
     assert engine.stats()["host_misses"] == 6
+
+
+def test_tenants_fair_shares_never_change_a_result(sharp_llama_dir, sharp_adapters, alone):
+    # Fair shares reorder admissions and preempt for fairness (4 seats, three tenants, one of
+    # weight 3): each answer is still the one it gets alone.
+    engine = make_engine(sharp_llama_dir, max_num_seqs=4, max_num_batched_tokens=32)
+    for i, prompt in enumerate(prompts(12)):
+        tenant = ("busy", "quiet", "gold")[min(i % 6, 2)]
+        engine.add_request(f"r{i}", prompt, GREEDY, adapter(sharp_adapters, i), tenant,
+                           3.0 if tenant == "gold" else 1.0)
+    final, queued = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[int(out.request_id[1:])] = out
+            if out.queue_seconds is not None:
+                queued[out.request_id] = out.queue_seconds
+    for i, out in final.items():
+        assert out.token_ids == alone[(i, i)].token_ids
+    assert len(queued) == 12 and all(q >= 0 for q in queued.values())
+    assert engine.stats()["fairness"] == {}  # nobody has work left
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("weight", [0, -1.0, float("inf"), float("nan"), True, "2"])
+def test_a_bad_fairness_weight_is_refused(sharp_llama_dir, weight):
+    engine = make_engine(sharp_llama_dir)
+    with pytest.raises(RequestError, match="fairness_weight"):
+        engine.add_request("r", [1, 2, 3], GREEDY, None, "t", weight)
+    assert not engine.has_unfinished()
+    engine.shutdown()
