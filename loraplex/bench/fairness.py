@@ -8,6 +8,7 @@ latency (p50, p90) solo and loaded, their ratios, and the busy tenants' generate
 
     python -m loraplex.bench.fairness [--model smollm2-135m] [--schedulers fair,fcfs]
         [--busy 3] [--quiet 2] [--streams 32] [--quiet-requests 8] [--rounds 1]
+        [--max-num-seqs 64] [--max-num-batched-tokens 512] [--dtype float32]
 
 Threads: the server runs torch's default (one OpenMP thread per core); this process only waits
 on sockets, so it barely competes for them.
@@ -122,10 +123,13 @@ async def _loaded(url: str, busy: list[str], quiet: list[str], streams: int,
     return quiet_results, throughput
 
 
-def _start(model: str, port: int, env: dict, scheduling: str, dtype: str) -> subprocess.Popen:
+def _start(model: str, port: int, env: dict, scheduling: str, dtype: str,
+           max_num_seqs: int, max_num_batched_tokens: int) -> subprocess.Popen:
     server = subprocess.Popen(
         [sys.executable, "-m", "loraplex.cli", "serve", "--model", model, "--port", str(port),
-         "--dtype", dtype, "--scheduling", scheduling, "--max-loras", "8"],
+         "--dtype", dtype, "--scheduling", scheduling, "--max-loras", "8",
+         "--max-num-seqs", str(max_num_seqs),
+         "--max-num-batched-tokens", str(max_num_batched_tokens)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -155,7 +159,10 @@ def _summary(results: list) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="the server's seats")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
+                        help="the server's tokens a step")
     parser.add_argument("--schedulers", default="fair,fcfs")
     parser.add_argument("--busy", type=int, default=3)
     parser.add_argument("--quiet", type=int, default=2)
@@ -176,13 +183,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="loraplex-fairness-") as tmp:
         home = Path(tmp)
         keys = _setup(home, options.model, busy + quiet)
-        env = {**os.environ, HOME_ENV: str(home), "LORAPLEX_ADAPTER_CACHE": str(home / "cache")}
+        # The adapter cache is the run's own; the CPU kernel is built once, in the user's home.
+        env = {**os.environ, HOME_ENV: str(home), "LORAPLEX_ADAPTER_CACHE": str(home / "cache"),
+               "LORAPLEX_KERNEL_CACHE": os.environ.get("LORAPLEX_KERNEL_CACHE") or str(
+                   Path.home() / ".loraplex" / "cache" / "kernels")}
         rows = []
         for round_ in range(options.rounds):
             for scheduling in schedulers:
                 port = _free_port()
                 url = f"http://127.0.0.1:{port}"
-                server = _start(options.model, port, env, scheduling, options.dtype)
+                server = _start(options.model, port, env, scheduling, options.dtype,
+                                options.max_num_seqs, options.max_num_batched_tokens)
                 try:
                     asyncio.run(_quiet(url, [keys[q] for q in quiet], 1, 4))  # warm-up
                     solo = _summary(asyncio.run(_quiet(
