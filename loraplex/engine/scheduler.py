@@ -47,6 +47,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # in arrival order
         self.running: list[Sequence] = []
         self.step_count = 0
+        self.budget = 0  # tokens left to schedule in the step being built
         self.num_preemptions = 0
         self.num_fairness_preemptions = 0
 

@@ -150,11 +150,7 @@ def admin_router(registry: Registry, engine, ledger, validate=None) -> APIRouter
         """Every tenant's usage (or one's), each row with its tenant; see usage_rows."""
         actor(request)
         names = [tenant] if tenant is not None else [t.name for t in registry.list_tenants()]
-        rows = []
-        for name in names:
-            rows += [{"tenant": name} | row for row in await usage_rows(
-                registry, ledger, name, start, end, group_by)]
-        return {"group_by": group_by, "from": start, "to": end, "data": rows}
+        return await usage_report(registry, ledger, names, start, end, group_by)
 
     @router.post("/tenants/{tenant}/adapters/{name}/prewarm")
     async def prewarm(tenant: str, name: str, request: Request, pin: bool = False):
@@ -181,13 +177,16 @@ def admin_router(registry: Registry, engine, ledger, validate=None) -> APIRouter
     return router
 
 
-async def usage_rows(registry: Registry, ledger, tenant: str, start: str | None,
-                     end: str | None, group_by: str) -> list[dict]:
-    """The ledger's rows for hours [start, end), grouped; what finished so far is committed
-    first, so the answer includes every request that has been answered."""
+async def usage_report(registry: Registry, ledger, tenants: list[str], start: str | None,
+                       end: str | None, group_by: str) -> dict:
+    """The ledger's rows of `tenants` for hours [start, end), grouped, each with its tenant.
+    What finished so far is committed first, so every answered request is in it."""
     await asyncio.to_thread(ledger.flush)
-    return await asyncio.to_thread(registry.usage, tenant, start=start, end=end,
-                                   group_by=group_by)
+    rows = []
+    for tenant in tenants:
+        rows += [{"tenant": tenant} | row for row in await asyncio.to_thread(
+            registry.usage, tenant, start=start, end=end, group_by=group_by)]
+    return {"group_by": group_by, "from": start, "to": end, "data": rows}
 
 
 def _split_json(split: dict[int, int]) -> dict[str, int]:

@@ -89,7 +89,7 @@ def create_app(
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.registry, app.state.settings = engine, registry, settings
-    app.state.metrics, app.state.ledger = metrics, ledger
+    app.state.metrics = metrics
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_request, exc: OpenAIError):
@@ -155,12 +155,12 @@ def create_app(
             raise OpenAIError(503, "the server is at capacity; retry shortly", "server_error",
                               headers={"Retry-After": "1"})
         try:
-            admitted = quotas.admit(principal.tenant_id, estimated_tokens)
+            ticket = quotas.admit(principal.tenant_id, estimated_tokens)
         except QuotaExceeded as e:
             metrics.rejected.labels(e.limit).inc()
             raise
-        request.state.rate_limit_headers = quotas.headers(principal.tenant_id)
-        return admitted
+        request.state.rate_limit_headers = ticket.headers
+        return ticket
 
     def max_tokens_for(body, prompt_len: int) -> int:
         room = max_model_len - prompt_len
@@ -178,7 +178,7 @@ def create_app(
 
     async def run(request: Request, principal, target: Target, prompt_ids, params,
                   chat: bool, stream: bool, include_usage: bool):
-        ticket, quota = admit(request, principal, len(prompt_ids) + params.n * params.max_tokens)
+        ticket = admit(request, principal, len(prompt_ids) + params.n * params.max_tokens)
         started = time.monotonic()
         state = {"ttft": None, "queue": None, "prompt": len(prompt_ids), "status": "ok",
                  "settled": False}
@@ -188,7 +188,7 @@ def create_app(
             try:
                 async for delta in engine.generate(prompt_ids, params, target.adapter,
                                                    fairness_key=principal.tenant_name,
-                                                   fairness_weight=quota.tier):
+                                                   fairness_weight=ticket.quota.tier):
                     if state["ttft"] is None and delta.token_ids:
                         state["ttft"] = time.monotonic() - started
                     if state["queue"] is None:

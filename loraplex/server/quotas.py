@@ -42,6 +42,8 @@ class Ticket:
     window: int
     month: str
     reserved_tokens: int
+    quota: Quota  # as it was read at admission (its tier weighs the request in the engine)
+    headers: dict[str, str]  # the x-ratelimit-* standing with this request counted
 
 
 class QuotaExceeded(OpenAIError):
@@ -76,7 +78,7 @@ class QuotaGate:
                                   + self.ledger.pending_tokens(tenant_id, start, end))
         return state
 
-    def admit(self, tenant_id: int, estimated_tokens: int) -> tuple[Ticket, Quota]:
+    def admit(self, tenant_id: int, estimated_tokens: int) -> Ticket:
         """Reserve one request of up to `estimated_tokens`, or raise QuotaExceeded."""
         now = self.clock()
         quota = self.registry.quota_of(tenant_id)
@@ -115,7 +117,8 @@ class QuotaGate:
         state.requests += 1
         state.tokens += estimated_tokens
         state.month_tokens += estimated_tokens
-        return Ticket(tenant_id, state.window, state.month, estimated_tokens), quota
+        return Ticket(tenant_id, state.window, state.month, estimated_tokens, quota,
+                      self._headers(quota, state, now))
 
     def settle(self, ticket: Ticket, used_tokens: int) -> None:
         """The request finished having used `used_tokens`: replace its estimate."""

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from loraplex.lora.modules import TARGET_MODULES
 from loraplex.registry import Registry
-from loraplex.server.admin import usage_rows
+from loraplex.server.admin import usage_report
 from loraplex.server.auth import bearer_key
 from loraplex.server.protocol import OpenAIError
 from loraplex.train.jobs import JobNotFound, TrainingJobs
@@ -66,8 +66,7 @@ def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
                     end: str | None = Query(None, alias="to"), group_by: str = "day"):
         """The tenant's own usage from the ledger, as GET /admin/usage groups it."""
         actor(request, tenant)
-        rows = await usage_rows(registry, ledger, tenant, start, end, group_by)
-        return {"group_by": group_by, "from": start, "to": end, "data": rows}
+        return await usage_report(registry, ledger, [tenant], start, end, group_by)
 
     @router.post("/datasets/{name}", status_code=201)
     async def add_dataset(tenant: str, name: str, request: Request):

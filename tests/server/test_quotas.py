@@ -35,7 +35,7 @@ def test_requests_per_minute_exactly_at_the_limit_then_reset_at_the_boundary(set
     registry, _, gate, clock, tid = setup
     registry.set_quota("acme", actor="test", requests_per_minute=2)
     for _ in range(2):
-        gate.settle(gate.admit(tid, 10)[0], 10)  # the 2nd request is exactly at the limit
+        gate.settle(gate.admit(tid, 10), 10)  # the 2nd request is exactly at the limit
     with pytest.raises(QuotaExceeded) as e:
         gate.admit(tid, 10)
     assert e.value.status == 429 and e.value.limit == "requests_per_minute"
@@ -54,7 +54,8 @@ def test_requests_per_minute_exactly_at_the_limit_then_reset_at_the_boundary(set
 def test_tokens_per_minute_reserves_the_estimate_and_settles_what_was_used(setup):
     registry, _, gate, _, tid = setup
     registry.set_quota("acme", actor="test", tokens_per_minute=100)
-    ticket, _ = gate.admit(tid, 60)  # prompt + max_tokens
+    ticket = gate.admit(tid, 60)  # prompt + max_tokens
+    assert ticket.headers["x-ratelimit-remaining-tokens"] == "40"
     assert gate.headers(tid)["x-ratelimit-remaining-tokens"] == "40"
     with pytest.raises(QuotaExceeded, match="tokens per minute") as e:
         gate.admit(tid, 41)  # would go one over
@@ -87,7 +88,7 @@ def test_racing_requests_for_the_last_tokens_admit_exactly_what_fits(setup):
 
 def test_concurrency_defaults_to_the_server_setting_and_frees_on_settle(setup):
     registry, _, gate, _, tid = setup
-    tickets = [gate.admit(tid, 1)[0] for _ in range(3)]
+    tickets = [gate.admit(tid, 1) for _ in range(3)]
     with pytest.raises(QuotaExceeded, match="limit 3") as e:
         gate.admit(tid, 1)
     assert e.value.limit == "max_concurrent" and e.value.headers["Retry-After"] == "1"
