@@ -4,7 +4,9 @@ Busy tenants each keep `--streams` streaming chats in flight (long prompts and a
 tenants send one short streaming chat at a time. For each scheduler (alternating fair, fcfs, ...)
 a fresh server answers: the quiet tenants alone (their solo figures), then the quiet tenants
 while the busy ones are saturating it. Reported per scheduler: the quiet tenants' TTFT and e2e
-latency (p50, p90) solo and loaded, their ratios, and the busy tenants' generated tokens/s.
+latency (p50, p90) solo and loaded, their ratios, and the busy tenants' generated tokens/s (the
+engine's count of generated tokens over the loaded window, less the quiet tenants': counting
+finished busy requests instead would miss the many that are half done when a short window ends).
 
     python -m loraplex.bench.fairness [--model smollm2-135m] [--schedulers fair,fcfs]
         [--busy 3] [--quiet 2] [--streams 32] [--quiet-requests 8] [--rounds 1]
@@ -47,8 +49,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _setup(home: Path, model: str, tenants: list[str]) -> dict[str, str]:
-    """A tenant per name with one random adapter `bot`; returns tenant -> key."""
+def _setup(home: Path, model: str, tenants: list[str]) -> tuple[dict[str, str], str]:
+    """A tenant per name with one random adapter `bot`; returns tenant -> key, and an admin
+    key."""
     config = read_config(resolve_model(model))
     registry = Registry(home)
     keys = {}
@@ -57,8 +60,9 @@ def _setup(home: Path, model: str, tenants: list[str]) -> dict[str, str]:
         adapter = write_random_adapter(home / "src" / tenant, config, ADAPTER_RANK, seed=i)
         registry.push_version(tenant, "bot", adapter, actor="bench", validate=None)
         keys[tenant] = registry.create_key(tenant, actor="bench")[1]
+    admin_key = registry.create_admin_key(actor="bench")[1]
     registry.close()
-    return keys
+    return keys, admin_key
 
 
 async def _chat(client: httpx.AsyncClient, url: str, key: str, prompt: str,
@@ -97,25 +101,30 @@ async def _quiet(url: str, keys: list[str], num_requests: int, max_tokens: int) 
     return [(ttft, e2e) for per_tenant in results for ttft, e2e, _ in per_tenant]
 
 
-async def _loaded(url: str, busy: list[str], quiet: list[str], streams: int,
+async def _generated_tokens(client: httpx.AsyncClient, url: str, admin_key: str) -> int:
+    response = await client.get(f"{url}/admin/engine",
+                                headers={"Authorization": f"Bearer {admin_key}"})
+    return response.json()["generated_tokens"]
+
+
+async def _loaded(url: str, admin_key: str, busy: list[str], quiet: list[str], streams: int,
                   num_requests: int, quiet_tokens: int, busy_tokens: int) -> tuple[list, float]:
     """Quiet tenants' (ttft, e2e) while every busy tenant keeps `streams` chats in flight, and
     the busy tenants' generated tokens per second over that time."""
-    done = {"tokens": 0}
     stop = asyncio.Event()
     limits = httpx.Limits(max_connections=len(busy) * streams + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def keep_busy(key):
             while not stop.is_set():
-                _, _, tokens = await _chat(client, url, key, BUSY_PROMPT, busy_tokens)
-                if not stop.is_set():
-                    done["tokens"] += tokens
+                await _chat(client, url, key, BUSY_PROMPT, busy_tokens)
 
         workers = [asyncio.create_task(keep_busy(k)) for k in busy for _ in range(streams)]
         await asyncio.sleep(5)  # let the busy tenants fill the engine first
-        start, before = time.perf_counter(), done["tokens"]
+        start, before = time.perf_counter(), await _generated_tokens(client, url, admin_key)
         quiet_results = await _quiet(url, quiet, num_requests, quiet_tokens)
-        throughput = (done["tokens"] - before) / (time.perf_counter() - start)
+        generated = await _generated_tokens(client, url, admin_key) - before
+        busy_generated = generated - len(quiet) * num_requests * quiet_tokens
+        throughput = busy_generated / (time.perf_counter() - start)
         stop.set()
         for task in workers:
             task.cancel()
@@ -182,7 +191,7 @@ def main() -> None:
     quiet = [f"quiet{i}" for i in range(options.quiet)]
     with tempfile.TemporaryDirectory(prefix="loraplex-fairness-") as tmp:
         home = Path(tmp)
-        keys = _setup(home, options.model, busy + quiet)
+        keys, admin_key = _setup(home, options.model, busy + quiet)
         # The adapter cache is the run's own; the CPU kernel is built once, in the user's home.
         env = {**os.environ, HOME_ENV: str(home), "LORAPLEX_ADAPTER_CACHE": str(home / "cache"),
                "LORAPLEX_KERNEL_CACHE": os.environ.get("LORAPLEX_KERNEL_CACHE") or str(
@@ -200,7 +209,7 @@ def main() -> None:
                         url, [keys[q] for q in quiet], options.quiet_requests,
                         options.quiet_tokens)))
                     results, throughput = asyncio.run(_loaded(
-                        url, [keys[b] for b in busy], [keys[q] for q in quiet],
+                        url, admin_key, [keys[b] for b in busy], [keys[q] for q in quiet],
                         options.streams, options.quiet_requests, options.quiet_tokens,
                         options.busy_tokens))
                 finally:

@@ -87,14 +87,17 @@ class Sim:
 
     def check_work_conserving(self, batch) -> None:
         """Right after scheduling, nothing waits that could have run: every seat, the token
-        budget, or memory is used."""
+        budget, or memory is used. In a step kept to the prompts of tenants behind their share,
+        that holds for those tenants' requests."""
         s = self.scheduler
         used = sum(item.num_tokens for item in batch)
-        if not s.waiting or used >= self.config.max_num_batched_tokens:
+        kept = s.prompts_kept_to
+        waiting = [q for q in s.waiting if kept is None or q.fairness_key in kept]
+        if not waiting or used >= self.config.max_num_batched_tokens:
             return
         if len(s.running) >= self.config.max_num_seqs:
             return
-        first = min(s.waiting, key=s._rank)
+        first = min(waiting, key=s._rank)
         need = min(first.num_tokens, self.config.max_num_batched_tokens - used)
         assert not self.blocks.can_allocate(first, need), "idle seat, budget and memory"
 
@@ -188,6 +191,34 @@ def test_a_quiet_tenant_takes_a_seat_from_the_busy_one_at_once():
     assert sim.scheduler.num_fairness_preemptions == 1
     victim = next(s for s in sim.scheduler.waiting if s.num_fairness_preemptions)
     assert victim.fairness_key == "busy" and victim.output_token_ids  # it had started
+
+
+def test_two_quiet_tenants_arriving_together_both_get_a_seat_at_once():
+    sim = Sim(max_num_seqs=6, budget=64)
+    for _ in range(12):
+        sim.add("busy", 8, MAX_OUTPUT)
+    for _ in range(2):
+        sim.step()  # busy holds every seat
+    quiet = [sim.add("quiet-a", 8, 4), sim.add("quiet-b", 8, 4)]
+    batch = sim.step()
+    assert all(q in [item.seq for item in batch] for q in quiet)
+    assert sim.scheduler.num_fairness_preemptions == 2
+
+
+def test_a_quiet_tenants_prompt_has_the_step_to_itself_then_the_busy_prompts_go():
+    sim = Sim(max_num_seqs=4, budget=64)
+    for _ in range(2):
+        sim.add("busy", 8, MAX_OUTPUT)
+    sim.step()  # busy holds two seats: its share once the quiet tenant arrives
+    sim.add("busy", 8, MAX_OUTPUT)  # a seat and the budget are free for it too
+    quiet = sim.add("quiet", 8, 4)
+    batch = sim.step()
+    prompts = [item for item in batch if item.num_tokens > 1]
+    assert [item.seq for item in prompts] == [quiet], "a busy prompt shared the quiet one's step"
+    assert sim.scheduler.prompts_kept_to == {"quiet"}
+    batch = sim.step()  # the quiet tenant decodes now; busy prompts take the budget again
+    assert any(item.num_tokens > 1 and item.seq.fairness_key == "busy" for item in batch)
+    assert sim.scheduler.prompts_kept_to is None
 
 
 def test_weights_split_the_service_two_to_one():
