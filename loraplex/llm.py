@@ -39,13 +39,14 @@ class LLM:
     def generate(
         self,
         prompts: str | list[int] | list[str | list[int]],
-        sampling_params: SamplingParams | None = None,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         adapters: list[str | Path | None] | None = None,
     ) -> list[CompletionOutput]:
         """Generate for every prompt, batched; adapters[i] (a PEFT dir or None) applies to
-        prompts[i]. Returns the completions in prompt order (n consecutive ones per prompt when
-        sampling_params.n > 1). A prompt whose adapter is broken gets outputs with `.error`
-        set; the others are unaffected."""
+        prompts[i], and so does sampling_params[i] when a list is given (one for all
+        otherwise). Returns the completions in prompt order (n consecutive ones per prompt
+        when n > 1). A prompt whose adapter is broken gets outputs with `.error` set; the
+        others are unaffected."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         )
@@ -54,13 +55,19 @@ class LLM:
         adapters = adapters if adapters is not None else [None] * len(prompts)
         if len(adapters) != len(prompts):
             raise ValueError(f"{len(adapters)} adapters given for {len(prompts)} prompts")
-        params = sampling_params or SamplingParams()
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"{len(sampling_params)} sampling params given for "
+                                 f"{len(prompts)} prompts")
+            per_prompt = sampling_params
+        else:
+            per_prompt = [sampling_params or SamplingParams()] * len(prompts)
         ids = []
-        for prompt, adapter in zip(prompts, adapters, strict=True):
+        for prompt, params, adapter in zip(prompts, per_prompt, adapters, strict=True):
             request_id = f"offline-{self._next_request}"
             self._next_request += 1
             self.engine.add_request(request_id, prompt, params, self._adapter(adapter))
-            ids.append(request_id)
+            ids.append((request_id, params.n))
         final = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():
@@ -77,5 +84,5 @@ class LLM:
                 finish_reason=out.finish_reason,
                 error=out.error,
             )
-            for out in (final[(i, k)] for i in ids for k in range(params.n))
+            for out in (final[(i, k)] for i, n in ids for k in range(n))
         ]

@@ -1,8 +1,12 @@
 """SamplingParams: how one request's tokens are chosen, validated field by field."""
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 1024  # as OpenAI: at most this many token ids in logit_bias
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+MAX_GRAMMAR_BYTES = 64 * 1024  # a schema, regex or grammar larger than this is refused
 
 
 class SamplingParamsError(ValueError):
@@ -20,6 +24,24 @@ def _is_number(value) -> bool:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What the output must match (structured outputs). `value`: the JSON schema as JSON text,
+    the regex, the JSON list of choices, or a Lark or GBNF grammar; "" for json_object (any
+    object)."""
+
+    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    value: str = ""
+
+    def __post_init__(self):
+        _check(self.kind in GRAMMAR_KINDS, "grammar kind", f"one of {', '.join(GRAMMAR_KINDS)}",
+               self.kind)
+        _check(isinstance(self.value, str), "grammar value", "a string", self.value)
+        size = len(self.value.encode())
+        _check(size <= MAX_GRAMMAR_BYTES, f"the {self.kind}",
+               f"at most {MAX_GRAMMAR_BYTES} bytes", f"{size} bytes")
 
 
 @dataclass
@@ -51,7 +73,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     """Subtracted once per earlier occurrence of the token in the output."""
     logprobs: int | None = None
-    """None: no logprobs; k >= 0: the chosen token's logprob plus the top-k alternatives."""
+    """None: no logprobs; k >= 0: the chosen token's logprob plus the top-k alternatives.
+    Always of the model's own distribution (before logit_bias, a grammar or penalties)."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> a number in [-100, 100] added to its logit before sampling."""
+    grammar: GrammarSpec | None = None
+    """Constrain the output to a grammar (structured outputs)."""
 
     def __post_init__(self):
         _check(_is_int(self.n) and 1 <= self.n <= 64, "n", "an integer in [1, 64]", self.n)
@@ -80,6 +107,16 @@ class SamplingParams:
         _check(self.logprobs is None or (_is_int(self.logprobs)
                                          and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"null or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
+        _check(isinstance(self.logit_bias, dict)
+               and len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES
+               and all(_is_int(k) and k >= 0 for k in self.logit_bias),
+               "logit_bias", f"a map of at most {MAX_LOGIT_BIAS_ENTRIES} token ids to numbers",
+               self.logit_bias)
+        for token, bias in self.logit_bias.items():
+            _check(_is_number(bias) and -100 <= bias <= 100, f"logit_bias[{token}]",
+                   "a number in [-100, 100]", bias)
+        _check(self.grammar is None or isinstance(self.grammar, GrammarSpec), "grammar",
+               "a GrammarSpec or None", self.grammar)
 
     @property
     def is_greedy(self) -> bool:

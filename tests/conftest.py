@@ -71,7 +71,7 @@ def sharp_llama_dir(tmp_path_factory) -> Path:
 
     config = LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, initializer_range=0.15, max_position_embeddings=512,
+        num_key_value_heads=2, vocab_size=128, initializer_range=0.15, max_position_embeddings=2048,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()

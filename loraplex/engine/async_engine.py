@@ -41,6 +41,7 @@ class StreamDelta:
     finished: bool
     finish_reason: str | None
     error: str | None
+    error_kind: str | None  # "request" (a client error) or "engine" (a server error)
     prompt_tokens: int  # usage so far
     completion_tokens: int
     queue_seconds: float | None  # from arrival to first admission; None while queued
@@ -64,6 +65,7 @@ class AsyncEngine:
         if self._build_error is not None:
             raise self._build_error
         self.tokenizer = self.engine.tokenizer
+        self.grammars = self.engine.grammars  # compiled off the engine thread by the server
 
     # -- event-loop side ------------------------------------------------------------------------
     async def generate(
@@ -77,9 +79,13 @@ class AsyncEngine:
     ) -> AsyncIterator[StreamDelta]:
         """Stream a request's deltas until every completion is finished. Raises the engine's
         ValueError (a clear message) if the request is refused. Leaving the loop early (or a
-        cancelled task, e.g. a client disconnect) aborts the request. `fairness_key` and
+        cancelled task, e.g. a client disconnect) aborts the request; a grammar that does not
+        compile raises GrammarError (a ValueError) before it is queued. `fairness_key` and
         `fairness_weight`: see LLMEngine.add_request."""
         request_id = request_id or f"req-{next(self._ids)}"
+        if params.grammar is not None:
+            # Compiled here, on a worker thread: the engine thread then finds it in the cache.
+            await asyncio.to_thread(self.grammars.compile, params.grammar)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, outputs)
@@ -219,6 +225,7 @@ def _delta(previous: RequestOutput | None, current: RequestOutput) -> StreamDelt
         finished=current.finished,
         finish_reason=current.finish_reason,
         error=current.error,
+        error_kind=current.error_kind,
         prompt_tokens=len(current.prompt_token_ids),
         completion_tokens=len(current.token_ids),
         queue_seconds=current.queue_seconds,

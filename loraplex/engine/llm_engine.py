@@ -10,6 +10,7 @@ import torch
 from loraplex.config import ConfigError, EngineConfig
 from loraplex.engine.adapter_manager import AdapterManager
 from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.guided import GrammarCompiler, GrammarError
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.sampler import sample
 from loraplex.engine.scheduler import Scheduler
@@ -42,6 +43,9 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    # Whose fault an error is: "request" (its own input, e.g. a broken adapter: a client error)
+    # or "engine" (the model or the engine failed: a server error).
+    error_kind: str | None = None
     queue_seconds: float | None = None  # from arrival to first admission; None while queued
 
 
@@ -57,6 +61,7 @@ class LLMEngine:
         model_dir = resolve_model(config.model)
         self.model = load_model(model_dir, config.torch_dtype, config.torch_device)
         self.tokenizer = Tokenizer(model_dir)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         self.max_model_len = self._max_model_len()
         kv_bytes = config.kv_cache_bytes or int(
             config.kv_cache_fraction * _total_memory(config.torch_device)
@@ -123,6 +128,15 @@ class LLMEngine:
                 or not 0 < fairness_weight < float("inf"):
             raise RequestError(f"fairness_weight must be a positive number, got "
                                f"{fairness_weight!r}")
+        vocab = self.model.config.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise RequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+        grammar = None
+        if params.grammar is not None:
+            try:
+                grammar = self.grammars.compile(params.grammar)  # cached: the server compiled it
+            except GrammarError as e:
+                raise RequestError(str(e)) from None
         if len(prompt_ids) >= self.max_model_len:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens; this engine's context length "
@@ -136,7 +150,8 @@ class LLMEngine:
                 generator = torch.Generator().manual_seed(params.seed + index)
             seqs.append(Sequence(request_id, index, prompt_ids, params, adapter,
                                  arrival=self._arrivals, generator=generator,
-                                 fairness_key=fairness_key, added_at=added_at))
+                                 fairness_key=fairness_key, added_at=added_at,
+                                 grammar=grammar.matcher() if grammar else None))
             self._arrivals += 1
         self.requests[request_id] = seqs
         for seq in seqs:
@@ -171,7 +186,7 @@ class LLMEngine:
         for seqs in list(self.requests.values()):
             for seq in seqs:
                 if not seq.is_finished:
-                    seq.error = message
+                    seq.error, seq.error_kind = message, "engine"
                     self.scheduler.finish(seq, "error")
             outputs += [self._output(seq) for seq in seqs]
         return outputs
@@ -206,6 +221,13 @@ class LLMEngine:
             if token.logprob is not None:
                 seq.output_logprobs.append(token.logprob)
                 seq.output_top_logprobs.append(token.top_logprobs)
+            if seq.grammar is not None:
+                seq.grammar.consume(token.token_id)
+                if seq.grammar.error:  # cannot happen with its mask applied; never run on
+                    seq.error, seq.error_kind = f"grammar: {seq.grammar.error}", "engine"
+                    self.scheduler.finish(seq, "error")
+                    changed.append(seq)
+                    continue
             reason = self._update_text(seq) or self._finish_reason(seq, token.token_id)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
@@ -232,6 +254,8 @@ class LLMEngine:
         params = seq.params
         if token_id in params.stop_token_ids:
             return "stop"
+        if seq.grammar is not None and seq.grammar.is_done:
+            return "stop"  # the structured output is complete
         if not params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
             return "stop"
         if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -257,6 +281,7 @@ class LLMEngine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             error=seq.error,
+            error_kind=seq.error_kind,
             queue_seconds=seq.queue_seconds,
         )
 

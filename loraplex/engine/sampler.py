@@ -1,7 +1,8 @@
 """Chooses each sequence's next token from its logits, with that request's own parameters.
 
-Order (as in vLLM): penalties -> temperature -> top-k / top-p / min-p -> draw. Reported logprobs
-are always those of the model's raw distribution, before any of these.
+Order (as in vLLM): logit_bias and the grammar's mask -> penalties -> temperature -> top-k /
+top-p / min-p -> draw. Reported logprobs are always those of the model's raw distribution, before
+any of these (OpenAI's logprobs ignore logit_bias too).
 
 A draw uses one uniform number from the sequence's own generator when the request has a seed,
 so its tokens do not depend on what else is in the batch.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.engine.guided import apply_bitmask
 from loraplex.engine.sequence import Sequence
 
 
@@ -39,6 +41,28 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                                     row_logits * p.repetition_penalty)
             logits[row] = torch.where(seen, penalized, row_logits)
         logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
+
+
+def apply_bias_and_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits [num_seqs, vocab], changed in place: each row's logit_bias added, and the tokens
+    its grammar does not allow next set to -inf (rows without either are untouched)."""
+    for row, seq in enumerate(seqs):
+        bias = seq.params.logit_bias
+        if bias:
+            ids = torch.tensor(list(bias), dtype=torch.int64, device=logits.device)
+            values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+            logits[row].index_add_(0, ids, values)
+    constrained = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
+    if constrained:
+        words = (logits.shape[1] + 31) // 32
+        bitmask = torch.full((len(constrained), words), -1, dtype=torch.int32)  # all allowed
+        for i, row in enumerate(constrained):
+            seqs[row].grammar.fill_mask(bitmask, i)
+        rows = torch.tensor(constrained, device=logits.device)
+        masked = logits[rows]
+        apply_bitmask(masked, bitmask)
+        logits[rows] = masked
     return logits
 
 
@@ -81,10 +105,12 @@ def sample(
 ) -> list[SampledToken]:
     """logits [num_seqs, vocab] float32 -> one token per sequence. Logprobs (a full-vocabulary
     log-softmax) are only computed for the rows whose request asked for them."""
+    logits_for_choice = logits
+    if any(s.params.logit_bias or s.grammar is not None for s in seqs):
+        logits_for_choice = apply_bias_and_grammars(logits.clone(), seqs)
     if any(s.params.has_penalties for s in seqs):
-        logits_for_choice = apply_penalties(logits.clone(), seqs)
-    else:
-        logits_for_choice = logits
+        logits_for_choice = apply_penalties(
+            logits_for_choice if logits_for_choice is not logits else logits.clone(), seqs)
     chosen = logits_for_choice.argmax(dim=-1)  # [num_seqs], right for the greedy rows
     random_rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
     if random_rows:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.engine.guided import GrammarMatcher
 from loraplex.sampling_params import SamplingParams
 
 
@@ -35,6 +36,7 @@ class Sequence:
     generator: torch.Generator | None = None  # set when the request has a seed
     fairness_key: str = ""  # the tenant, opaque: fair shares are kept per key
     added_at: float = 0.0  # time.monotonic() when the request arrived
+    grammar: GrammarMatcher | None = None  # where the output stands in its grammar, if any
     queue_seconds: float | None = None  # from arrival to first admission; None while queued
     output_text: str = ""  # detokenized output, cut at a stop string
     output_token_ids: list[int] = field(default_factory=list)
@@ -48,6 +50,7 @@ class Sequence:
     slot: int = -1  # adapter slot while running; -1 for the base model
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    error_kind: str | None = None  # "request": its own input (e.g. a broken adapter); "engine"
 
     @property
     def token_ids(self) -> list[int]:

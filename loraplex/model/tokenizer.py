@@ -46,6 +46,18 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(eos_ids)
 
     @property
+    def eos_token_id(self) -> int | None:
+        """The tokenizer's own end-of-sequence token (generation stops at all eos_token_ids)."""
+        return None if self.eos_token is None else self._tok.token_to_id(self.eos_token)
+
+    def special_token_ids(self) -> set[int]:
+        return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what grammar libraries build their tables from)."""
+        return self._tok.to_str()
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -55,8 +67,10 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render the conversation with the checkpoint's own chat template (sandboxed Jinja)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render the conversation with the checkpoint's own chat template (sandboxed Jinja);
+        `tools` (OpenAI's shape) for a template that reads them."""
         if not self.chat_template:
             raise TokenizerError("this model has no chat template; send a plain prompt instead")
 
@@ -69,12 +83,14 @@ class Tokenizer:
             return env.from_string(self.chat_template).render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
+                tools=tools,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template failed: {e}") from None
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         # The template writes any BOS itself, so the tokenizer must not add another.
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, tools=tools),
+                           add_special_tokens=False)

@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from loraplex.config import EngineConfig
 from loraplex.engine.async_engine import StreamDelta
+from loraplex.engine.guided import GrammarCompiler
 from loraplex.engine.sequence import AdapterRequest
 from loraplex.model.pull import resolve_model
 from loraplex.model.tokenizer import Tokenizer
@@ -46,6 +47,9 @@ class RemoteEngine:
         self.replicas = replicas
         self.engine = info
         self.tokenizer = Tokenizer(resolve_model(info.config.model))
+        # Grammars are compiled here to refuse a bad one before it is sent (the replica compiles
+        # its own for the model's logits).
+        self.grammars = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size)
 
     def _handle(self, adapter: AdapterRequest | None) -> DeploymentHandle:
         if adapter is None:  # the base model: any replica will do
@@ -119,18 +123,29 @@ def _error_delta(previous: StreamDelta | None, index: int, prompt_tokens: int,
     if previous is None:
         return StreamDelta(request_id="", index=index, text="", token_ids=[], logprobs=[],
                            top_logprobs=[], finished=True, finish_reason="error",
-                           error=message, prompt_tokens=prompt_tokens, completion_tokens=0,
+                           error=message, error_kind="engine", prompt_tokens=prompt_tokens,
+                           completion_tokens=0,
                            queue_seconds=None)
     return replace(previous, text="", token_ids=[], logprobs=[], top_logprobs=[],
-                   finished=True, finish_reason="error", error=message)
+                   finished=True, finish_reason="error", error=message, error_kind="engine")
 
 
 def _combine(replica_stats: list[dict]) -> dict:
-    """Counts add up, id lists concatenate, adapter load times keep the slowest replica's."""
+    """Counts add up, id lists concatenate, adapter load times keep the slowest replica's, and a
+    tenant's fair-share standing adds up over the replicas it has work on (each replica keeps
+    its own counters: their sum is the weighted service the tenant is receiving)."""
     combined: dict = {"replicas": replica_stats}
     for stats in replica_stats:
         for key, value in stats.items():
-            if key.startswith("adapter_load_ms"):
+            if key == "fairness":
+                tenants = combined.setdefault("fairness", {})
+                for tenant, share in value.items():
+                    into = tenants.setdefault(tenant, {"counter": 0.0, "sequences": 0,
+                                                       "running": 0})
+                    for field in ("counter", "sequences", "running"):
+                        into[field] += share.get(field, 0)
+                    into["weight"] = share["weight"]
+            elif key.startswith("adapter_load_ms"):
                 known = [v for v in (combined.get(key), value) if v is not None]
                 combined[key] = max(known) if known else None
             elif isinstance(value, list):

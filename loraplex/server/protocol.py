@@ -1,8 +1,9 @@
-"""OpenAI-compatible request and response bodies (the subset of fields loraplex honours)."""
+"""OpenAI-compatible request bodies. Every field is honoured or refused: an unknown field is a
+400 naming it (as OpenAI answers), except ACCEPTED_NO_OPS, documented in the README."""
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -25,10 +26,33 @@ class OpenAIError(Exception):
                           "code": self.code}}
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+# Accepted and ignored, because they change nothing about the answer: `store` and `metadata`
+# (OpenAI's stored-completions dashboard), `service_tier` (one tier here).
+ACCEPTED_NO_OPS = ("store", "metadata", "service_tier")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str  # JSON text, as OpenAI sends it back
+
+
+class ToolCall(_Strict):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
+    name: str | None = Field(default=None, max_length=256)  # handed to the chat template
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = Field(default=None, max_length=256)  # a tool message's call
+    refusal: str | None = None  # an assistant message echoed back by a client
 
     def text(self) -> str:
         """OpenAI allows content as a list of parts; we take the text parts."""
@@ -41,10 +65,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+class StructuredOutputs(_Strict):
+    """vLLM's current form of its guided-decoding extras: one of these constrains the output."""
+
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class _SamplingFields(_Strict):
     """Fields shared by both endpoints; names as in OpenAI's API (plus vLLM's extras)."""
 
-    model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
@@ -63,6 +96,17 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0, le=10)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None
+    # Structured outputs, as vLLM names them (older guided_* and current structured_outputs).
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # Accepted no-ops (ACCEPTED_NO_OPS).
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -71,7 +115,17 @@ class _SamplingFields(BaseModel):
             raise ValueError("at most 16 stop strings")
         return value
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def token_bias(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids; raises ValueError naming a bad key."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias: {key!r} is not a token id")
+            bias[int(key)] = value
+        return bias
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, grammar=None,
+                        ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -79,8 +133,41 @@ class _SamplingFields(BaseModel):
             stop=[s for s in stop if s], stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logprobs=logprobs,
+            logprobs=logprobs, logit_bias=self.token_bias(), grammar=grammar,
         )
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -88,6 +175,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_SamplingFields):

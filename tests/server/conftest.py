@@ -47,7 +47,7 @@ def live(sharp_llama_dir, sharp_adapters, tmp_path_factory):
         registry.push_version(tenant, rest.split("@")[0], path, actor="test", validate=validate)
     _, admin_key = registry.create_admin_key(actor="test")
     engine = AsyncEngine(EngineConfig(model=str(sharp_llama_dir), max_loras=4, max_cpu_loras=8,
-                                      max_lora_rank=16, max_model_len=256,
+                                      max_lora_rank=16, max_model_len=1024,
                                       kv_cache_bytes=1 << 24))
     settings = ServerSettings(base_model_name=BASE_NAME, max_tokens_cap=200,
                               max_concurrent_per_tenant=4, max_body_bytes=64 * 1024)
