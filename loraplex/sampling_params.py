@@ -6,7 +6,7 @@ from typing import Literal
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024  # as OpenAI: at most this many token ids in logit_bias
 GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
-MAX_GRAMMAR_BYTES = 64 * 1024  # a schema, regex or grammar larger than this is refused
+MAX_GRAMMAR_BYTES = 32 * 1024  # a schema, regex or grammar larger than this is refused
 
 
 class SamplingParamsError(ValueError):

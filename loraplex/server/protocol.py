@@ -35,6 +35,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
 class FunctionCall(_Strict):
     name: str = Field(min_length=1, max_length=64)
     arguments: str  # JSON text, as OpenAI sends it back
@@ -61,8 +65,6 @@ class ChatMessage(_Strict):
         return self.content or ""
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
 
 
 class StructuredOutputs(_Strict):

@@ -10,6 +10,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from loraplex.sampling_params import MAX_GRAMMAR_BYTES
 from tests.server.test_app import client
 
 
@@ -160,6 +161,9 @@ def test_langchain_structured_output_and_bound_tools(live):
         "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}},
      "response_format"),
     ({"extra_body": {"guided_regex": "(unclosed"}}, "guided_regex"),
+    ({"extra_body": {"guided_regex": "a" * (MAX_GRAMMAR_BYTES + 1)}},
+     f"at most {MAX_GRAMMAR_BYTES} bytes"),
+    ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
     ({"extra_body": {"guided_json": {"type": "object"}, "guided_regex": "a"}}, "each constrain"),
     ({"extra_body": {"frobnicate": True}}, "Unrecognized request argument supplied: frobnicate"),
     ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
