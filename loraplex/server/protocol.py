@@ -58,10 +58,19 @@ class ChatMessage(_Strict):
     tool_call_id: str | None = Field(default=None, max_length=256)  # a tool message's call
     refusal: str | None = None  # an assistant message echoed back by a client
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value):
+        for part in value if isinstance(value, list) else []:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content parts of type {part.get('type')!r} are not "
+                                 "supported (text only)")
+        return value
+
     def text(self) -> str:
-        """OpenAI allows content as a list of parts; we take the text parts."""
+        """OpenAI allows content as a list of parts (text parts only here: validated)."""
         if isinstance(self.content, list):
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p["text"] for p in self.content)
         return self.content or ""
 
 

@@ -173,11 +173,13 @@ def test_langchain_structured_output_and_bound_tools(live):
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "not in tools"),
     ({"tool_choice": "required"}, "needs tools"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "image_url"),
 ])
 def test_bad_structured_requests_are_400s_and_others_keep_being_served(live, extra, words):
     with pytest.raises(openai.BadRequestError, match=words):
-        client(live).chat.completions.create(model="support", messages=ASK, max_tokens=4,
-                                             **extra)
+        client(live).chat.completions.create(**{"model": "support", "messages": ASK,
+                                                "max_tokens": 4, **extra})
     ok = client(live, "globex").chat.completions.create(model="bot", messages=ASK,
                                                         max_tokens=3)
     assert ok.choices[0].finish_reason in ("stop", "length")
