@@ -107,6 +107,12 @@ def create_app(
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ready"}
 
+    @app.get("/health")
+    async def health():
+        """vLLM's route, which load generators (GuideLLM) and gateways call first: 200 with an
+        empty body while the engine runs."""
+        return Response(status_code=200 if engine.is_alive() else 503)
+
     @app.get("/metrics")
     async def prometheus_metrics():
         return Response(metrics.render(await engine.stats()),

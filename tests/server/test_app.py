@@ -193,6 +193,8 @@ def test_per_tenant_concurrency_gets_429_others_unaffected(live):
 def test_health_and_metrics(live):
     assert httpx.get(f"{live.url}/healthz").status_code == 200
     assert httpx.get(f"{live.url}/readyz").status_code == 200
+    health = httpx.get(f"{live.url}/health")  # vLLM's route, for tools that expect it
+    assert health.status_code == 200 and health.content == b""
     text = httpx.get(f"{live.url}/metrics").text
     assert 'loraplex_requests_total{adapter="bot",status="ok",tenant="globex",version="v1"}' in text
     assert "loraplex_engine_kv_blocks_total" in text
