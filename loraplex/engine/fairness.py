@@ -35,15 +35,21 @@ class VirtualTokenCounter:
         self.output_cost = output_cost
         self.keys: dict[str, KeyShare] = {}
         self._last_counter = 0.0  # the counter of the last key whose work ran out
+        # The sum of the active keys' weights, kept as keys come and go: the scheduler reads it
+        # for every key every step, and idle keys stay in `keys` (their counters still count).
+        self._active_weight = 0.0
 
     def arrive(self, key: str, weight: float) -> None:
         """A sequence of `key` enters the engine; the latest weight given for a key holds."""
         share = self.keys.setdefault(key, KeyShare())
-        share.weight = weight
         if share.num_active == 0:
             active = [s.counter for s in self.keys.values() if s.num_active > 0]
             floor = min(active) if active else self._last_counter
             share.counter = max(share.counter, floor)
+            self._active_weight += weight
+        else:
+            self._active_weight += weight - share.weight
+        share.weight = weight
         share.num_active += 1
 
     def leave(self, key: str) -> None:
@@ -52,6 +58,9 @@ class VirtualTokenCounter:
         share.num_active -= 1
         if share.num_active == 0:
             self._last_counter = share.counter
+            self._active_weight -= share.weight
+            if not any(s.num_active for s in self.keys.values()):
+                self._active_weight = 0.0  # no rounding drift survives an idle engine
 
     def charge(self, key: str, input_tokens: int, output_tokens: int) -> None:
         share = self.keys[key]
@@ -65,7 +74,7 @@ class VirtualTokenCounter:
         return self.keys[key].weight
 
     def active_weight(self) -> float:
-        return sum(s.weight for s in self.keys.values() if s.num_active > 0)
+        return self._active_weight
 
     def snapshot(self) -> dict[str, dict]:
         """Per key with work: its counter, weight and number of sequences."""

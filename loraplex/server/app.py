@@ -21,12 +21,12 @@ from loraplex.server.protocol import OpenAIError
 from loraplex.server.routes.chat import chat_router
 from loraplex.server.routes.completions import completions_router
 from loraplex.server.routes.models import models_router
-from loraplex.server.serving import VERSION_HEADER, ServerSettings, Serving, Target
+from loraplex.server.serving import VERSION_HEADER, ServerSettings, Serving
 from loraplex.server.tenant_data import tenant_data_router
 from loraplex.train.jobs import TrainingJobs
 from loraplex.vault import Vault
 
-__all__ = ["VERSION_HEADER", "ServerSettings", "Target", "create_app"]
+__all__ = ["VERSION_HEADER", "ServerSettings", "create_app"]
 
 
 def _validation_message(error: dict) -> tuple[str, str | None]:

@@ -8,7 +8,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -131,52 +131,21 @@ class Serving:
     async def run(self, request: Request, principal, target: Target, prompt_ids: list[int],
                   params: SamplingParams, shaper: Shaper, stream: bool):
         ticket = self._admit(request, principal, len(prompt_ids) + params.n * params.max_tokens)
-        started = time.monotonic()
-        state = {"ttft": None, "queue": None, "prompt": len(prompt_ids), "status": "ok",
-                 "settled": False}
-        completion: dict[int, int] = {}  # tokens generated so far, per completion
+        meter = _Meter(self, principal, target, ticket, len(prompt_ids))
 
         async def deltas() -> AsyncIterator[StreamDelta]:
             try:
                 async for delta in self.engine.generate(prompt_ids, params, target.adapter,
                                                         fairness_key=principal.tenant_name,
                                                         fairness_weight=ticket.quota.tier):
-                    if state["ttft"] is None and delta.token_ids:
-                        state["ttft"] = time.monotonic() - started
-                    if state["queue"] is None:
-                        state["queue"] = delta.queue_seconds
-                    completion[delta.index] = delta.completion_tokens
-                    if delta.finished and delta.error:
-                        state["status"] = "error"
+                    meter.observe(delta)
                     yield delta
             except asyncio.CancelledError:
-                state["status"] = "aborted"
+                meter.status = "aborted"
                 raise
             except ValueError as e:  # refused by the engine: a clear message, no traceback
-                state["status"] = "invalid"
+                meter.status = "invalid"
                 raise OpenAIError(400, str(e)) from None
-
-        def finish():
-            if state["settled"]:
-                return
-            state["settled"], status = True, state["status"]
-            latency = time.monotonic() - started
-            # What a refused prompt never cost is not billed; what was computed is.
-            prompt = 0 if status == "invalid" else state["prompt"]
-            generated = sum(completion.values())
-            self.quotas.settle(ticket, prompt + generated)
-            self.ledger.record(UsageKey(principal.tenant_id, principal.key_id, target.labels[1],
-                                        target.labels[2], hour_of(datetime.now(UTC))),
-                               errors=int(status in ("error", "invalid")),
-                               prompt_tokens=prompt, completion_tokens=generated)
-            self.metrics.observe_request(target.labels, status, prompt, generated,
-                                         state["ttft"], latency, state["queue"])
-            if target.version_id is not None:
-                self.stats_writer.submit(lambda: self.registry.record_request(
-                    target.version_id, prompt_tokens=prompt,
-                    completion_tokens=generated, latency_ms=latency * 1e3,
-                    ttft_ms=None if state["ttft"] is None else state["ttft"] * 1e3,
-                    error=status != "ok"))
 
         # Which version of the adapter answered: what an A/B comparison needs per response.
         headers = {VERSION_HEADER: target.labels[2]}
@@ -189,17 +158,66 @@ class Serving:
                 except OpenAIError as e:
                     yield f"data: {json.dumps(e.body())}\n\n"
                 finally:
-                    finish()
+                    meter.settle()
 
             body = sse()
             # A client gone before the stream starts never runs sse(): settle when it is dropped.
-            weakref.finalize(body, finish)
+            weakref.finalize(body, meter.settle)
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
         try:
             collected = await _collect_unless_disconnected(request, deltas())
         finally:
-            finish()
+            meter.settle()
         return JSONResponse(shaper.whole(collected), headers=headers)
+
+
+@dataclass
+class _Meter:
+    """One request's accounting: what it used, billed exactly once when it ends (quota, ledger,
+    metrics, the version's counters), however it ends."""
+
+    serving: Serving
+    principal: object
+    target: Target
+    ticket: object
+    prompt_tokens: int
+    started: float = field(default_factory=time.monotonic)
+    ttft: float | None = None
+    queue: float | None = None
+    status: str = "ok"  # "ok" | "error" | "invalid" (refused by the engine) | "aborted"
+    completion: dict[int, int] = field(default_factory=dict)  # tokens so far, per completion
+    settled: bool = False
+
+    def observe(self, delta: StreamDelta) -> None:
+        if self.ttft is None and delta.token_ids:
+            self.ttft = time.monotonic() - self.started
+        if self.queue is None:
+            self.queue = delta.queue_seconds
+        self.completion[delta.index] = delta.completion_tokens
+        if delta.finished and delta.error:
+            self.status = "error"
+
+    def settle(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        s, target, status = self.serving, self.target, self.status
+        latency = time.monotonic() - self.started
+        # What a refused prompt never cost is not billed; what was computed is.
+        prompt = 0 if status == "invalid" else self.prompt_tokens
+        generated = sum(self.completion.values())
+        s.quotas.settle(self.ticket, prompt + generated)
+        s.ledger.record(UsageKey(self.principal.tenant_id, self.principal.key_id,
+                                 target.labels[1], target.labels[2], hour_of(datetime.now(UTC))),
+                        errors=int(status in ("error", "invalid")),
+                        prompt_tokens=prompt, completion_tokens=generated)
+        s.metrics.observe_request(target.labels, status, prompt, generated, self.ttft, latency,
+                                  self.queue)
+        if target.version_id is not None:
+            ttft_ms = None if self.ttft is None else self.ttft * 1e3
+            s.stats_writer.submit(lambda: s.registry.record_request(
+                target.version_id, prompt_tokens=prompt, completion_tokens=generated,
+                latency_ms=latency * 1e3, ttft_ms=ttft_ms, error=status != "ok"))
 
 
 def sampling_params(body, max_tokens: int, logprobs: int | None, grammar=None) -> SamplingParams:

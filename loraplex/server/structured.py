@@ -45,16 +45,18 @@ def _requested(body) -> list[tuple[str, GrammarSpec]]:
         found.append(("guided_grammar", GrammarSpec("grammar", body.guided_grammar)))
     so = body.structured_outputs
     if so is not None:
-        for name, spec in (
-                ("json", so.json_ is not None and GrammarSpec(
-                    "json_schema", _schema_text(so.json_, "structured_outputs.json"))),
-                ("regex", so.regex is not None and GrammarSpec("regex", so.regex)),
-                ("choice", so.choice is not None and GrammarSpec("choice",
-                                                                 json.dumps(so.choice))),
-                ("grammar", so.grammar is not None and GrammarSpec("grammar", so.grammar)),
-                ("json_object", bool(so.json_object) and GrammarSpec("json_object"))):
-            if spec:
-                found.append((f"structured_outputs.{name}", spec))
+        prefix = "structured_outputs."
+        if so.json_ is not None:
+            found.append((prefix + "json", GrammarSpec(
+                "json_schema", _schema_text(so.json_, prefix + "json"))))
+        if so.regex is not None:
+            found.append((prefix + "regex", GrammarSpec("regex", so.regex)))
+        if so.choice is not None:
+            found.append((prefix + "choice", GrammarSpec("choice", json.dumps(so.choice))))
+        if so.grammar is not None:
+            found.append((prefix + "grammar", GrammarSpec("grammar", so.grammar)))
+        if so.json_object:
+            found.append((prefix + "json_object", GrammarSpec("json_object")))
     return found
 
 

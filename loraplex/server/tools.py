@@ -139,7 +139,6 @@ def parse_calls(text: str, choice: ToolChoice, body: ChatCompletionRequest,
                 ) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) of a finished answer. Output cut short (max_tokens) that does not
     parse stays content, with no calls."""
-    names = {t.function.name for t in body.tools or []}
     if choice.mode == "named":
         try:
             json.loads(text)
@@ -154,7 +153,7 @@ def parse_calls(text: str, choice: ToolChoice, body: ChatCompletionRequest,
         return None, [_call(c["name"], c["arguments"]) for c in calls]
     if choice.mode != "auto":
         return text, []
-    stream = AutoCallStream(names)
+    stream = auto_call_stream(body)
     content = stream.feed(text) + stream.finish()
     return (content.strip() or None) if stream.calls else text, stream.calls
 
@@ -162,10 +161,12 @@ def parse_calls(text: str, choice: ToolChoice, body: ChatCompletionRequest,
 class AutoCallStream:
     """Reads "auto" output as it streams: text outside `<tool_call>` blocks goes out as content
     (held back only while it could be the start of a block); each block becomes a call once it
-    closes. A block that does not parse as a call of one of the tools is content after all."""
+    closes. A block that does not parse as a call of one of the tools, or one past `max_calls`
+    (1 when parallel_tool_calls is false), is content after all."""
 
-    def __init__(self, names: set[str]):
+    def __init__(self, names: set[str], max_calls: int | None = None):
         self.names = names
+        self.max_calls = max_calls
         self.calls: list[dict] = []
         self._pending = ""  # text not yet given out
         self._in_block = False
@@ -183,7 +184,7 @@ class AutoCallStream:
                 self._pending = self._pending[end + len(CALL_CLOSE):]
                 self._in_block = False
                 call = _read_block(block.strip(), self.names)
-                if call is None:
+                if call is None or len(self.calls) == self.max_calls:
                     out.append(CALL_OPEN + block + CALL_CLOSE)
                 else:
                     self.calls.append(call)
@@ -208,3 +209,9 @@ class AutoCallStream:
         if self.calls:
             rest = rest.strip()
         return rest
+
+
+def auto_call_stream(body: ChatCompletionRequest) -> AutoCallStream:
+    """The "auto" reader for a request: its tools' names, one call unless parallel."""
+    return AutoCallStream({t.function.name for t in body.tools or []},
+                          None if body.parallel_tool_calls else 1)

@@ -1,5 +1,9 @@
 """The virtual token counter on its own (engine/fairness.py)."""
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from loraplex.engine.fairness import VirtualTokenCounter
 
 
@@ -50,3 +54,16 @@ def test_only_keys_with_work_are_in_the_snapshot_and_the_active_weight():
     vtc.leave("b")
     assert vtc.active_weight() == 3.0
     assert vtc.snapshot() == {"a": {"counter": 0.0, "weight": 3.0, "sequences": 2}}
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([1.0, 2.0, 0.5]),
+                          st.booleans()), max_size=60))
+def test_the_active_weight_is_the_sum_over_keys_with_work(events):
+    vtc = VirtualTokenCounter(1, 2)
+    for key, weight, arrives in events:
+        if arrives:
+            vtc.arrive(key, weight)  # a new weight for an active key replaces its old one
+        elif key in vtc.keys and vtc.keys[key].num_active:
+            vtc.leave(key)
+        expected = sum(s.weight for s in vtc.keys.values() if s.num_active)
+        assert vtc.active_weight() == pytest.approx(expected)

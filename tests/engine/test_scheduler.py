@@ -178,13 +178,19 @@ def test_a_lone_tenant_is_scheduled_exactly_as_first_come_first_served(arrivals,
     assert logs[0] == logs[1]
 
 
-def test_a_quiet_tenant_takes_a_seat_from_the_busy_one_at_once():
-    sim = Sim(max_num_seqs=4, budget=64)
+def busy_on_every_seat(seats: int) -> Sim:
+    """A Sim whose every seat a "busy" tenant holds, with more of its requests waiting."""
+    sim = Sim(max_num_seqs=seats, budget=64)
     for _ in range(12):
         sim.add("busy", 8, MAX_OUTPUT)
-    for _ in range(3):
-        sim.step()  # busy holds every seat
-    assert len(sim.scheduler.running) == 4
+    for _ in range(2):
+        sim.step()
+    assert len(sim.scheduler.running) == seats
+    return sim
+
+
+def test_a_quiet_tenant_takes_a_seat_from_the_busy_one_at_once():
+    sim = busy_on_every_seat(4)
     quiet = sim.add("quiet", 8, 4)
     batch = sim.step()
     assert quiet in [item.seq for item in batch], "the quiet tenant waited for a seat"
@@ -194,11 +200,7 @@ def test_a_quiet_tenant_takes_a_seat_from_the_busy_one_at_once():
 
 
 def test_two_quiet_tenants_arriving_together_both_get_a_seat_at_once():
-    sim = Sim(max_num_seqs=6, budget=64)
-    for _ in range(12):
-        sim.add("busy", 8, MAX_OUTPUT)
-    for _ in range(2):
-        sim.step()  # busy holds every seat
+    sim = busy_on_every_seat(6)
     quiet = [sim.add("quiet-a", 8, 4), sim.add("quiet-b", 8, 4)]
     batch = sim.step()
     assert all(q in [item.seq for item in batch] for q in quiet)

@@ -173,6 +173,12 @@ def test_langchain_structured_output_and_bound_tools(live):
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "not in tools"),
     ({"tool_choice": "required"}, "needs tools"),
+    ({"response_format": {"type": "json_schema"}}, "needs a json_schema object"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"extra_body": {"guided_choice": []}}, "non-empty list"),
+    ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["a"]}}}, "each constrain"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "each constrain"),
     ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "image_url"),
 ])

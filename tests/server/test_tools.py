@@ -65,6 +65,16 @@ def test_auto_reads_the_calls_of_known_tools_and_keeps_the_rest_as_content():
         "no calls here", [])
 
 
+def test_auto_without_parallel_calls_keeps_one_call():
+    twice = (f'{CALL_OPEN}{{"name": "lookup", "arguments": {{"q": "a"}}}}{CALL_CLOSE}'
+             f'{CALL_OPEN}{{"name": "lookup", "arguments": {{"q": "b"}}}}{CALL_CLOSE}')
+    content, calls = parse_calls(twice, ToolChoice("auto"),
+                                 request(tools=[TOOL], parallel_tool_calls=False))
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"q": "a"}]
+    assert content == f'{CALL_OPEN}{{"name": "lookup", "arguments": {{"q": "b"}}}}{CALL_CLOSE}'
+    assert len(parse_calls(twice, ToolChoice("auto"), request(tools=[TOOL]))[1]) == 2
+
+
 @given(st.lists(st.integers(0, len(AUTO_TEXT)), max_size=12))
 def test_streaming_auto_in_any_split_gives_the_same_content_and_calls(cuts):
     stream = AutoCallStream({"lookup"})

@@ -23,6 +23,7 @@ from loraplex.server.structured import compile_grammar, requested_grammar
 from loraplex.server.tools import (
     AutoCallStream,
     ToolChoice,
+    auto_call_stream,
     parse_calls,
     template_knows_tools,
     template_messages,
@@ -69,13 +70,12 @@ class ChatShaper(Answer):
         """What this delta adds to the message, and every call of the completion so far."""
         mode, i = self.choice.mode, delta.index
         if mode == "named":
-            # The output is the arguments: the call's head first, then its argument text.
-            head = {} if i in self._calls else {
-                "id": new_id("call"), "type": "function",
-                "function": {"name": self.choice.name, "arguments": ""}}
-            self._calls[i] = 1
-            call = {"index": 0, **head}
-            call.setdefault("function", {})["arguments"] = delta.text
+            # The output is the arguments: the call's id and name come with the first fragment.
+            call = {"index": 0, "function": {"arguments": delta.text}}
+            if i not in self._calls:
+                self._calls[i] = 1
+                call = {"index": 0, "id": new_id("call"), "type": "function",
+                        "function": {"name": self.choice.name, "arguments": delta.text}}
             return {"content": None, "tool_calls": [call]}, [call]
         if mode == "required":
             self._text[i] = self._text.get(i, "") + delta.text
@@ -86,8 +86,7 @@ class ChatShaper(Answer):
                 return {"content": content}, []
             return {"content": None, "tool_calls": self._streamed_calls(i, calls)}, calls
         if mode == "auto":
-            stream = self._auto.setdefault(
-                i, AutoCallStream({t.function.name for t in self.body.tools}))
+            stream = self._auto.setdefault(i, auto_call_stream(self.body))
             before = len(stream.calls)
             content = stream.feed(delta.text) + (stream.finish() if delta.finished else "")
             message = {"content": content}
