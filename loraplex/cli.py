@@ -33,9 +33,9 @@ def pull(name: Annotated[str, typer.Argument(help="A default model, e.g. smollm2
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user's message")],
-    model: Annotated[str, typer.Option(help="Default model name or checkpoint dir")] = (
-        "smollm2-135m"
-    ),
+    model: Annotated[str, typer.Option(
+        help="A known model (e.g. llama-3.1-8b, qwen3-8b, gemma-3-27b, phi-4: an unknown name "
+        "lists them), a config.json or a checkpoint dir")] = "smollm2-135m",
     adapter: Annotated[Path | None, typer.Option(help="A PEFT LoRA adapter directory")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
@@ -65,9 +65,9 @@ def generate(
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Option(help="Default model name or checkpoint dir")] = (
-        "smollm2-135m"
-    ),
+    model: Annotated[str, typer.Option(
+        help="A known model (e.g. llama-3.1-8b, qwen3-8b, gemma-3-27b, phi-4: an unknown name "
+        "lists them), a config.json or a checkpoint dir")] = "smollm2-135m",
     rank: Annotated[int, typer.Option(help="LoRA rank of the adapters")] = 16,
     targets: Annotated[str, typer.Option(help="all | attn | a comma list, e.g. q_proj,v_proj")] = (
         "all"
@@ -81,17 +81,18 @@ def plan(
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
     lora_dtype: Annotated[str, typer.Option(
         help="Adapter weights in slots: auto (the model's dtype) | int8")] = "auto",
+    weights: Annotated[str, typer.Option(
+        help="Base weights: auto (--dtype) | int8 | 4bit (a quantized base, for comparison: "
+        "loraplex serves the base in --dtype)")] = "auto",
 ):
     """How many adapters and how much context fit in a memory budget (no model is loaded)."""
     from rich.table import Table
 
     from loraplex.config import LORA_DTYPES
-    from loraplex.model.llama import ModelConfig
-    from loraplex.model.loader import read_config
-    from loraplex.model.pull import PullError, resolve_model
+    from loraplex.model.loader import plan_config
+    from loraplex.model.pull import PullError
     from loraplex.plan import (
         ACTIVATION_RESERVE_BYTES,
-        KNOWN_MODEL_SHAPES,
         RESERVE_PERCENT,
         dtype_bytes,
         format_bytes,
@@ -105,19 +106,17 @@ def plan(
                              f"got {lora_dtype!r}")
         memory_bytes = parse_bytes(memory)
         host_memory_bytes = None if host_memory is None else parse_bytes(host_memory)
-        if model in KNOWN_MODEL_SHAPES:  # a default model's shape is known: no pull needed
-            config = ModelConfig(**KNOWN_MODEL_SHAPES[model])
-        else:
-            config = read_config(resolve_model(model))
+        config = plan_config(model)
         p = plan_capacity(config, rank=rank, targets=targets, clients=clients,
                           memory_bytes=memory_bytes, dtype_bytes=dtype_bytes(dtype),
                           host_memory_bytes=host_memory_bytes,
-                          int8_slots=lora_dtype == "int8")
+                          int8_slots=lora_dtype == "int8", weights=weights)
     except (ValueError, OSError, PullError) as e:  # each carries a clear message
         fail(str(e))
 
     table = Table("", "size", "what it is", title=(
-        f"{model}, {dtype}, rank {rank} on {targets}: "
+        f"{model}, {dtype}{'' if weights == 'auto' else f' ({weights} base)'}, rank {rank} on "
+        f"{targets}: "
         f"{clients} clients in {format_bytes(p.memory_bytes)}"))
     table.add_row("base model", format_bytes(p.base_weight_bytes),
                   f"{p.num_base_params:,} parameters")
@@ -145,6 +144,9 @@ def plan(
                   f"{p.context_len:,}")
     table.add_row("one model per client", format_bytes(p.dedicated_bytes),
                   f"{p.dedicated_ratio:.1f}x loraplex's {format_bytes(p.loraplex_bytes)}")
+    table.add_row("storage on disk", format_bytes(p.dedicated_storage_bytes),
+                  f"{clients} fine-tuned copies of the base, vs "
+                  f"{format_bytes(p.loraplex_storage_bytes)}: one base + {clients} adapters")
     console = Console()
     console.print(table)
 
@@ -159,6 +161,9 @@ def plan(
         f"in RAM.{disk_note} The KV cache holds {p.num_full_context_seqs:,} full "
         f"{p.context_len:,}-token conversations at once.",
         highlight=False)
+    if weights != "auto":
+        console.print(f"The base is sized as {weights} weights, for comparison: loraplex serves "
+                      f"base weights in --dtype.", highlight=False)
 
 
 # -- administration: operates directly on the registry in the loraplex home ---------------------
@@ -328,9 +333,9 @@ def audit(limit: int = 50, tenant: str | None = None):
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="Default model name or checkpoint dir")] = (
-        "smollm2-135m"
-    ),
+    model: Annotated[str, typer.Option(
+        help="A known model (e.g. llama-3.1-8b, qwen3-8b, gemma-3-27b, phi-4: an unknown name "
+        "lists them), a config.json or a checkpoint dir")] = "smollm2-135m",
     host: str = "127.0.0.1",
     port: int = 8000,
     dtype: str = "float32",

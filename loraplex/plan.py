@@ -49,16 +49,14 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 
-# Shapes of the default models (loraplex/model/pull.py DEFAULT_MODELS), as ModelConfig keyword
-# arguments, so planning for one never needs to pull it first.
-KNOWN_MODEL_SHAPES: dict[str, dict] = {
-    "smollm2-135m": {  # SmolLM2-135M-Instruct
-        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30,
-        "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
-    },
-}
-
+# Base-weight formats: "auto" keeps the model's dtype. int8 and 4bit are what a quantized base
+# would take (loraplex itself serves base weights in the model's dtype): the decoder layers'
+# linear weights at 8 or 4 bits plus one 2-byte scale per group of QUANT_GROUP_SIZE weights
+# (bitsandbytes' NF4 block size), while embeddings, LM head and norms keep the model's dtype,
+# as bitsandbytes, GPTQ and AWQ leave them.
+WEIGHT_BITS = {"auto": None, "int8": 8, "4bit": 4}
+QUANT_GROUP_SIZE = 64
+QUANT_SCALE_BYTES = 2
 
 class PlanError(ValueError):
     """Planning inputs that make no sense or a budget too small; the message says which."""
@@ -76,9 +74,10 @@ class CapacityPlan:
     host_memory_bytes: int  # RAM for the host cache
     dtype_bytes: int
     int8_slots: bool  # slots hold int8 adapter weights (EngineConfig.lora_dtype="int8")
+    weights: str  # base-weight format, a WEIGHT_BITS name
     # the model
     num_base_params: int
-    base_weight_bytes: int
+    base_weight_bytes: int  # in the `weights` format
     bytes_per_adapter: int  # one adapter as loaded into the host cache (its target modules)
     bytes_per_slot: int  # one device slot (all seven modules at `rank`, scales if int8)
     kv_bytes_per_token: int
@@ -98,6 +97,8 @@ class CapacityPlan:
     # versus one model per client
     dedicated_bytes: int  # clients x (base weights + 1/clients of the same KV cache)
     loraplex_bytes: int  # base weights + slots + KV cache (reserve left out on both sides)
+    dedicated_storage_bytes: int  # on disk: clients x a fine-tuned copy of the base
+    loraplex_storage_bytes: int  # on disk: one base + clients x one adapter
 
     @property
     def dedicated_ratio(self) -> float:
@@ -153,15 +154,41 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
+def weight_bits(weights: str) -> int | None:
+    """Bits per base linear weight of a WEIGHT_BITS name (None: the model's dtype)."""
+    if weights not in WEIGHT_BITS:
+        raise PlanError(f"weights must be one of {', '.join(WEIGHT_BITS)}, got {weights!r}")
+    return WEIGHT_BITS[weights]
+
+
+def count_linear_params(config: ModelConfig) -> int:
+    """Weights of the decoder layers' linear layers (what a quantized base stores in few bits)."""
+    return config.num_layers * sum(i * o for i, o in config.module_shapes().values())
+
+
 def count_base_params(config: ModelConfig) -> int:
     """Parameters of the base model: embeddings, an untied LM head, every layer, final norm."""
     shapes = config.module_shapes()
-    per_layer = sum(i * o for i, o in shapes.values()) + 2 * config.hidden_size  # + 2 RMSNorms
+    num_norms = 4 if config.sandwich_norms else 2  # Gemma 3 norms after attention and MLP too
+    per_layer = num_norms * config.hidden_size
+    if config.qk_norm:  # Qwen3, Gemma 3: one weight over head_dim each for q and k
+        per_layer += 2 * config.head_dim
     if config.qkv_bias:
         per_layer += sum(shapes[name][1] for name in (Q_PROJ, K_PROJ, V_PROJ))  # Qwen2 biases
     embeddings = config.vocab_size * config.hidden_size
     lm_head = 0 if config.tie_word_embeddings else embeddings
-    return embeddings + lm_head + config.num_layers * per_layer + config.hidden_size
+    other = embeddings + lm_head + config.num_layers * per_layer + config.hidden_size
+    return count_linear_params(config) + other
+
+
+def base_weight_bytes(config: ModelConfig, dtype_bytes: int, bits: int | None = None) -> int:
+    """Bytes of the base weights in the model's dtype, or with the linear layers at `bits`."""
+    num_params = count_base_params(config)
+    if bits is None:
+        return num_params * dtype_bytes
+    linear = count_linear_params(config)
+    quantized = linear * bits // 8 + -(-linear // QUANT_GROUP_SIZE) * QUANT_SCALE_BYTES
+    return quantized + (num_params - linear) * dtype_bytes
 
 
 def lora_bytes(config: ModelConfig, rank: int, targets: Sequence[str], dtype_bytes: int) -> int:
@@ -195,12 +222,15 @@ def plan_capacity(
     dtype_bytes: int = 4,
     host_memory_bytes: int | None = None,
     int8_slots: bool = False,
+    weights: str = "auto",
 ) -> CapacityPlan:
     """Size slots, host cache and KV cache for `clients` adapters in `memory_bytes`.
 
     `host_memory_bytes` (RAM for the host cache) defaults to `memory_bytes`; `int8_slots`: the
     slots hold int8 adapter weights (the host cache keeps the model's dtype). Raises PlanError
     on bad inputs or when the budget cannot hold the base model, one slot and one sequence.
+    `weights`: the base weights' format (WEIGHT_BITS); adapters, slots and KV cache keep the
+    model's dtype whatever it is.
     """
     for name, value in (("rank", rank), ("clients", clients), ("memory_bytes", memory_bytes),
                         ("dtype_bytes", dtype_bytes)):
@@ -210,7 +240,7 @@ def plan_capacity(
     targets = parse_targets(targets)
 
     num_base_params = count_base_params(model_config)
-    base_weight_bytes = num_base_params * dtype_bytes
+    base_bytes = base_weight_bytes(model_config, dtype_bytes, weight_bits(weights))
     bytes_per_adapter = lora_bytes(model_config, rank, targets, dtype_bytes)
     bytes_per_slot = device_slot_bytes(model_config, rank, dtype_bytes, int8_slots)
     kv_bytes_per_token = (2 * model_config.num_layers * model_config.num_kv_heads
@@ -221,18 +251,18 @@ def plan_capacity(
     one_seq_kv_bytes = -(-context_len // BLOCK_SIZE) * BLOCK_SIZE * kv_bytes_per_token
 
     # The smallest budget whose share after the reserve holds the base, one slot, one sequence.
-    needed = ACTIVATION_RESERVE_BYTES + base_weight_bytes + bytes_per_slot + one_seq_kv_bytes
+    needed = ACTIVATION_RESERVE_BYTES + base_bytes + bytes_per_slot + one_seq_kv_bytes
     min_memory_bytes = -(-needed * 100 // (100 - RESERVE_PERCENT))
     if memory_bytes < min_memory_bytes:
         raise PlanError(
             f"{format_bytes(memory_bytes)} is too little: the base model needs "
-            f"{format_bytes(base_weight_bytes)}, one adapter slot {format_bytes(bytes_per_slot)}, "
+            f"{format_bytes(base_bytes)}, one adapter slot {format_bytes(bytes_per_slot)}, "
             f"one {context_len}-token sequence {format_bytes(one_seq_kv_bytes)} of KV cache, plus "
             f"the runtime reserve ({RESERVE_PERCENT}% + {format_bytes(ACTIVATION_RESERVE_BYTES)}); "
             f"at least {format_bytes(min_memory_bytes)} ({min_memory_bytes} bytes) is needed"
         )
     reserve_bytes = memory_bytes * RESERVE_PERCENT // 100 + ACTIVATION_RESERVE_BYTES
-    available_bytes = memory_bytes - reserve_bytes - base_weight_bytes
+    available_bytes = memory_bytes - reserve_bytes - base_bytes
 
     # Both bounds are at least one slot, thanks to the check above.
     kv_floor_bound = available_bytes - one_seq_kv_bytes
@@ -249,7 +279,7 @@ def plan_capacity(
     return CapacityPlan(
         rank=rank, targets=targets, clients=clients, memory_bytes=memory_bytes,
         host_memory_bytes=host_memory_bytes, dtype_bytes=dtype_bytes, int8_slots=int8_slots,
-        num_base_params=num_base_params, base_weight_bytes=base_weight_bytes,
+        num_base_params=num_base_params, base_weight_bytes=base_bytes, weights=weights,
         bytes_per_adapter=bytes_per_adapter, bytes_per_slot=bytes_per_slot,
         kv_bytes_per_token=kv_bytes_per_token, context_len=context_len,
         reserve_bytes=reserve_bytes, available_bytes=available_bytes,
@@ -257,6 +287,8 @@ def plan_capacity(
         max_loras=max_loras, slot_bytes=slot_bytes, kv_cache_bytes=kv_cache_bytes,
         num_kv_tokens=num_kv_tokens, num_full_context_seqs=num_kv_tokens // context_len,
         max_cpu_loras=max_cpu_loras, host_cache_bytes=max_cpu_loras * bytes_per_adapter,
-        dedicated_bytes=clients * base_weight_bytes + kv_cache_bytes,
-        loraplex_bytes=base_weight_bytes + slot_bytes + kv_cache_bytes,
+        dedicated_bytes=clients * base_bytes + kv_cache_bytes,
+        loraplex_bytes=base_bytes + slot_bytes + kv_cache_bytes,
+        dedicated_storage_bytes=clients * base_bytes,
+        loraplex_storage_bytes=base_bytes + clients * bytes_per_adapter,
     )

@@ -11,11 +11,14 @@ from typer.testing import CliRunner
 
 from loraplex.cli import app
 from loraplex.lora.modules import TARGET_MODULES
+from loraplex.model.known_shapes import KNOWN_MODEL_SHAPES
 from loraplex.model.llama import ModelConfig
 from loraplex.model.loader import read_config
 from loraplex.plan import (
-    KNOWN_MODEL_SHAPES,
     PlanError,
+    base_weight_bytes,
+    count_base_params,
+    count_linear_params,
     format_bytes,
     parse_bytes,
     parse_targets,
@@ -151,10 +154,58 @@ def test_engine_defaults_are_the_ones_planned_for():
     assert plan().context_len == 4096  # SmolLM2's 8192 capped
 
 
-def test_known_shapes_are_default_models():
+def test_every_default_model_has_a_known_shape():
     from loraplex.model.pull import DEFAULT_MODELS
 
-    assert set(KNOWN_MODEL_SHAPES) <= set(DEFAULT_MODELS)
+    assert set(DEFAULT_MODELS) <= set(KNOWN_MODEL_SHAPES)
+
+
+# Parameter counts the model publishers state (the safetensors metadata on each model's page);
+# Gemma 3's are its text model alone (the multimodal checkpoint adds a SigLIP vision tower).
+PUBLISHED_PARAMS = {
+    "smollm2-135m": 134_515_008, "llama-3.1-8b": 8_030_261_248, "llama-3.1-70b": 70_553_706_496,
+    "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824, "mistral-7b": 7_248_023_552,
+    "qwen2.5-7b": 7_615_616_512, "qwen2.5-14b": 14_770_033_664, "qwen2.5-32b": 32_763_876_352,
+    "qwen3-8b": 8_190_735_360, "qwen3-14b": 14_768_307_200, "qwen3-32b": 32_762_123_264,
+    "phi-4": 14_659_507_200,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_known_shapes_match_published_parameter_counts(name):
+    assert count_base_params(ModelConfig(**KNOWN_MODEL_SHAPES[name])) == PUBLISHED_PARAMS[name]
+
+
+def test_known_gemma3_shapes_are_their_text_models():
+    for name in ("gemma-3-4b", "gemma-3-12b", "gemma-3-27b"):
+        config = ModelConfig(**KNOWN_MODEL_SHAPES[name])
+        assert config.layer_types.count("full_attention") == config.num_layers // 6
+    # 27B: 62 layers of width 5376, 32 heads of 128 (q is narrower than the hidden state).
+    assert count_base_params(ModelConfig(**KNOWN_MODEL_SHAPES["gemma-3-27b"])) == 27_009_346_304
+
+
+def test_quantized_base_weights():
+    mistral = ModelConfig(**KNOWN_MODEL_SHAPES["mistral-7b"])
+    linear = count_linear_params(mistral)
+    rest = count_base_params(mistral) - linear
+    assert base_weight_bytes(mistral, 2) == 2 * (linear + rest)
+    # int8: a byte per linear weight; 4bit: half a byte; both plus a 2-byte scale per 64.
+    assert base_weight_bytes(mistral, 2, 8) == linear + linear // 64 * 2 + 2 * rest
+    assert base_weight_bytes(mistral, 2, 4) == linear // 2 + linear // 64 * 2 + 2 * rest
+    p = plan(mistral, weights="4bit", memory_bytes=24 * GiB, dtype_bytes=2)
+    assert p.base_weight_bytes == base_weight_bytes(mistral, 2, 4) < 4 * GiB
+    assert p.bytes_per_adapter == plan(mistral, memory_bytes=24 * GiB, dtype_bytes=2
+                                       ).bytes_per_adapter  # adapters keep the model's dtype
+    with pytest.raises(PlanError, match="weights must be one of auto, int8, 4bit"):
+        plan(weights="int4")
+
+
+def test_storage_one_model_per_client_vs_one_base_and_adapters():
+    p = plan(ModelConfig(**KNOWN_MODEL_SHAPES["mistral-7b"]), clients=20, memory_bytes=80 * GiB,
+             dtype_bytes=2)
+    assert p.dedicated_storage_bytes == 20 * p.base_weight_bytes
+    assert p.loraplex_storage_bytes == p.base_weight_bytes + 20 * p.bytes_per_adapter
+    assert p.dedicated_storage_bytes > 17 * p.loraplex_storage_bytes
 
 
 @pytest.mark.real_model
@@ -330,9 +381,28 @@ def test_cli_reads_a_checkpoint_dir(empty_home, tmp_path):
     (["--targets", "lm_head"], "unknown target module(s) 'lm_head'"),
     (["--dtype", "int8"], "dtype must be one of float32, bfloat16, float16"),
     (["--lora-dtype", "int4"], "lora_dtype must be one of auto, int8, got 'int4'"),
-    (["--model", "/nonexistent/model"], "known models"),
+    (["--model", "/nonexistent/model"], "known models: smollm2-135m, llama-3.1-8b"),
+    (["--weights", "int4"], "weights must be one of auto, int8, 4bit"),
 ])
 def test_cli_errors_are_one_clear_line(empty_home, args, message):
     result = runner.invoke(app, ["plan", *args])
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-70b", "qwen3-32b", "gemma-3-27b", "phi-4"])
+def test_cli_plans_popular_models_by_name(empty_home, model):
+    result = runner.invoke(app, ["plan", "--model", model, "--clients", "20", "--memory",
+                                 "80GiB", "--dtype", "bfloat16", "--weights", "4bit"])
+    assert result.exit_code == 0, result.output
+    assert "4bit base" in result.output and "sized as 4bit weights" in result.output
+    assert not (empty_home / "models").exists()
+
+
+def test_cli_reads_a_config_json(empty_home, tmp_path):
+    hf_config().save_pretrained(tmp_path / "ckpt")
+    result = runner.invoke(app, ["plan", "--model", str(tmp_path / "ckpt" / "config.json"),
+                                 "--clients", "3", "--memory", "2GiB"])
+    assert result.exit_code == 0, result.output
+    assert "--max-loras 3 --max-cpu-loras 3" in result.output
+    assert "storage on disk" in result.output

@@ -45,9 +45,25 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2 has biases on q, k and v
     # RoPE frequency scaling: None, {"rope_type": "linear", "factor"} or the llama3 parameters.
     rope_scaling: dict | None = None
-    # Mistral/Qwen2 sliding-window attention span; the engine caps max_model_len to it, so full
-    # attention stays exact.
+    # Mistral/Qwen2/Phi-3 sliding-window attention span (Gemma 3: of its sliding layers); the
+    # engine caps max_model_len to it, so full attention stays exact.
     sliding_window: int | None = None
+    # Qwen3, Gemma 3: an RMSNorm over each head's query and key, before RoPE.
+    qk_norm: bool = False
+    # Phi-3/Phi-4 checkpoints store q/k/v as one qkv_proj and gate/up as one gate_up_proj.
+    checkpoint_fused: bool = False
+    # Gemma 3 (all four below): GeGLU, embeddings times sqrt(hidden_size), norms that scale by
+    # (1 + weight), and a second norm after attention and after the MLP ("sandwich" norms).
+    hidden_act: str = "silu"  # "silu" or "gelu_tanh"
+    scale_embeddings: bool = False
+    norm_unit_offset: bool = False
+    sandwich_norms: bool = False
+    # Gemma 3: attention scores scale by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5.
+    query_pre_attn_scalar: float | None = None
+    # Gemma 3: "sliding_attention" or "full_attention" per layer; sliding layers use RoPE base
+    # rope_local_theta without scaling (under the engine's cap both attend to every key).
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every LoRA-targetable linear layer."""

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 from loraplex.lora.modules import FUSED_LINEARS
+from loraplex.model.known_shapes import KNOWN_MODEL_SHAPES
 from loraplex.model.llama import LlamaModel, ModelConfig, rope_inv_freq
 
 # config.json "model_type" values we run, and the architecture class names that go with them.
@@ -73,6 +74,23 @@ def read_config(model_dir: Path) -> ModelConfig:
         rope_scaling=rope_scaling,
         sliding_window=sliding_window,
     )
+
+
+def plan_config(model: str) -> ModelConfig:
+    """A model's shape for `loraplex plan`, without its weights: a KNOWN_MODEL_SHAPES name, a
+    config.json file, or a checkpoint directory (or default model, pulled if need be)."""
+    # pull brings in gguf and tokenizers, which loading a model never needs
+    from loraplex.model.pull import DEFAULT_MODELS, resolve_model
+
+    if model in KNOWN_MODEL_SHAPES:
+        return ModelConfig(**KNOWN_MODEL_SHAPES[model])
+    path = Path(model).expanduser()
+    if path.is_file() and path.name == "config.json":
+        return read_config(path.parent)
+    if not path.is_dir() and model not in DEFAULT_MODELS:
+        raise ModelLoadError(f"{model!r} is neither a known model, a config.json nor a checkpoint "
+                             f"directory; known models: {', '.join(KNOWN_MODEL_SHAPES)}")
+    return read_config(resolve_model(model))
 
 
 def _our_name(name: str) -> str:
