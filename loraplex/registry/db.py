@@ -218,4 +218,63 @@ def m003_quotas_and_ledger(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS = [m001_initial, m002_base_model_access, m003_quotas_and_ledger]
+def m004_fine_tuning_api(conn: sqlite3.Connection) -> None:
+    """The OpenAI-style fine-tuning API: jobs with their events and checkpoints, webhook
+    endpoints and their deliveries, and whether a tenant's fine-tuned versions serve at once.
+
+    A job, event or checkpoint is one JSON object as the API shows it (`body`), beside the
+    columns it is looked up by; `seq` orders listings and their cursors (newest first)."""
+    conn.execute(
+        """CREATE TABLE fine_tuning_jobs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+    status TEXT NOT NULL,
+    body TEXT NOT NULL
+)"""
+    )
+    for table in ("fine_tuning_events", "fine_tuning_checkpoints"):
+        conn.execute(
+            f"""CREATE TABLE {table} (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    job_id TEXT NOT NULL REFERENCES fine_tuning_jobs (id),
+    body TEXT NOT NULL
+)"""
+        )
+        conn.execute(f"CREATE INDEX {table}_by_job ON {table} (job_id, seq)")
+    # The signing secret is kept as given out: an HMAC needs it (unlike API keys, it cannot be
+    # stored hashed); the registry file is readable by the server's user only.
+    conn.execute(
+        """CREATE TABLE webhook_endpoints (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+    signing_secret TEXT NOT NULL,
+    body TEXT NOT NULL
+)"""
+    )
+    conn.execute(
+        """CREATE TABLE webhook_deliveries (
+    seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints (id),
+    event_type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts INTEGER NOT NULL,
+    last_status_code INTEGER,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    finished_at TEXT
+)"""
+    )
+    conn.execute(
+        """CREATE TABLE fine_tuning_settings (
+    tenant_id INTEGER PRIMARY KEY REFERENCES tenants (id),
+    promote_new_versions INTEGER NOT NULL CHECK (promote_new_versions IN (0, 1))
+)"""
+    )
+
+
+MIGRATIONS = [m001_initial, m002_base_model_access, m003_quotas_and_ledger, m004_fine_tuning_api]

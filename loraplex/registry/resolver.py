@@ -34,6 +34,16 @@ class _CachedDeployment:
     versions: dict[int, tuple[int, Path]]  # version id -> (number, absolute artifact path)
 
 
+def split_pinned(model: str) -> tuple[str, int | None]:
+    """("support", 3) for "support:v3", a name pinned to one version whatever the split (what
+    a fine-tuning job reports as its model, and how an operator tries a version before moving
+    traffic); ("support", None) for a plain name. Names cannot hold ':', so this is unambiguous."""
+    name, colon, version = model.partition(":")
+    if colon and version[:1] == "v" and version[1:].isdigit():
+        return name, int(version[1:])
+    return model, None
+
+
 def bump_generation(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE generation SET value = value + 1 WHERE id = 1")
 
@@ -64,14 +74,22 @@ class Resolver:
         if generation != self._generation:
             self._cache.clear()
             self._generation = generation
-        key = (tenant_id, adapter_name)
-        deployment = self._cache.get(key) or self._load(conn, tenant_id, adapter_name)
+        name, pinned = split_pinned(adapter_name)
+        key = (tenant_id, name)
+        deployment = self._cache.get(key) or self._load(conn, tenant_id, name)
         if deployment is None:
             raise NotFound(f"adapter '{adapter_name}' does not exist")
         self._cache[key] = deployment
-        version_id = choose_version(deployment.split, user, salt=f"adapter-{deployment.adapter_id}")
+        if pinned is None:
+            version_id = choose_version(deployment.split, user,
+                                        salt=f"adapter-{deployment.adapter_id}")
+        else:
+            version_id = next((v for v, (number, _) in deployment.versions.items()
+                               if number == pinned), None)
+            if version_id is None:
+                raise NotFound(f"adapter '{adapter_name}' does not exist")
         number, artifact_path = deployment.versions[version_id]
-        return ResolvedVersion(version_id, number, artifact_path, adapter_name)
+        return ResolvedVersion(version_id, number, artifact_path, name)
 
     def _load(
         self, conn: sqlite3.Connection, tenant_id: int, adapter_name: str

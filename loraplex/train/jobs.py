@@ -1,7 +1,9 @@
 """Training jobs in the background, for the HTTP API: a queue, one worker process per job.
 
 Jobs run one at a time by default (`max_running`): training takes every core it is given, and
-two at once on a small machine would each run at half speed while also slowing serving. Each
+two at once on a small machine would each run at half speed while also slowing serving. The
+queue is fair across tenants: the next job is the oldest one of the tenant whose last job
+started longest ago, so a tenant's second job waits behind other tenants' first. Each
 job is a `python -m loraplex.train.worker` process; its JSON lines update the job's state here.
 Job states live in this process's memory: a server restart forgets finished jobs (their
 versions and training records are in the registry) and stops running ones, which then leave
@@ -16,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +48,7 @@ class TrainingJob:
     num_steps: int | None = None
     loss: float | None = None  # the last training step's
     version: str | None = None  # "v3" once succeeded
+    trained_tokens: int | None = None  # once succeeded
     error: str | None = None
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -57,6 +60,12 @@ class TrainingJob:
         return data
 
 
+# listener(job, event): the worker's events ("progress", "checkpoint") as it sends them, then
+# {"event": "running"} when a job starts and {"event": "finished"} once its state is final.
+# Called on a training thread, never with the queue's lock held.
+Listener = Callable[[TrainingJob, dict], None]
+
+
 class TrainingJobs:
     """Start, list, inspect and cancel training jobs; `close()` stops the running one."""
 
@@ -64,7 +73,10 @@ class TrainingJobs:
         self.home = Path(home)
         self.model = model  # the server's base model: adapters are trained for what it serves
         self._jobs: dict[str, TrainingJob] = {}
-        self._queue: deque[str] = deque()
+        self._queue: list[str] = []  # in arrival order; _next_job() chooses among them
+        self._listeners: dict[str, Listener] = {}
+        self._last_started: dict[str, int] = {}  # tenant -> how many jobs had started then
+        self._num_started = 0
         self._processes: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -74,15 +86,18 @@ class TrainingJobs:
         for worker in self._workers:
             worker.start()
 
-    def start(self, tenant: str, *, dataset: str, adapter: str, actor: str, **options
+    def start(self, tenant: str, *, dataset: str, adapter: str, actor: str,
+              job_id: str | None = None, listener: Listener | None = None, **options
               ) -> TrainingJob:
-        job = TrainingJob(id=f"train-{uuid.uuid4().hex[:12]}", tenant=tenant, adapter=adapter,
-                          dataset=dataset, options=options, created_by=actor)
+        job = TrainingJob(id=job_id or f"train-{uuid.uuid4().hex[:12]}", tenant=tenant,
+                          adapter=adapter, dataset=dataset, options=options, created_by=actor)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the training queue is shut down")
             self._jobs[job.id] = job
             self._queue.append(job.id)
+            if listener is not None:
+                self._listeners[job.id] = listener
             self._forget_old_jobs()
             self._wake.notify()
         return job
@@ -104,10 +119,13 @@ class TrainingJobs:
         """Cancel a queued or running job (a finished one is left as it is)."""
         job = self.get(job_id, tenant)
         with self._lock:
-            if job.state == QUEUED:
+            was_queued = job.state == QUEUED
+            if was_queued:
                 self._queue.remove(job.id)
                 self._finish(job, CANCELLED, error="cancelled before it started")
             process = self._processes.get(job.id)
+        if was_queued:
+            self._notify(job, {"event": "finished"})
         if process is not None:
             process.send_signal(signal.SIGTERM)  # the trainer unwinds and registers nothing
         return job
@@ -127,11 +145,14 @@ class TrainingJobs:
         """Cancel queued jobs and stop running ones (their worker processes get SIGTERM)."""
         with self._lock:
             self._closed = True
-            for job_id in list(self._queue):
-                self._finish(self._jobs[job_id], CANCELLED, error="the server shut down")
+            dropped = [self._jobs[job_id] for job_id in self._queue]
+            for job in dropped:
+                self._finish(job, CANCELLED, error="the server shut down")
             self._queue.clear()
             processes = list(self._processes.values())
             self._wake.notify_all()
+        for job in dropped:
+            self._notify(job, {"event": "finished"})
         for process in processes:
             process.send_signal(signal.SIGTERM)
         for worker in self._workers:
@@ -145,15 +166,34 @@ class TrainingJobs:
                     self._wake.wait()
                 if self._closed:
                     return
-                job = self._jobs[self._queue.popleft()]
+                job = self._next_job()
                 job.state, job.started_at = RUNNING, time.time()
                 process = self._spawn(job)
                 self._processes[job.id] = process
+            self._notify(job, {"event": "running"})
             try:
                 self._follow(job, process)
             finally:
                 with self._lock:
                     self._processes.pop(job.id, None)
+                self._notify(job, {"event": "finished"})
+
+    def _next_job(self) -> TrainingJob:
+        """Take the queue's next job: the oldest of the tenant served longest ago (a tenant
+        never served first). Call with the lock held and the queue not empty."""
+        def turn(index: int) -> tuple[int, int]:
+            return self._last_started.get(self._jobs[self._queue[index]].tenant, -1), index
+
+        job = self._jobs[self._queue.pop(min(range(len(self._queue)), key=turn))]
+        self._last_started[job.tenant] = self._num_started
+        self._num_started += 1
+        return job
+
+    def _notify(self, job: TrainingJob, event: dict) -> None:
+        finished = event["event"] == "finished"  # the job's last event: forget its listener
+        listener = (self._listeners.pop if finished else self._listeners.get)(job.id, None)
+        if listener is not None:
+            listener(job, event)
 
     def _spawn(self, job: TrainingJob) -> subprocess.Popen:
         request = {"home": str(self.home), "tenant": job.tenant, "dataset": job.dataset,
@@ -181,10 +221,12 @@ class TrainingJobs:
                     self._wake.notify_all()
                 elif event.get("event") in ("done", "error"):
                     outcome = event
+            if event.get("event") in ("progress", "checkpoint"):
+                self._notify(job, event)
         code = process.wait()
         with self._lock:
             if outcome is not None and outcome["event"] == "done":
-                job.version = outcome["label"]
+                job.version, job.trained_tokens = outcome["label"], outcome["trained_tokens"]
                 self._finish(job, SUCCEEDED)
             # SIGTERM (cancel, shutdown) ends a worker by its own message or, before its signal
             # handler was set, by the signal itself.

@@ -40,6 +40,9 @@ MAX_LENGTH = 1024  # tokens per example; longer conversations are cut
 # on_progress(phase, step, num_steps, loss): phases "loading", "training", "evaluating",
 # "registering"; loss is the last training step's (None before the first step).
 ProgressCallback = Callable[[str, int, int, float | None], None]
+# on_checkpoint(step, train_loss, eval_loss) at the end of each epoch and at the last step;
+# eval_loss is None without held-out examples.
+CheckpointCallback = Callable[[int, float, float | None], None]
 
 
 def train_adapter(
@@ -62,14 +65,21 @@ def train_adapter(
     promote: bool = False,
     progress: bool = True,
     eval_fraction: float = 0.1,
+    eval_dataset: str | None = None,
+    init_adapter: str | None = None,
     on_progress: ProgressCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> Version:
     """Train a LoRA on the tenant's `dataset` (latest version unless dataset_version) and push
     it as the next version of its adapter `adapter`, with a training record.
 
     max_steps, when given, is the number of optimizer steps, cycling through the data as often
     as needed (epochs is then ignored). `model` is a default model name or a checkpoint dir.
-    The new version serves only if promote=True (or if it is the adapter's first version).
+    The held-out examples are `eval_dataset` (another of the tenant's datasets, latest
+    version) when given, else an `eval_fraction` of `dataset`. `init_adapter`, a PEFT adapter
+    directory, continues training that adapter (its rank, alpha and targets replace the
+    arguments). The new version serves only if promote=True (or if it is the adapter's first
+    version).
     """
     check_name("adapter", adapter)
     check_hyperparameters(rank, alpha, targets, epochs, max_steps, lr, batch_size, eval_fraction)
@@ -77,12 +87,18 @@ def train_adapter(
     with Vault(home) as vault:  # fail on a missing tenant or dataset before loading a model
         dataset_info = vault.get(tenant, dataset, dataset_version)
         records = vault.read(tenant, dataset, dataset_info.number)
+        eval_records = None if eval_dataset is None else vault.read(tenant, eval_dataset)
     model_dir = resolve_model(model)
-    examples = build_examples(Tokenizer(model_dir), records, MAX_LENGTH)
-    train_indices, eval_indices = split(len(examples), eval_fraction, seed)
-    train_set = [examples[i] for i in train_indices]
-    eval_set = [examples[i] for i in eval_indices]
-    num_steps = max_steps or epochs * math.ceil(len(train_set) / batch_size)
+    tokenizer = Tokenizer(model_dir)
+    examples = build_examples(tokenizer, records, MAX_LENGTH)
+    if eval_records is None:
+        train_indices, eval_indices = split(len(examples), eval_fraction, seed)
+        train_set = [examples[i] for i in train_indices]
+        eval_set = [examples[i] for i in eval_indices]
+    else:
+        train_set, eval_set = examples, build_examples(tokenizer, eval_records, MAX_LENGTH)
+    steps_per_epoch = math.ceil(len(train_set) / batch_size)
+    num_steps = max_steps or epochs * steps_per_epoch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     started = time.monotonic()
@@ -91,16 +107,29 @@ def train_adapter(
     with _sigterm_raises_keyboard_interrupt(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         report("loading", 0, num_steps, None)
-        peft_model = _lora_model(model_dir, rank, alpha, targets, seed).to(device)
+        peft_model = _lora_model(model_dir, rank, alpha, targets, seed, init_adapter)
+        peft_model = peft_model.to(device)
+        if init_adapter is not None:  # what the record says must be what was trained
+            lora = peft_model.peft_config["default"]
+            rank, alpha, targets = lora.r, lora.lora_alpha, sorted(lora.target_modules)
         report("evaluating", 0, num_steps, None)
         eval_before = _eval_loss(peft_model, eval_set, batch_size, device)
-        train_losses = _train(peft_model, train_set, num_steps, lr, batch_size, seed, device,
-                              progress, report)
+
+        def at_step(step: int, loss: float) -> None:
+            """A checkpoint's metrics at each epoch's end and at the last step."""
+            if on_checkpoint and (step % steps_per_epoch == 0 or step == num_steps):
+                on_checkpoint(step, loss, _eval_loss(peft_model, eval_set, batch_size, device))
+                peft_model.train()
+
+        train_losses, trained_tokens = _train(peft_model, train_set, num_steps, lr, batch_size,
+                                              seed, device, progress, report, at_step)
         report("evaluating", num_steps, num_steps, train_losses[-1])
         eval_after = _eval_loss(peft_model, eval_set, batch_size, device)
         record = {
             "dataset": {"name": dataset, "version": dataset_info.label,
                         "sha256": dataset_info.sha256, "records": dataset_info.num_records},
+            "eval_dataset": eval_dataset,
+            "continued_from": init_adapter is not None,
             "base_model": model,
             "hyperparameters": {
                 "rank": rank, "alpha": alpha, "targets": list(targets), "epochs": epochs,
@@ -110,6 +139,7 @@ def train_adapter(
             "num_train_examples": len(train_set),
             "num_eval_examples": len(eval_set),
             "steps": num_steps,
+            "trained_tokens": trained_tokens,  # every token of every training batch
             "train_losses": train_losses,  # one per step
             "eval_loss_before": eval_before,  # the base model's: LoRA starts as a no-op
             "eval_loss_after": eval_after,
@@ -144,15 +174,18 @@ def check_hyperparameters(rank, alpha, targets, epochs, max_steps, lr, batch_siz
             raise TrainingError(message)
 
 
-def _lora_model(model_dir: Path, rank: int, alpha: float, targets: Sequence[str], seed: int):
+def _lora_model(model_dir: Path, rank: int, alpha: float, targets: Sequence[str], seed: int,
+                init_adapter: str | None = None):
     import transformers
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     # Our own progress bar says what is happening; transformers' weight-loading bar would only
     # interleave with it.
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if init_adapter is not None:
+        return PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # LoRA's A matrices are drawn here (B starts at zero)
@@ -160,13 +193,13 @@ def _lora_model(model_dir: Path, rank: int, alpha: float, targets: Sequence[str]
 
 
 def _train(model, train_set: list[Example], num_steps: int, lr: float, batch_size: int,
-           seed: int, device: torch.device, progress: bool,
-           report: ProgressCallback) -> list[float]:
-    """Run num_steps AdamW steps; returns the loss of each step."""
+           seed: int, device: torch.device, progress: bool, report: ProgressCallback,
+           at_step: Callable[[int, float], None]) -> tuple[list[float], int]:
+    """Run num_steps AdamW steps; returns the loss of each step and the tokens trained on."""
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    losses = []
+    losses, trained_tokens = [], 0
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
@@ -179,10 +212,12 @@ def _train(model, train_set: list[Example], num_steps: int, lr: float, batch_siz
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             losses.append(round(loss.item(), 4))
+            trained_tokens += int(batch["attention_mask"].sum())
             bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
             report("training", len(losses), num_steps, losses[-1])
+            at_step(len(losses), losses[-1])
     model.eval()
-    return losses
+    return losses, trained_tokens
 
 
 def _batches(examples: list[Example], batch_size: int, seed: int, num_steps: int

@@ -1,8 +1,10 @@
 """One training job in its own process: `python -m loraplex.train.worker` (started by jobs.py).
 
 Reads the job as one JSON object on stdin, trains, and reports on stdout as JSON lines:
-{"event": "progress", "phase", "step", "num_steps", "loss"} while it runs, then exactly one
-{"event": "done", "version": N, "label": "vN"} or {"event": "error", "message": "..."}.
+{"event": "progress", "phase", "step", "num_steps", "loss"} while it runs, and
+{"event": "checkpoint", "step", "train_loss", "eval_loss"} at each epoch's end, then exactly one
+{"event": "done", "version": N, "label": "vN", "trained_tokens": T} or
+{"event": "error", "message": "..."}.
 A process of its own keeps the server's event loop and engine free of training work, lets a
 job be cancelled with SIGTERM (the trainer then unwinds and registers nothing), and keeps a
 crash in training from touching the server.
@@ -29,9 +31,13 @@ def main() -> int:
         emit({"event": "progress", "phase": phase, "step": step, "num_steps": num_steps,
               "loss": loss})
 
+    def on_checkpoint(step: int, train_loss: float, eval_loss: float | None) -> None:
+        emit({"event": "checkpoint", "step": step, "train_loss": train_loss,
+              "eval_loss": eval_loss})
+
     try:
         version = train_adapter(Path(job.pop("home")), job.pop("tenant"), **job, progress=False,
-                                on_progress=on_progress)
+                                on_progress=on_progress, on_checkpoint=on_checkpoint)
     except (ValueError, OSError, PullError) as e:  # each carries a clear message
         emit({"event": "error", "message": str(e)})
         return 1
@@ -42,7 +48,8 @@ def main() -> int:
         traceback.print_exc()
         emit({"event": "error", "message": f"internal error: {type(e).__name__}: {e}"})
         return 1
-    emit({"event": "done", "version": version.number, "label": version.label})
+    emit({"event": "done", "version": version.number, "label": version.label,
+          "trained_tokens": version.training_record["trained_tokens"]})
     return 0
 
 

@@ -12,9 +12,10 @@ from loraplex.vault.errors import (
     VaultError,
 )
 from loraplex.vault.records import as_messages, parse_jsonl
-from loraplex.vault.store import DatasetVersion, Vault
+from loraplex.vault.store import DatasetFile, DatasetVersion, Vault
 
 __all__ = [
+    "DatasetFile",
     "DatasetNotFound",
     "DatasetVersion",
     "IntegrityError",

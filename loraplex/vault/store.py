@@ -2,9 +2,18 @@
 
 Layout under `<home>/vault/`:
     master.key                                   unless LORAPLEX_MASTER_KEY is set
-    vault.sqlite3                                index: wrapped data keys, dataset versions
+    vault.sqlite3                                index: wrapped keys, dataset versions, files
     tenants/<tenant>/<dataset>/v<N>.enc          nonce + AES-GCM ciphertext of the JSONL file
 (Tenant dirs live under tenants/ so no tenant name can collide with the index or the key.)
+
+Keys: each dataset version is encrypted under a key of its own, stored wrapped by the tenant's
+data key, which is stored wrapped by the master key. Deleting a dataset deletes its versions'
+keys, and deleting a tenant's vault its data key: either way the ciphertexts, and any copy of
+them in a backup, can no longer be read (crypto-shredding). Versions stored before per-version
+keys existed are encrypted under the tenant's data key itself, and still read.
+
+Files (the OpenAI files API, `add_file`): a dataset named by the file's id, with the name the
+client uploaded it under and its purpose.
 
 Plaintext exists only in memory: uploads are validated and encrypted from bytes, and read()
 decrypts into bytes and parses them. Every method names its tenant, and files are found from
@@ -15,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,6 +65,20 @@ _SCHEMA = [
     created_by TEXT NOT NULL,
     PRIMARY KEY (tenant, name, number)
 )""",
+    """CREATE TABLE IF NOT EXISTS dataset_keys (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    wrapped_key BLOB NOT NULL,
+    PRIMARY KEY (tenant, name, number)
+)""",
+    """CREATE TABLE IF NOT EXISTS dataset_files (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+)""",
     """CREATE TRIGGER IF NOT EXISTS dataset_versions_are_immutable
 BEFORE UPDATE ON dataset_versions
 BEGIN
@@ -76,6 +101,17 @@ class DatasetVersion:
     @property
     def label(self) -> str:
         return f"v{self.number}"
+
+
+@dataclass(frozen=True)
+class DatasetFile:
+    """A dataset uploaded through the files API: its version 1 under the name `id`."""
+
+    id: str  # "file-" and 24 hex digits
+    filename: str  # as the client named it
+    purpose: str
+    created_at: int  # Unix seconds, as the API shows it
+    dataset: DatasetVersion
 
 
 class Vault:
@@ -122,32 +158,47 @@ class Vault:
         dataset `name`. `source` is the file's bytes, or (for the CLI, never for a client's
         request) a path to read."""
         check_name("dataset", name)
-        self._registry.get_tenant(tenant)  # raises NotFound
         data = source if isinstance(source, bytes) else _read_at_most(
             Path(source), self.max_dataset_bytes + 1)
-        if len(data) > self.max_dataset_bytes:
-            raise InvalidDataset(
-                f"dataset too large: over {self.max_dataset_bytes} bytes (the limit)")
-        records = parse_jsonl(data)
+        records = self._check_upload(tenant, data)
         with self._change() as conn:
-            key = self._data_key(conn, tenant, create=True)
-            (number,) = conn.execute(
-                "SELECT COALESCE(MAX(number), 0) + 1 FROM dataset_versions"
-                " WHERE tenant = ? AND name = ?", (tenant, name)).fetchone()
-            version = DatasetVersion(tenant, name, number, hashlib.sha256(data).hexdigest(),
-                                     len(records), len(data), now(), actor)
-            _write_private(self._path(version),
-                           crypto.encrypt(key, data, _dataset_aad(tenant, name, number)))
-            conn.execute(
-                "INSERT INTO dataset_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (tenant, name, number, version.sha256, version.num_records,
-                 version.size_bytes, version.created_at, actor))
-            # Inside the transaction: if the audit entry cannot be written, nothing is stored.
-            self._registry.record_audit(
-                actor, "data.add", f"{tenant}/{name}",
-                {"version": version.label, "sha256": version.sha256, "records": len(records)},
-                tenant=tenant)
-        return version
+            return self._store(conn, tenant, name, data, len(records), actor)
+
+    def add_file(self, tenant: str, filename: str, purpose: str, data: bytes, *, actor: str
+                 ) -> DatasetFile:
+        """Validate and store an uploaded file as a new dataset named by a fresh file id."""
+        records = self._check_upload(tenant, data)
+        file_id = f"file-{secrets.token_hex(12)}"
+        with self._change() as conn:
+            version = self._store(conn, tenant, file_id, data, len(records), actor)
+            created_at = int(time.time())
+            conn.execute("INSERT INTO dataset_files VALUES (?, ?, ?, ?, ?)",
+                         (file_id, tenant, filename, purpose, created_at))
+        return DatasetFile(file_id, filename, purpose, created_at, version)
+
+    def list_files(self, tenant: str) -> list[DatasetFile]:
+        """The tenant's uploaded files, newest first."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT * FROM dataset_files WHERE tenant = ?"
+                                " ORDER BY created_at DESC, rowid DESC", (tenant,)).fetchall()
+            return [self._file(conn, row) for row in rows]
+
+    def get_file(self, tenant: str, file_id: str) -> DatasetFile:
+        """The file; DatasetNotFound also when it is another tenant's."""
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM dataset_files WHERE id = ? AND tenant = ?",
+                               (file_id, tenant)).fetchone()
+            if row is None:
+                raise DatasetNotFound(f"No such File object: {file_id}")
+            return self._file(conn, row)
+
+    def remove_file(self, tenant: str, file_id: str, *, actor: str) -> None:
+        """Delete the file: its key, its ciphertext and its index rows (crypto-shredded)."""
+        self.get_file(tenant, file_id)
+        with self._change() as conn:
+            conn.execute("DELETE FROM dataset_files WHERE id = ? AND tenant = ?",
+                         (file_id, tenant))
+            self._remove(conn, tenant, file_id, actor)
 
     def list(self, tenant: str) -> list[DatasetVersion]:
         """Every version of every dataset of the tenant, by name then version."""
@@ -165,9 +216,13 @@ class Vault:
 
     def read(self, tenant: str, name: str, version: int | None = None) -> list[dict]:
         """The records of a dataset version (the latest by default), decrypted in memory."""
+        return parse_jsonl(self.read_bytes(tenant, name, version))
+
+    def read_bytes(self, tenant: str, name: str, version: int | None = None) -> bytes:
+        """A dataset version's file as uploaded, decrypted in memory and checked."""
         with self._read() as conn:
             dataset = self._get(conn, tenant, name, version)
-            key = self._data_key(conn, tenant, create=False)
+            key = self._version_key(conn, dataset)
         where = f"dataset '{name}' {dataset.label} of tenant '{tenant}'"
         try:
             sealed = self._path(dataset).read_bytes()
@@ -178,7 +233,7 @@ class Vault:
             raise IntegrityError(
                 f"{where} fails its integrity check: the file was modified, corrupted, or "
                 "moved here from elsewhere")
-        return parse_jsonl(data)
+        return data
 
     def remove(self, tenant: str, name: str, *, actor: str) -> list[DatasetVersion]:
         """Delete every version of a dataset, files included; returns what was deleted.
@@ -187,20 +242,7 @@ class Vault:
         keep each version's sha256, so they still say exactly which data they used).
         """
         with self._change() as conn:
-            rows = conn.execute(
-                "SELECT * FROM dataset_versions WHERE tenant = ? AND name = ? ORDER BY number",
-                (tenant, name)).fetchall()
-            if not rows:
-                raise DatasetNotFound(f"tenant '{tenant}' has no dataset '{name}'")
-            conn.execute("DELETE FROM dataset_versions WHERE tenant = ? AND name = ?",
-                         (tenant, name))
-            # Files go before the commit: if deleting them fails, the index keeps the rows.
-            _remove_tree(self.dir / TENANTS_DIR / tenant / name)
-            versions = [_version(row) for row in rows]
-            self._registry.record_audit(
-                actor, "data.rm", f"{tenant}/{name}",
-                {"versions": [v.label for v in versions]}, tenant=tenant)
-        return versions
+            return self._remove(conn, tenant, name, actor)
 
     def delete_tenant_vault(self, tenant: str, *, actor: str) -> None:
         """Crypto-shred all the tenant's data: destroy its data key, then its files and index.
@@ -213,7 +255,8 @@ class Vault:
             conn.execute("DELETE FROM data_keys WHERE tenant = ?", (tenant,))
             self._registry.record_audit(actor, "vault.delete", tenant, {}, tenant=tenant)
         with self._change() as conn:
-            conn.execute("DELETE FROM dataset_versions WHERE tenant = ?", (tenant,))
+            for table in ("dataset_keys", "dataset_files", "dataset_versions"):
+                conn.execute(f"DELETE FROM {table} WHERE tenant = ?", (tenant,))
             _remove_tree(self.dir / TENANTS_DIR / tenant)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -227,6 +270,75 @@ class Vault:
     def _change(self) -> Iterator[sqlite3.Connection]:
         with self._lock, transaction(self._conn):
             yield self._conn
+
+    def _check_upload(self, tenant: str, data: bytes) -> list[dict]:
+        """The upload's records, once the tenant exists and the data is a valid dataset."""
+        self._registry.get_tenant(tenant)  # raises NotFound
+        if len(data) > self.max_dataset_bytes:
+            raise InvalidDataset(
+                f"dataset too large: over {self.max_dataset_bytes} bytes (the limit)")
+        return parse_jsonl(data)
+
+    def _store(self, conn: sqlite3.Connection, tenant: str, name: str, data: bytes,
+               num_records: int, actor: str) -> DatasetVersion:
+        """Encrypt `data` as the next version of the dataset, under a key of its own."""
+        tenant_key = self._data_key(conn, tenant, create=True)
+        (number,) = conn.execute(
+            "SELECT COALESCE(MAX(number), 0) + 1 FROM dataset_versions"
+            " WHERE tenant = ? AND name = ?", (tenant, name)).fetchone()
+        version = DatasetVersion(tenant, name, number, hashlib.sha256(data).hexdigest(),
+                                 num_records, len(data), now(), actor)
+        key, aad = crypto.new_key(), _dataset_aad(tenant, name, number)
+        _write_private(self._path(version), crypto.encrypt(key, data, aad))
+        conn.execute("INSERT INTO dataset_keys VALUES (?, ?, ?, ?)",
+                     (tenant, name, number, crypto.encrypt(tenant_key, key, b"key:" + aad)))
+        conn.execute(
+            "INSERT INTO dataset_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (tenant, name, number, version.sha256, version.num_records,
+             version.size_bytes, version.created_at, actor))
+        # Inside the transaction: if the audit entry cannot be written, nothing is stored.
+        self._registry.record_audit(
+            actor, "data.add", f"{tenant}/{name}",
+            {"version": version.label, "sha256": version.sha256, "records": num_records},
+            tenant=tenant)
+        return version
+
+    def _remove(self, conn: sqlite3.Connection, tenant: str, name: str, actor: str
+                ) -> list[DatasetVersion]:
+        rows = conn.execute(
+            "SELECT * FROM dataset_versions WHERE tenant = ? AND name = ? ORDER BY number",
+            (tenant, name)).fetchall()
+        if not rows:
+            raise DatasetNotFound(f"tenant '{tenant}' has no dataset '{name}'")
+        for table in ("dataset_keys", "dataset_versions"):
+            conn.execute(f"DELETE FROM {table} WHERE tenant = ? AND name = ?", (tenant, name))
+        # Files go before the commit: if deleting them fails, the index keeps the rows.
+        _remove_tree(self.dir / TENANTS_DIR / tenant / name)
+        versions = [_version(row) for row in rows]
+        self._registry.record_audit(
+            actor, "data.rm", f"{tenant}/{name}",
+            {"versions": [v.label for v in versions]}, tenant=tenant)
+        return versions
+
+    def _version_key(self, conn: sqlite3.Connection, dataset: DatasetVersion) -> bytes:
+        """The key a version was encrypted under (the tenant's own, for older versions)."""
+        tenant_key = self._data_key(conn, dataset.tenant, create=False)
+        row = conn.execute("SELECT wrapped_key FROM dataset_keys WHERE tenant = ? AND name = ?"
+                           " AND number = ?", (dataset.tenant, dataset.name, dataset.number)
+                           ).fetchone()
+        if row is None:
+            return tenant_key
+        aad = _dataset_aad(dataset.tenant, dataset.name, dataset.number)
+        key = crypto.decrypt(tenant_key, row["wrapped_key"], b"key:" + aad)
+        if key is None:
+            raise IntegrityError(f"dataset '{dataset.name}' {dataset.label} of tenant "
+                                 f"'{dataset.tenant}': its key fails its integrity check")
+        return key
+
+    def _file(self, conn: sqlite3.Connection, row: sqlite3.Row) -> DatasetFile:
+        version = self._get(conn, row["tenant"], row["id"], 1)
+        return DatasetFile(row["id"], row["filename"], row["purpose"], row["created_at"],
+                           version)
 
     def _get(self, conn: sqlite3.Connection, tenant: str, name: str, number: int | None
              ) -> DatasetVersion:

@@ -182,6 +182,91 @@ END""",
     ),
 ]
 
+# What m004_fine_tuning_api adds.
+M004_SCHEMA = [
+    (
+        "table",
+        "fine_tuning_checkpoints",
+        """CREATE TABLE fine_tuning_checkpoints (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    job_id TEXT NOT NULL REFERENCES fine_tuning_jobs (id),
+    body TEXT NOT NULL
+)""",
+    ),
+    (
+        "index",
+        "fine_tuning_checkpoints_by_job",
+        """CREATE INDEX fine_tuning_checkpoints_by_job ON fine_tuning_checkpoints (job_id, seq)""",
+    ),
+    (
+        "table",
+        "fine_tuning_events",
+        """CREATE TABLE fine_tuning_events (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    job_id TEXT NOT NULL REFERENCES fine_tuning_jobs (id),
+    body TEXT NOT NULL
+)""",
+    ),
+    (
+        "index",
+        "fine_tuning_events_by_job",
+        """CREATE INDEX fine_tuning_events_by_job ON fine_tuning_events (job_id, seq)""",
+    ),
+    (
+        "table",
+        "fine_tuning_jobs",
+        """CREATE TABLE fine_tuning_jobs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+    status TEXT NOT NULL,
+    body TEXT NOT NULL
+)""",
+    ),
+    (
+        "table",
+        "fine_tuning_settings",
+        """CREATE TABLE fine_tuning_settings (
+    tenant_id INTEGER PRIMARY KEY REFERENCES tenants (id),
+    promote_new_versions INTEGER NOT NULL CHECK (promote_new_versions IN (0, 1))
+)""",
+    ),
+    ("index", "sqlite_autoindex_fine_tuning_checkpoints_1", None),
+    ("index", "sqlite_autoindex_fine_tuning_events_1", None),
+    ("index", "sqlite_autoindex_fine_tuning_jobs_1", None),
+    ("index", "sqlite_autoindex_webhook_endpoints_1", None),
+    (
+        "table",
+        "webhook_deliveries",
+        """CREATE TABLE webhook_deliveries (
+    seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints (id),
+    event_type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts INTEGER NOT NULL,
+    last_status_code INTEGER,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    finished_at TEXT
+)""",
+    ),
+    (
+        "table",
+        "webhook_endpoints",
+        """CREATE TABLE webhook_endpoints (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+    signing_secret TEXT NOT NULL,
+    body TEXT NOT NULL
+)""",
+    ),
+]
+
 
 def schema(conn: sqlite3.Connection) -> list[tuple]:
     rows = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name")
@@ -195,7 +280,7 @@ def applied(conn: sqlite3.Connection) -> list[tuple]:
 def test_schema_is_exactly_the_expected_one(tmp_path):
     conn = connect(tmp_path)
     assert (tmp_path / DB_FILE).is_file()
-    assert schema(conn) == EXPECTED_SCHEMA
+    assert schema(conn) == sorted(EXPECTED_SCHEMA + M004_SCHEMA, key=lambda row: row[1])
     assert [name for name, _ in applied(conn)] == [m.__name__ for m in db.MIGRATIONS]
 
 

@@ -35,6 +35,19 @@ def test_resolve_follows_the_split(registry, acme, push):
     assert chosen == {u: registry.resolve(acme.id, "bot", f"user-{u}").version_id for u in chosen}
 
 
+def test_a_pinned_name_resolves_its_version_whatever_the_split(registry, acme, push):
+    v1, v2 = push(seed=1), push(seed=2)  # v1 serves: v2 was not promoted
+    assert registry.resolve(acme.id, "bot", "user-1").version_id == v1.id
+    pinned = registry.resolve(acme.id, "bot:v2", "user-1")
+    assert (pinned.version_id, pinned.number, pinned.adapter_name) == (v2.id, 2, "bot")
+    beta = registry.create_tenant("beta", actor="operator")
+    for name in ("bot:v3", "bot:v0", "nope:v1"):
+        with pytest.raises(NotFound, match="does not exist"):
+            registry.resolve(acme.id, name, "user-1")
+    with pytest.raises(NotFound):  # another tenant's version, even pinned
+        registry.resolve(beta.id, "bot:v1", "user-1")
+
+
 def test_changes_are_seen_at_once(registry, acme, push):
     push(seed=1)
     v2 = push(seed=2)
