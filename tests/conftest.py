@@ -161,7 +161,8 @@ def make_peft_adapter(
     config = LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
-        target_modules=list(target_modules),
+        # a str is PEFT's regex form, e.g. to keep to a multimodal model's language model
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         use_rslora=use_rslora,
         init_lora_weights=False,
         **extra,

@@ -112,6 +112,18 @@ def test_base_params_match_transformers(model_type, tied, tmp_path):
     assert p.base_weight_bytes == 2 * expected
 
 
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma3", "gemma3-multimodal"])
+def test_base_params_of_other_families_match_transformers(family, tmp_path):
+    from tests.model.test_families import _config
+
+    hf = _config(family)
+    model = meta_model(hf)
+    if family == "gemma3-multimodal":  # planned as its language model (its lm_head is tied)
+        model = model.model.language_model
+    expected = sum(param.numel() for param in model.parameters())
+    assert plan(loraplex_config(hf, tmp_path), memory_bytes=4 * GiB).num_base_params == expected
+
+
 def test_smollm2_base_params_match_transformers():
     expected = sum(param.numel() for param in meta_model(smollm2_hf_config()).parameters())
     assert plan().num_base_params == expected == 134_515_008

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from loraplex.lora.modules import ATTENTION_MODULES, TARGET_MODULES
+from loraplex.lora.modules import ATTENTION_MODULES, FUSED_ADAPTER_MODULES, TARGET_MODULES
 from loraplex.lora.packed import cache_file, read_packed, write_packed
 
 CONFIG_FILE = "adapter_config.json"
@@ -26,8 +26,14 @@ PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 
 # base_model.model.<module path>.lora_A[.<adapter name>].weight; some tools keep the adapter name.
 _KEY_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight")
-# The module paths a llama LoRA may touch, e.g. model.layers.3.self_attn.q_proj.
-_MODULE_RE = re.compile(r"model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\.(?P<name>\w+)")
+# The module paths a llama LoRA may touch, e.g. model.layers.3.self_attn.q_proj; in a Gemma 3
+# multimodal wrapper the language model's layers are under model.language_model (PEFT on
+# transformers 5) or language_model.model (earlier). Its vision tower's modules never match.
+_MODULE_RE = re.compile(r"(?:model\.(?:language_model\.)?|language_model\.model\.)layers\."
+                        r"(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\.(?P<name>\w+)")
+# Every module name an adapter may target, and the decoder-layer part that holds it.
+_PARENTS = {name: "self_attn" if name in ATTENTION_MODULES else "mlp" for name in TARGET_MODULES}
+_PARENTS.update(qkv_proj="self_attn", gate_up_proj="mlp")
 
 # Config options that change the adapter's math; serving them as plain LoRA would be silently wrong.
 _UNSUPPORTED_OPTIONS = {
@@ -120,44 +126,62 @@ def _load(
     weights = {}
     for (layer, name), (module_key, a, b) in sorted(pairs.items()):
         where = module_key.removeprefix("model.")  # e.g. layers.3.self_attn.q_proj
-        if name not in module_shapes:
-            raise _error(path, f"{where} targets {name}, which the base model does not have")
-        in_features, out_features = module_shapes[name]
-        rank = a.shape[0]
-        if a.shape[1] != in_features:
-            raise _error(
-                path,
-                f"lora_A for {where} has shape {tuple(a.shape)} "
-                f"but the base model's {name} takes {in_features} inputs",
-            )
-        if b.shape[0] != out_features:
-            raise _error(
-                path,
-                f"lora_B for {where} has shape {tuple(b.shape)} "
-                f"but the base model's {name} has {out_features} outputs",
-            )
-        if b.shape[1] != rank:
-            raise _error(
-                path,
-                f"rank mismatch in {where}: lora_A has shape {tuple(a.shape)}, "
-                f"lora_B has shape {tuple(b.shape)}",
-            )
-        expected_rank = _pattern_value(config["rank_pattern"], module_key, config["r"])
-        if rank != expected_rank:
-            raise _error(path, f"{where} has rank {rank} but {CONFIG_FILE} says r={expected_rank}")
-        if rank > max_rank:
-            raise _error(
-                path,
-                f"{where} has rank {rank}, above the configured max_rank {max_rank}; "
-                f"raise max_rank to at least {rank} to serve it",
-            )
+        parts = FUSED_ADAPTER_MODULES.get(name, (name,))  # a fused qkv_proj holds q, k and v
+        for part in parts:
+            if part not in module_shapes:
+                raise _error(path, f"{where} targets {part}, which the base model does not have")
+        out_sizes = [module_shapes[part][1] for part in parts]
+        rank = _check_pair(path, config, where, module_key, a, b,
+                           (module_shapes[parts[0]][0], sum(out_sizes)), max_rank)
         alpha = _pattern_value(config["alpha_pattern"], module_key, config["lora_alpha"])
         scaling = alpha / math.sqrt(rank) if config["use_rslora"] else alpha / rank
         # Fold the scaling in float32 so a bf16 result is rounded once, not twice.
-        weights[(layer, name)] = (a.to(dtype), (b.float() * scaling).to(dtype))
+        b_scaled = (b.float() * scaling).to(dtype)
+        for part, b_part in zip(parts, b_scaled.split(out_sizes), strict=True):
+            if (layer, part) in weights:
+                raise _error(path, f"{where}: layer {layer}'s {part} is adapted twice (by a "
+                                   "fused module and by itself)")
+            weights[(layer, part)] = (a.to(dtype), b_part)
     if not weights:
         raise _error(path, f"{WEIGHTS_FILE} holds no LoRA tensors")
     return _stack(path, weights, num_layers, module_shapes, dtype)
+
+
+def _check_pair(path: Path, config: dict, where: str, module_key: str, a: torch.Tensor,
+                b: torch.Tensor, shape: tuple[int, int], max_rank: int) -> int:
+    """Check one module's lora_A [r, in] and lora_B [out, r] against the base's (in, out) and
+    the adapter's config; returns r."""
+    in_features, out_features = shape
+    name = where.rsplit(".", 1)[-1]
+    rank = a.shape[0]
+    if a.shape[1] != in_features:
+        raise _error(
+            path,
+            f"lora_A for {where} has shape {tuple(a.shape)} "
+            f"but the base model's {name} takes {in_features} inputs",
+        )
+    if b.shape[0] != out_features:
+        raise _error(
+            path,
+            f"lora_B for {where} has shape {tuple(b.shape)} "
+            f"but the base model's {name} has {out_features} outputs",
+        )
+    if b.shape[1] != rank:
+        raise _error(
+            path,
+            f"rank mismatch in {where}: lora_A has shape {tuple(a.shape)}, "
+            f"lora_B has shape {tuple(b.shape)}",
+        )
+    expected_rank = _pattern_value(config["rank_pattern"], module_key, config["r"])
+    if rank != expected_rank:
+        raise _error(path, f"{where} has rank {rank} but {CONFIG_FILE} says r={expected_rank}")
+    if rank > max_rank:
+        raise _error(
+            path,
+            f"{where} has rank {rank}, above the configured max_rank {max_rank}; "
+            f"raise max_rank to at least {rank} to serve it",
+        )
+    return rank
 
 
 def _stack(
@@ -308,12 +332,12 @@ def _pair_tensors(
         module_key, which = key_match["module"], key_match["which"]
         module_match = _MODULE_RE.fullmatch(module_key)
         name = module_match["name"] if module_match else None
-        parent = "self_attn" if name in ATTENTION_MODULES else "mlp"
-        if name not in TARGET_MODULES or module_match["parent"] != parent:
+        if name not in _PARENTS or module_match["parent"] != _PARENTS[name]:
             raise _error(
                 path,
                 f"{WEIGHTS_FILE} tensor {key} targets module {module_key}, which is not "
-                f"supported; LoRA is only served on {', '.join(TARGET_MODULES)}",
+                f"supported; LoRA is only served on the language model's "
+                f"{', '.join(_PARENTS)}",
             )
         layer = int(module_match["layer"])
         if layer >= num_layers:

@@ -21,3 +21,11 @@ FUSED_LINEARS = {
     "mlp.gate_up_proj": (GATE_PROJ, UP_PROJ),
     "mlp.down_proj": (DOWN_PROJ,),
 }
+
+# Checkpoints that store q/k/v and gate/up fused (Phi-3, Phi-4) have PEFT adapters on those fused
+# modules: one A [r, in] and one B [sum of outs, r]. Each maps exactly onto the modules it holds:
+# the same A for each, B split by rows (x A^T B^T, column block i, is module i's delta).
+FUSED_ADAPTER_MODULES = {
+    "qkv_proj": (Q_PROJ, K_PROJ, V_PROJ),
+    "gate_up_proj": (GATE_PROJ, UP_PROJ),
+}

@@ -1,4 +1,5 @@
-"""The llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2), read top to bottom.
+"""The llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 3, SmolLM2), read
+top to bottom. The families differ by ModelConfig switches, each named where it acts.
 
 One forward pass takes a flat batch of tokens from many sequences (decode tokens first, then
 prefill chunks), writes their keys and values into a paged KV cache, and applies each token's
@@ -8,6 +9,7 @@ modified by adapters.
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +111,13 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None = None
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies [head_dim // 2], with linear or llama3 scaling when configured."""
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim // 2], with linear or llama3 scaling when configured;
+    `local`: those of Gemma 3's sliding-window layers (their own base, never scaled)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = config.rope_scaling
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = None if local else config.rope_scaling
     if scaling is None:
         return inv_freq.float()
     if scaling["rope_type"] == "linear":
@@ -136,16 +140,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.unit_offset = unit_offset  # Gemma: scale by (1 + weight), all in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the model dtype, as the reference implementation does
+        # Normalise in float32 whatever the model dtype, as the reference implementations do
         # (one fused op: at batch 1 a step is mostly per-op overhead).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
 
 
 class Linear(nn.Module):
@@ -179,6 +190,9 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
+        self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
         shapes = config.module_shapes()
         # q, k and v read the same input: one matmul (and one LoRA shrink) for all three.
         self.qkv_sizes = config.fused_out_features("self_attn.qkv_proj")
@@ -199,6 +213,9 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x, adapters)  # [num_tokens, q_size + 2 * k_size]
         # q and k are side by side: rotate both heads at once.
         qk = qkv[:, : q_size + k_size].reshape(n, self.num_heads + self.num_kv_heads, -1)
+        if self.q_norm is not None:  # Qwen3, Gemma 3: each query and key head normalised first
+            h = self.num_heads
+            qk = torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1)
         qk = qk * cos[:, None] + rotate_half(qk) * sin[:, None]
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, q_size + k_size:].reshape(n, self.num_kv_heads, self.head_dim)
@@ -209,7 +226,7 @@ class Attention(nn.Module):
         nd = attn.num_decode_tokens
         if nd and attn.decode_lens is not None:
             cpu_kernel.decode_attention(out[:nd], q[:nd], kv_cache, attn.decode_kv_indices,
-                                        attn.decode_lens, self.head_dim**-0.5)
+                                        attn.decode_lens, self.scale)
         elif nd:
             # Decode: one query per sequence, all sequences at once, keys padded to the longest.
             keys = kv_cache[0][attn.decode_kv_indices]  # [nd, max_context, kv_heads, head_dim]
@@ -237,7 +254,7 @@ class Attention(nn.Module):
         sequences of 320 tokens); scores and softmax stay in float32."""
         nd, ctx, kv_heads, dim = k.shape
         q = q.view(nd, kv_heads, -1, dim)  # [nd, kv_heads, group, dim]: the heads sharing a kv head
-        scores = torch.matmul(q, k.permute(0, 2, 3, 1)).float() * dim**-0.5  # [nd, kv, group, ctx]
+        scores = torch.matmul(q, k.permute(0, 2, 3, 1)).float() * self.scale  # [nd, kv, grp, ctx]
         scores = scores.masked_fill(~mask.view(nd, 1, 1, ctx), float("-inf"))
         probs = scores.softmax(-1).to(v.dtype)
         return torch.matmul(probs, v.transpose(1, 2)).view(nd, -1, dim)  # [nd, heads, dim]
@@ -246,7 +263,7 @@ class Attention(nn.Module):
         """q [b, q_len, heads, dim], k/v [b, kv_len, kv_heads, dim] -> [b, q_len, heads, dim]."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
         )
         return o.transpose(1, 2)
 
@@ -259,6 +276,10 @@ def _chunk_mask(query_len: int, context_len: int, device: torch.device) -> torch
     return (k_pos <= q_pos)[None, None]
 
 
+# ModelConfig.hidden_act -> the gate's activation: SwiGLU, or Gemma's GeGLU (tanh-approximated).
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -266,23 +287,36 @@ class MLP(nn.Module):
         # gate and up read the same input: one matmul (and one LoRA shrink) for both.
         self.gate_up_proj = Linear(shapes[GATE_PROJ][0], 2 * config.intermediate_size)
         self.down_proj = Linear(*shapes[DOWN_PROJ])
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
         gate, up = self.gate_up_proj(x, adapters).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, adapters)
+        return self.down_proj(self.act(gate) * up, adapters)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_type: str):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_sliding = layer_type == "sliding_attention"  # Gemma 3: takes the local RoPE
+        self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # With sandwich norms (Gemma 3) this one normalises the attention output; otherwise the
+        # MLP input. Both go by Hugging Face's name.
+        self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
+        self.sandwich_norms = config.sandwich_norms
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = make_norm(config)
+            self.post_feedforward_layernorm = make_norm(config)
 
     def forward(self, x, cos, sin, kv_cache, attn, adapters):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn, adapters)
-        return x + self.mlp(self.post_attention_layernorm(x), adapters)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn, adapters)
+        if not self.sandwich_norms:
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x), adapters)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x), adapters)
+        return x + self.post_feedforward_layernorm(h)
 
 
 class LlamaModel(nn.Module):
@@ -293,12 +327,22 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        layer_types = config.layer_types or ("full_attention",) * config.num_layers
+        self.layers = nn.ModuleList(DecoderLayer(config, kind) for kind in layer_types)
+        self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        if config.rope_local_theta:  # Gemma 3's sliding-window layers
+            self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True),
+                                 persistent=False)
+
+    def init_rope(self, device: torch.device) -> None:
+        """(Re)compute the RoPE buffers, e.g. after building on "meta", which holds no data."""
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+        if self.config.rope_local_theta:
+            self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
 
     @torch.inference_mode()
     def forward(
@@ -312,11 +356,21 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Returns float32 logits [num_outputs, vocab_size]."""
         x = self.embed_tokens(input_ids)
-        # cos/sin computed in float32 for every token once, shared by all layers.
-        angles = positions[:, None].float() * self.inv_freq[None, :]  # [num_tokens, head_dim/2]
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        if self.config.scale_embeddings:  # Gemma: by sqrt(hidden_size), rounded to the dtype
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        rope = _cos_sin(positions, self.inv_freq, x.dtype)
+        local = rope
+        if self.config.rope_local_theta:
+            local = _cos_sin(positions, self.inv_freq_local, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, attn, adapters)
+            x = layer(x, *(local if layer.is_sliding else rope), kv_cache, attn, adapters)
         x = self.norm(x[logits_indices])
         return self.lm_head(x).float()
+
+
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [num_tokens, head_dim]: computed in float32 for every token once, shared by all
+    layers (of one RoPE base)."""
+    angles = positions[:, None].float() * inv_freq[None, :]  # [num_tokens, head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)

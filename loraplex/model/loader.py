@@ -1,79 +1,31 @@
-"""A Hugging Face checkpoint directory -> our LlamaModel with its weights (safetensors only)."""
+"""A Hugging Face checkpoint directory -> our LlamaModel with its weights (safetensors only).
 
-import json
+read_config and ModelLoadError live in model/families.py (which families we run) and are
+imported from here too, the loader being where callers meet them.
+"""
+
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from loraplex.lora.modules import FUSED_LINEARS
+from loraplex.model.families import ModelLoadError, read_config, read_hf_config
 from loraplex.model.known_shapes import KNOWN_MODEL_SHAPES
-from loraplex.model.llama import LlamaModel, ModelConfig, rope_inv_freq
+from loraplex.model.llama import LlamaModel, ModelConfig
 
-# config.json "model_type" values we run, and the architecture class names that go with them.
-SUPPORTED_MODEL_TYPES = {
-    "llama": "LlamaForCausalLM",  # Llama 2, Llama 3.x, SmolLM2
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
+# Checkpoint tensor name prefix -> our parameter name prefix (the one name map). Gemma 3's
+# multimodal checkpoints keep the language model under language_model (transformers < 4.52) or
+# model.language_model; the first matching prefix wins.
+NAME_MAP = {
+    "model.language_model.": "", "language_model.model.": "", "language_model.lm_head.": "lm_head.",
+    "model.": "", "lm_head.": "lm_head.",
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# Checkpoint tensor name prefix -> our parameter name prefix (the one name map).
-NAME_MAP = {"model.": "", "lm_head.": "lm_head."}
+# The multimodal wrapper's vision tower and projector: we serve its language model only.
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                   "model.multi_modal_projector.")
 # Tensors some checkpoints carry that we derive ourselves.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class ModelLoadError(ValueError):
-    """A checkpoint we cannot run; the message names the directory and the reason."""
-
-
-def read_config(model_dir: Path) -> ModelConfig:
-    """Parse and validate config.json into a ModelConfig."""
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{model_dir}: no config.json; expected a Hugging Face checkpoint dir")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        archs = ", ".join(hf.get("architectures") or []) or "unknown architecture"
-        raise ModelLoadError(
-            f"{model_dir}: model_type {model_type!r} ({archs}) is not supported; loraplex runs the "
-            f"llama family: {', '.join(SUPPORTED_MODEL_TYPES.values())}"
-        )
-    num_heads = hf["num_attention_heads"]
-    # transformers 5 keeps rope_theta inside rope_parameters; older configs use top-level keys.
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelLoadError(
-            f"{model_dir}: RoPE scaling {rope_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-        )
-    rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
-    if rope_type == "llama3" and "original_max_position_embeddings" not in rope_scaling:
-        rope_scaling["original_max_position_embeddings"] = hf["max_position_embeddings"]
-    sliding_window = hf.get("sliding_window")
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-        sliding_window = None
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-        rope_scaling=rope_scaling,
-        sliding_window=sliding_window,
-    )
 
 
 def plan_config(model: str) -> ModelConfig:
@@ -104,6 +56,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
     """Build the model and load its weights from the directory's *.safetensors files."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
+    # A Gemma 3 multimodal checkpoint: its vision tower is left unread (we serve text only).
+    skipped = VISION_PREFIXES if read_hf_config(model_dir)["model_type"] == "gemma3" else ()
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in model_dir.glob("*.bin"))
@@ -114,7 +68,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
         )
     with torch.device("meta"):
         model = LlamaModel(config)
-    # The checkpoint names q/k/v and gate/up separately; we check and load them by those names.
+    # Most checkpoints name q/k/v and gate/up separately; we check and load them by those names.
     expected = checkpoint_state_dict(model)
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
@@ -123,7 +77,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if name.endswith(IGNORED_SUFFIXES):
+                    if name.endswith(IGNORED_SUFFIXES) or name.startswith(skipped):
                         continue
                     ours = _our_name(name)
                     if ours == "lm_head.weight" and config.tie_word_embeddings:
@@ -146,15 +100,18 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(config).to(device)  # built on "meta", so it holds no data yet
+    model.init_rope(device)  # built on "meta", so the buffers hold no data yet
     return model.eval()
 
 
 def _fused_pieces(config: ModelConfig) -> dict[str, tuple[list[str], list[int]]]:
     """Our fused parameter name -> the checkpoint's parameter names it is the row-wise
     concatenation of, and their row counts; e.g. layers.0.self_attn.qkv_proj.weight ->
-    ([...q_proj.weight, ...k_proj.weight, ...v_proj.weight], [576, 192, 192])."""
+    ([...q_proj.weight, ...k_proj.weight, ...v_proj.weight], [576, 192, 192]). None for a
+    checkpoint that stores them fused as we do (Phi-3: qkv_proj, gate_up_proj, same order)."""
     pieces = {}
+    if config.checkpoint_fused:
+        return pieces
     for layer in range(config.num_layers):
         for path, modules in FUSED_LINEARS.items():
             if len(modules) == 1:

@@ -307,8 +307,10 @@ def test_refuses_lora_embedding_tensor(adapter, shapes):
     "module",
     [
         "lm_head",  # config does not say so, but a tensor does
-        "model.layers.0.self_attn.qkv_proj",  # a fused projection llama does not have
+        "model.layers.0.self_attn.qkv",  # no such projection
         "model.layers.0.mlp.q_proj",  # right name, wrong block
+        "model.layers.0.mlp.qkv_proj",  # a fused projection (Phi-3) in the wrong block
+        "model.vision_tower.encoder.layers.0.self_attn.q_proj",  # Gemma 3's vision tower
         "model.norm",
     ],
 )
