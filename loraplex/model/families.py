@@ -2,8 +2,10 @@
 named refusal for everything else (never a model that runs with silently wrong output)."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+from loraplex.lora.modules import FUSED_ADAPTER_MODULES
 from loraplex.model.llama import ModelConfig
 
 # config.json "model_type" values we run, and the architecture class names that go with them.
@@ -159,3 +161,25 @@ def _refuse_features(hf: dict, model_dir: Path) -> None:
     unknown = set(hf.get("layer_types") or ()) - {"full_attention", "sliding_attention"}
     if unknown:
         raise ModelLoadError(f"{model_dir}: layer types {sorted(unknown)} are not supported")
+
+
+def peft_target_modules(model_dir: Path, targets: Sequence[str]) -> list[str] | str:
+    """PEFT's LoraConfig(target_modules=) that trains LoRA on `targets` (our module names) of
+    this checkpoint: Phi-3's fused modules in place of the modules they hold, and for a
+    multimodal Gemma 3 a regex that keeps the adapter to its language model (its vision tower
+    has q_proj and friends too, which we do not serve)."""
+    model_type = read_hf_config(model_dir)["model_type"]
+    names = list(targets)
+    if model_type == "phi3":
+        for fused, modules in FUSED_ADAPTER_MODULES.items():
+            chosen = [m for m in modules if m in names]
+            if chosen and len(chosen) < len(modules):
+                raise ModelLoadError(
+                    f"{model_dir}: Phi-3 checkpoints fuse {', '.join(modules)} into {fused}; "
+                    f"a LoRA on it adapts all of them, so target all or none (got "
+                    f"{', '.join(chosen)})")
+            if chosen:
+                names = [fused, *(m for m in names if m not in modules)]
+    if model_type == "gemma3":
+        return rf".*language_model.*\.({'|'.join(names)})"
+    return names

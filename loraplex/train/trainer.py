@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from loraplex.lora.modules import TARGET_MODULES
+from loraplex.model.families import peft_target_modules
 from loraplex.model.pull import resolve_model
 from loraplex.model.tokenizer import Tokenizer
 from loraplex.registry import Registry, Version
@@ -186,7 +187,8 @@ def _lora_model(model_dir: Path, rank: int, alpha: float, targets: Sequence[str]
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if init_adapter is not None:
         return PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+    config = LoraConfig(r=rank, lora_alpha=alpha,
+                        target_modules=peft_target_modules(model_dir, targets),
                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # LoRA's A matrices are drawn here (B starts at zero)
     return get_peft_model(base, config)
