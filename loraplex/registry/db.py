@@ -244,13 +244,16 @@ def m004_fine_tuning_api(conn: sqlite3.Connection) -> None:
         )
         conn.execute(f"CREATE INDEX {table}_by_job ON {table} (job_id, seq)")
     # The signing secret is kept as given out: an HMAC needs it (unlike API keys, it cannot be
-    # stored hashed); the registry file is readable by the server's user only.
+    # stored hashed); the registry file is readable by the server's user only. After a
+    # rotation the previous secret may sign too, until it expires (Unix seconds).
     conn.execute(
         """CREATE TABLE webhook_endpoints (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
     tenant_id INTEGER NOT NULL REFERENCES tenants (id),
     signing_secret TEXT NOT NULL,
+    previous_secret TEXT,
+    previous_secret_expires_at INTEGER,
     body TEXT NOT NULL
 )"""
     )

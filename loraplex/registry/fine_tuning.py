@@ -81,6 +81,16 @@ class FineTuningStore:
                          ) -> tuple[list[dict], bool]:
         return self._page("fine_tuning_checkpoints", "job_id = ?", (job_id,), after, limit)
 
+    def set_last_checkpoint_model(self, job_id: str, model: str) -> None:
+        """Name the job's model on its last checkpoint, the one whose weights were kept."""
+        with self._change() as conn:
+            row = conn.execute("SELECT seq, body FROM fine_tuning_checkpoints WHERE job_id = ?"
+                               " ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
+            if row is not None:
+                body = {**json.loads(row["body"]), "fine_tuned_model_checkpoint": model}
+                conn.execute("UPDATE fine_tuning_checkpoints SET body = ? WHERE seq = ?",
+                             (json.dumps(body), row["seq"]))
+
     # -- webhook endpoints -------------------------------------------------------------------
     def add_endpoint(self, tenant_id: int, endpoint: dict, secret: str, *, actor: str) -> None:
         with self._change() as conn:
@@ -92,13 +102,20 @@ class FineTuningStore:
                          tenant_id=tenant_id)
 
     def save_endpoint(self, tenant_id: int, endpoint: dict, *, actor: str,
-                      secret: str | None = None) -> None:
-        """Store a changed endpoint (and a new signing secret, when rotated)."""
+                      secret: str | None = None, previous_expires_at: int | None = None
+                      ) -> None:
+        """Store a changed endpoint; with `secret`, its rotated signing secret (the previous
+        one signing too until `previous_expires_at`, when given)."""
         with self._change() as conn:
-            conn.execute("UPDATE webhook_endpoints SET body = ?,"
-                         " signing_secret = COALESCE(?, signing_secret)"
-                         " WHERE id = ? AND tenant_id = ?",
-                         (json.dumps(endpoint), secret, endpoint["id"], tenant_id))
+            conn.execute("UPDATE webhook_endpoints SET body = ? WHERE id = ? AND tenant_id = ?",
+                         (json.dumps(endpoint), endpoint["id"], tenant_id))
+            if secret is not None:
+                conn.execute(
+                    "UPDATE webhook_endpoints SET previous_secret = CASE WHEN ? IS NULL THEN"
+                    " NULL ELSE signing_secret END, previous_secret_expires_at = ?,"
+                    " signing_secret = ? WHERE id = ? AND tenant_id = ?",
+                    (previous_expires_at, previous_expires_at, secret, endpoint["id"],
+                     tenant_id))
             action = "webhook.rotate_secret" if secret else "webhook.update"
             audit.record(conn, actor, action, endpoint["id"], {"url": endpoint["url"]},
                          tenant_id=tenant_id)
@@ -125,21 +142,27 @@ class FineTuningStore:
                              tenant_id=tenant_id)
         return bool(deleted)
 
-    def endpoints_for(self, tenant_id: int, event_type: str) -> list[tuple[dict, str]]:
-        """(endpoint, signing secret) of the tenant's endpoints subscribed to `event_type`."""
+    def endpoints_for(self, tenant_id: int, event_type: str) -> list[dict]:
+        """The tenant's endpoints subscribed to `event_type`."""
         with self._read() as conn:
-            rows = conn.execute("SELECT body, signing_secret FROM webhook_endpoints"
-                                " WHERE tenant_id = ? ORDER BY seq", (tenant_id,)).fetchall()
-        endpoints = [(json.loads(row["body"]), row["signing_secret"]) for row in rows]
-        return [(e, secret) for e, secret in endpoints if event_type in e["event_types"]]
-
-    def signing_secret(self, tenant_id: int, endpoint_id: str) -> str | None:
-        with self._read() as conn:
-            row = conn.execute("SELECT signing_secret FROM webhook_endpoints WHERE id = ? AND"
-                               " tenant_id = ?", (endpoint_id, tenant_id)).fetchone()
-        return None if row is None else row["signing_secret"]
+            rows = conn.execute("SELECT body FROM webhook_endpoints WHERE tenant_id = ?"
+                                " ORDER BY seq", (tenant_id,)).fetchall()
+        endpoints = [json.loads(row["body"]) for row in rows]
+        return [e for e in endpoints if event_type in e["event_types"]]
 
     # -- webhook deliveries ------------------------------------------------------------------
+    def delivery_target(self, endpoint_id: str, at: int) -> tuple[str, list[str]] | None:
+        """(url, the secrets that sign at Unix time `at`) of an endpoint; None once deleted."""
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM webhook_endpoints WHERE id = ?",
+                               (endpoint_id,)).fetchone()
+        if row is None:
+            return None
+        secrets = [row["signing_secret"]]
+        if row["previous_secret"] and at < row["previous_secret_expires_at"]:
+            secrets.append(row["previous_secret"])
+        return json.loads(row["body"])["url"], secrets
+
     def add_delivery(self, event_id: str, endpoint_id: str, event_type: str, payload: str
                      ) -> int:
         with self._change() as conn:

@@ -1,6 +1,6 @@
-"""The HTTP app: the OpenAI-compatible API (server/routes/: chat, completions, models), the
-admin and tenant-data routes, health and metrics, behind one set of middleware and error
-handlers.
+"""The HTTP app: the OpenAI-compatible API (server/routes/: chat, completions, models, files,
+fine-tuning jobs, webhook endpoints), the admin and tenant-data routes, health and metrics,
+behind one set of middleware and error handlers.
 
 Every failure is an OpenAI-style error body with the right status; one tenant's bad request
 never reaches the engine, and one tenant cannot tell another's adapters from missing ones.
@@ -14,17 +14,23 @@ from fastapi.responses import JSONResponse, Response
 
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.registry import AlreadyExists, InvalidInput, NotFound, Registry, RegistryError
+from loraplex.registry.fine_tuning import FineTuningStore
 from loraplex.registry.ledger import LedgerWriter
 from loraplex.server.admin import admin_router
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import OpenAIError
 from loraplex.server.routes.chat import chat_router
 from loraplex.server.routes.completions import completions_router
+from loraplex.server.routes.files import files_router
+from loraplex.server.routes.fine_tuning import fine_tuning_router
 from loraplex.server.routes.models import models_router
+from loraplex.server.routes.webhooks import webhooks_router
 from loraplex.server.serving import VERSION_HEADER, ServerSettings, Serving
 from loraplex.server.tenant_data import tenant_data_router
+from loraplex.train.fine_tuning import FineTuning
 from loraplex.train.jobs import TrainingJobs
 from loraplex.vault import Vault
+from loraplex.webhooks import WebhookSender
 
 __all__ = ["VERSION_HEADER", "ServerSettings", "create_app"]
 
@@ -51,6 +57,10 @@ def create_app(
         jobs = TrainingJobs(registry.home, str(engine.engine.config.model))
     ledger = LedgerWriter(registry.add_usage, settings.ledger_flush_seconds)
     serving = Serving(engine, registry, settings, metrics, ledger)
+    store = FineTuningStore(registry.home)
+    webhooks = WebhookSender(store, allow_private=settings.allow_private_webhooks,
+                             retry_delays_s=settings.webhook_retry_delays_s)
+    fine_tuning = FineTuning(registry, vault, jobs, store, webhooks, settings.base_model_name)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -58,7 +68,10 @@ def create_app(
         engine.shutdown()  # after uvicorn has let running requests finish (graceful SIGTERM)
         serving.close()
         ledger.close()  # commits what the last requests used
-        jobs.close()
+        fine_tuning.close()
+        jobs.close()  # waiting fine-tuning jobs stay queued in the registry for the next start
+        webhooks.close()
+        store.close()
         vault.close()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
@@ -82,7 +95,7 @@ def create_app(
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):
-        is_upload = request.url.path.startswith(("/admin/", "/tenants/"))
+        is_upload = request.url.path.startswith(("/admin/", "/tenants/", "/v1/files"))
         limit = settings.max_upload_bytes if is_upload else settings.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -122,5 +135,8 @@ def create_app(
     app.include_router(completions_router(serving))
     app.include_router(models_router(serving))
     app.include_router(admin_router(registry, engine, ledger, validate))
-    app.include_router(tenant_data_router(registry, vault, jobs, ledger))
+    app.include_router(files_router(serving, vault))
+    app.include_router(fine_tuning_router(serving, fine_tuning, store))
+    app.include_router(webhooks_router(serving, store, webhooks))
+    app.include_router(tenant_data_router(registry, vault, jobs, ledger, store))
     return app

@@ -24,6 +24,7 @@ from loraplex.server.auth import bearer_key
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import OpenAIError
 from loraplex.server.quotas import QuotaExceeded, QuotaGate
+from loraplex.webhooks import RETRY_DELAYS_S
 
 DISCONNECT_POLL_SECONDS = 0.25
 VERSION_HEADER = "x-loraplex-adapter-version"
@@ -38,6 +39,10 @@ class ServerSettings:
     max_concurrent_per_tenant: int = 32  # a tenant's default max_concurrent quota; beyond: 429
     max_in_flight: int = 512  # all tenants together; beyond this: 503
     ledger_flush_seconds: float = FLUSH_SECONDS  # how much usage a crash may lose, at most
+    # Webhooks to http:// URLs and private addresses (a closed network); else https to public
+    # addresses only, so a tenant cannot make the server call into its own network.
+    allow_private_webhooks: bool = False
+    webhook_retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S  # after a failed delivery
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,19 @@
 
 A tenant's key acts on its own tenant only (any other tenant gets 403, whether it exists or
 not, so a key cannot probe for other clients); the admin key acts for every tenant. The
-operations are the CLI's: `loraplex data add|list|rm`, `loraplex train` and `loraplex usage`.
+operations are the CLI's: `loraplex data add|list|rm`, `loraplex train` and `loraplex usage`,
+and the tenant's fine-tuning settings (whether a fine-tuned version serves at once).
 """
 
 import asyncio
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from loraplex.lora.modules import TARGET_MODULES
 from loraplex.registry import Registry
+from loraplex.registry.fine_tuning import FineTuningStore
 from loraplex.server.admin import usage_report
 from loraplex.server.auth import bearer_key
 from loraplex.server.protocol import OpenAIError
@@ -38,8 +40,17 @@ class TrainBody(BaseModel):
     promote: bool = False
 
 
+class FineTuningSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    promote_new_versions: bool
+    """A fine-tuning job's version of an adapter that already has one serves at once (True), or
+    is only registered, to be tried as "<adapter>:vN" and promoted later (False, the default).
+    An adapter's first version always serves."""
+
+
 def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
-                       ledger) -> APIRouter:
+                       ledger, store: FineTuningStore) -> APIRouter:
     router = APIRouter(prefix="/tenants/{tenant}")
 
     def actor(request: Request, tenant: str) -> str:
@@ -61,6 +72,19 @@ def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
         registry.get_tenant(tenant)  # 404 for an unknown tenant
         return jobs, who
 
+    @router.get("/fine-tuning-settings")
+    async def fine_tuning_settings(tenant: str, request: Request):
+        actor(request, tenant)
+        tenant_id = registry.get_tenant(tenant).id
+        return {"promote_new_versions": store.promotes_new_versions(tenant_id)}
+
+    @router.put("/fine-tuning-settings")
+    async def set_fine_tuning_settings(tenant: str, body: FineTuningSettings, request: Request):
+        who = actor(request, tenant)
+        tenant_id = registry.get_tenant(tenant).id
+        store.set_promotes_new_versions(tenant_id, body.promote_new_versions, actor=who)
+        return {"promote_new_versions": body.promote_new_versions}
+
     @router.get("/usage")
     async def usage(tenant: str, request: Request, start: str | None = Query(None, alias="from"),
                     end: str | None = Query(None, alias="to"), group_by: str = "day"):
@@ -72,7 +96,7 @@ def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
     async def add_dataset(tenant: str, name: str, request: Request):
         """The body is the JSONL file itself (curl --data-binary @data.jsonl)."""
         who = actor(request, tenant)
-        data = await _read_body(request, vault.max_dataset_bytes)
+        data = await read_body(request, vault.max_dataset_bytes)
         version = await asyncio.to_thread(_vault_call, vault.add, tenant, name, data, actor=who)
         return _dataset_json(version)
 
@@ -158,7 +182,7 @@ def _job_call(function, job_id: str, tenant: str | None):
         raise OpenAIError(404, str(e)) from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` (chunked uploads too)."""
     chunks, size = [], 0
     async for chunk in request.stream():

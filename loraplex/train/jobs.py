@@ -102,6 +102,10 @@ class TrainingJobs:
             self._wake.notify()
         return job
 
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
     def get(self, job_id: str, tenant: str | None = None) -> TrainingJob:
         """The job; JobNotFound also when it belongs to another tenant than `tenant`."""
         with self._lock:

@@ -262,6 +262,8 @@ M004_SCHEMA = [
     id TEXT NOT NULL UNIQUE,
     tenant_id INTEGER NOT NULL REFERENCES tenants (id),
     signing_secret TEXT NOT NULL,
+    previous_secret TEXT,
+    previous_secret_expires_at INTEGER,
     body TEXT NOT NULL
 )""",
     ),
