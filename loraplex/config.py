@@ -52,6 +52,10 @@ class EngineConfig:
     """Longest prompt + output; default: the model's context (capped at 4096 to bound memory)."""
     block_size: int = 16
     """Tokens per KV cache block."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of a prompt's beginning that the same tenant, on the same adapter
+    version, sent before (a chat's earlier turns, a shared system prompt): they are not computed
+    again. Never across tenants or versions (engine/prefix_cache.py)."""
     kv_cache_bytes: int | None = None
     """KV cache budget in bytes; when None, kv_cache_fraction of the device's memory."""
     kv_cache_fraction: float = 0.1
@@ -66,6 +70,9 @@ class EngineConfig:
         for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs",
                      "max_num_batched_tokens", "block_size"):
             positive(name)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigError(f"enable_prefix_caching must be true or false, got "
+                              f"{self.enable_prefix_caching!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.lora_dtype not in LORA_DTYPES:

@@ -112,7 +112,7 @@ class LLMEngine:
     ) -> None:
         """Queue a request. `fairness_key` is the tenant, opaque to the engine: keys share the
         engine in proportion to their `fairness_weight` (the latest weight given for a key
-        holds)."""
+        holds), and never find each other's blocks in the prefix cache."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -150,7 +150,8 @@ class LLMEngine:
                 generator = torch.Generator().manual_seed(params.seed + index)
             seqs.append(Sequence(request_id, index, prompt_ids, params, adapter,
                                  arrival=self._arrivals, generator=generator,
-                                 fairness_key=fairness_key, added_at=added_at,
+                                 fairness_key=fairness_key, cache_key=fairness_key,
+                                 added_at=added_at,
                                  grammar=grammar.matcher() if grammar else None))
             self._arrivals += 1
         self.requests[request_id] = seqs
@@ -293,6 +294,7 @@ class LLMEngine:
             "waiting": len(self.scheduler.waiting),
             "kv_blocks_total": self.blocks.num_blocks,
             "kv_blocks_free": self.blocks.num_free,
+            **self.scheduler.prefix_cache.stats(),
             "preemptions": self.scheduler.num_preemptions,
             "fairness_preemptions": self.scheduler.num_fairness_preemptions,
             "fairness": self.scheduler.fairness(),

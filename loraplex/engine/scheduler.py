@@ -17,7 +17,12 @@ token wait as long again. The trade: such a step does not fill its budget, once 
 request (the busy tenants' prompts lose that step). A lone tenant is never behind anyone, so it
 is scheduled exactly as first come, first served.
 
-Preemption frees a running sequence's KV blocks; it is recomputed later and nothing is dropped.
+A sequence admitted with nothing computed first takes the longest prefix of its tokens found
+in the prefix cache (engine/prefix_cache.py): those tokens are not computed, spend none of the
+step's budget and are not charged to its tenant.
+
+Preemption frees a running sequence's KV blocks; it is recomputed later (from the prefix cache
+as far as its blocks are still there) and nothing is dropped.
 Two causes, both of which take the newest sequence of the tenant furthest ahead (highest
 counter):
 - KV pressure: a running sequence needs a block and none is free;
@@ -36,6 +41,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine.adapter_manager import AdapterManager
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.fairness import VirtualTokenCounter
+from loraplex.engine.prefix_cache import PrefixCache
 from loraplex.engine.sequence import Sequence, SequenceStatus
 
 MAX_FAIRNESS_PREEMPTIONS = 1  # per sequence; KV-pressure preemptions are not bounded (forced)
@@ -54,6 +60,7 @@ class Scheduler:
         self.adapters = adapters
         self.fair = config.scheduling == "fair"
         self.vtc = VirtualTokenCounter(config.fairness_input_cost, config.fairness_output_cost)
+        self.prefix_cache = PrefixCache(blocks, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()  # in arrival order
         self.running: list[Sequence] = []
         self.step_count = 0
@@ -77,6 +84,8 @@ class Scheduler:
         self.step_count += 1
         self.budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
+        for seq in self.running:  # the blocks the last step filled can be found from now on
+            self.prefix_cache.cache_computed(seq)
         if self.fair:
             self._preempt_for_fairness()
         preempted = self._schedule_decoding(scheduled)
@@ -176,11 +185,10 @@ class Scheduler:
                     passed.add(id(seq))  # waits for a slot to drain; later ones may still run
                     continue
                 slot = acquired
-            num = min(seq.num_tokens - seq.num_computed_tokens, self.budget)
-            if not self.blocks.can_allocate(seq, num):
+            num = self._take_blocks(seq)
+            if num is None:
                 break  # the first in line keeps its turn for memory
             self.waiting.remove(seq)
-            self.blocks.allocate(seq, num)
             if seq.queue_seconds is None:
                 seq.queue_seconds = time.monotonic() - seq.added_at
             seq.status = SequenceStatus.RUNNING
@@ -190,6 +198,21 @@ class Scheduler:
                 in_use.add(seq.adapter_id)
             self._take(scheduled, seq, num)
         return failed
+
+    def _take_blocks(self, seq: Sequence) -> int | None:
+        """Give a waiting `seq` its cached prefix and blocks for this step's tokens; returns how
+        many tokens it computes now, or None (taking nothing) when memory is short."""
+        hit = self.prefix_cache.match(seq)
+        num_hit = len(hit) * self.blocks.block_size
+        num = min(seq.num_tokens - num_hit, self.budget)
+        if not self.blocks.can_allocate(seq, num_hit + num, hit):
+            return None
+        self.prefix_cache.take(seq, hit)
+        # Found, not computed: no charge to the key for these prompt tokens.
+        seq.num_charged_prompt_tokens = max(seq.num_charged_prompt_tokens,
+                                            min(num_hit, len(seq.prompt_token_ids)))
+        self.blocks.allocate(seq, num)
+        return num
 
     def _take(self, scheduled: list[ScheduledSeq], seq: Sequence, num: int) -> None:
         """Schedule `num` tokens of `seq` and charge its key for the service."""
@@ -238,7 +261,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's KV cache; it re-enters the queue by arrival order."""
-        self.blocks.free(seq)
+        self._release_blocks(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
@@ -248,13 +271,19 @@ class Scheduler:
                      len(self.waiting))
         self.waiting.insert(index, seq)
 
+    def _release_blocks(self, seq: Sequence) -> None:
+        """Let `seq`'s blocks go; those it computed in full stay findable in the prefix cache
+        (its next turn, or its own readmission after a preemption, may take them back)."""
+        self.prefix_cache.cache_computed(seq)
+        self.blocks.free(seq)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a sequence from wherever it is and free what it holds."""
         if seq.is_finished:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            self.blocks.free(seq)
+            self._release_blocks(seq)
             seq.slot = -1
         elif seq in self.waiting:
             self.waiting.remove(seq)

@@ -35,6 +35,9 @@ class Sequence:
     arrival: int  # arrival order: within a tenant, admission and preemption choose by it
     generator: torch.Generator | None = None  # set when the request has a seed
     fairness_key: str = ""  # the tenant, opaque: fair shares are kept per key
+    # The tenant, opaque, as given (scheduling="fcfs" blanks fairness_key, never this): prefix
+    # cache blocks are never shared between keys, and hits are counted per key.
+    cache_key: str = ""
     added_at: float = 0.0  # time.monotonic() when the request arrived
     grammar: GrammarMatcher | None = None  # where the output stands in its grammar, if any
     queue_seconds: float | None = None  # from arrival to first admission; None while queued
@@ -44,9 +47,15 @@ class Sequence:
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)  # top-k each
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache
-    num_charged_prompt_tokens: int = 0  # prompt tokens charged to the key (once, despite recompute)
+    # Prompt tokens settled with the key: charged once (not again when recomputed after a
+    # preemption), or found in the prefix cache (not computed: not charged).
+    num_charged_prompt_tokens: int = 0
     num_fairness_preemptions: int = 0  # preempted to free a seat for a tenant below its share
     block_table: list[int] = field(default_factory=list)
+    # The prefix cache's hash of each full block of token_ids so far (engine/prefix_cache.py);
+    # kept through a preemption (the tokens do not change).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks of block_table offered to the prefix cache
     slot: int = -1  # adapter slot while running; -1 for the base model
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None

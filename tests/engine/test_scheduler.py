@@ -36,9 +36,11 @@ class Sim:
 
     def __init__(self, scheduling="fair", max_num_seqs=4, budget=16, num_blocks=64,
                  block_size=4, weights=None):
+        # No prefix cache: every prompt here is alike, so it would turn most prompts into
+        # hits; who gets the step is the question (tests/engine/test_prefix_cache.py has it).
         self.config = EngineConfig(model="unused", device="cpu", max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=budget, block_size=block_size,
-                                   scheduling=scheduling)
+                                   scheduling=scheduling, enable_prefix_caching=False)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.config, self.blocks, NoAdapters())
         self.weights = weights or {}

@@ -1,15 +1,19 @@
 """Property tests of the scheduler, block manager and adapter manager, on a real LLMEngine.
 
-After any sequence of add / step / abort / prewarm / pin / unpin: no KV block is leaked or owned
-twice, no adapter a running sequence uses is evicted or overwritten, and every request ends
-finished ("stop", "length", "abort" or "error"). The engine is made small on purpose (2 slots,
-3 host-cached adapters for 5 on disk, 14 KV blocks of 4 tokens, 16 tokens a step) so that
-preemption, chunked prefill, slot draining and host-cache eviction all happen within a few steps.
+After any sequence of add / step / abort / prewarm / pin / unpin: no KV block is leaked, a
+block is shared only through the prefix cache and only by sequences of one tenant and adapter
+version with the same tokens up to it, the prefix cache's eviction never hands out a block a
+running sequence holds, no adapter a running sequence uses is evicted or overwritten, and every
+request ends finished ("stop", "length", "abort" or "error"). The engine is made small on purpose
+(2 slots, 3 host-cached adapters for 5 on disk, 14 KV blocks of 4 tokens, 16 tokens a step) so
+that preemption, chunked prefill, slot draining, host-cache and prefix-cache eviction all happen
+within a few steps; half the prompts begin alike, so that the prefix cache finds blocks.
 """
 
 import functools
 import re
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -27,9 +31,8 @@ from hypothesis.stateful import (
 )
 
 from loraplex.config import EngineConfig
-from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.llm_engine import LLMEngine, RequestError, RequestOutput
-from loraplex.engine.sequence import AdapterRequest, Sequence, SequenceStatus
+from loraplex.engine.sequence import AdapterRequest, SequenceStatus
 from loraplex.lora.adapter import load_adapter
 from loraplex.sampling_params import SamplingParams
 from tests.conftest import make_peft_adapter, save_tiny_tokenizer, tiny_llama, tiny_llama_config
@@ -101,14 +104,47 @@ def _fingerprint(engine: LLMEngine, adapter: AdapterRequest) -> tuple[tuple, tor
     return _fingerprints[adapter.adapter_id]
 
 
-def check_engine(engine: LLMEngine) -> None:
-    """Every KV block is free or owned by exactly one running sequence; every running sequence's
-    adapter is still in its slot, really (its weights), not just on paper."""
-    blocks, scheduler, adapters = engine.blocks, engine.scheduler, engine.adapters
-    owned = [b for seq in scheduler.running for b in seq.block_table]
-    everything = blocks.free_blocks + owned
-    assert len(everything) == len(set(everything)), "a block is free and owned, or owned twice"
+# What each prefix-cache hash has stood for, in any engine of this file: (tenant, adapter version,
+# the tokens from position 0 to the block's end). One hash must always mean one such content.
+_hash_contents: dict[bytes, tuple] = {}
+
+
+def check_blocks(engine: LLMEngine) -> None:
+    """Every KV block is free, cached and free, or held by the running sequences its reference
+    count says; a block two sequences hold is a cached one, at the same place in both, of the
+    same tenant and adapter version, with the same tokens up to its end, computed for both."""
+    blocks, size = engine.blocks, engine.blocks.block_size
+    holders = defaultdict(list)  # block -> [(sequence, index in its block table)]
+    for seq in engine.scheduler.running:
+        assert len(set(seq.block_table)) == len(seq.block_table), "a block twice in one table"
+        for i, block in enumerate(seq.block_table):
+            holders[block].append((seq, i))
+    everything = blocks.free_blocks + list(blocks.evictable) + list(holders)
+    assert len(everything) == len(set(everything)), "a block handed out while still held"
     assert sorted(everything) == list(range(blocks.num_blocks)), "a block leaked"
+    assert blocks.ref_counts == [len(holders.get(b, ())) for b in range(blocks.num_blocks)]
+    assert blocks.cached == {h: b for b, h in blocks.block_hash.items()}
+    assert set(blocks.evictable) <= set(blocks.block_hash), "an evictable block is not cached"
+    assert not set(blocks.free_blocks) & set(blocks.block_hash), "a free block is findable"
+    for block, held in holders.items():
+        (first, i), end = held[0], (held[0][1] + 1) * size
+        content = (first.cache_key, first.adapter_id, first.token_ids[:end])
+        if block in blocks.block_hash:
+            assert first.num_computed_tokens >= end, "a block cached before it was computed"
+            known = _hash_contents.setdefault(blocks.block_hash[block], content)
+            assert known == content, "one hash, two contents"
+        else:
+            assert len(held) == 1, "a block shared outside the prefix cache"
+        for seq, j in held[1:]:
+            assert j == i and seq.num_computed_tokens >= end
+            assert (seq.cache_key, seq.adapter_id, seq.token_ids[:end]) == content
+
+
+def check_engine(engine: LLMEngine) -> None:
+    """The blocks are consistent (check_blocks); every running sequence's adapter is still in
+    its slot, really (its weights), not just on paper."""
+    blocks, scheduler, adapters = engine.blocks, engine.scheduler, engine.adapters
+    check_blocks(engine)
     assert len(scheduler.running) <= engine.config.max_num_seqs
     for seq in scheduler.running:
         assert seq.status is SequenceStatus.RUNNING
@@ -116,6 +152,7 @@ def check_engine(engine: LLMEngine) -> None:
     for seq in scheduler.waiting:
         assert seq.status is SequenceStatus.WAITING
         assert seq.block_table == [] and seq.num_computed_tokens == 0 and seq.slot == -1
+        assert seq.num_cached_blocks == 0
 
     in_slots = [a for a in adapters.slot_adapter if a is not None]
     assert len(in_slots) == len(set(in_slots)), f"an adapter is in two slots: {in_slots}"
@@ -134,8 +171,18 @@ def check_engine(engine: LLMEngine) -> None:
 
 # Draw the length first: st.lists alone favours short lists, and long prompts are what fill the
 # KV cache (preemption) and take several steps to prefill (chunking).
-prompts = st.integers(1, MAX_MODEL_LEN + 2).flatmap(
-    lambda n: st.lists(st.integers(0, 127), min_size=n, max_size=n)
+def _token_lists(min_len: int, max_len: int):
+    return st.integers(min_len, max_len).flatmap(
+        lambda n: st.lists(st.integers(0, 127), min_size=n, max_size=n))
+
+
+# Two shared beginnings (a system prompt, a chat's earlier turns) cut anywhere, then a tail:
+# prompts that the prefix cache finds in part, across requests, tenants and adapters.
+PREFIXES = [[(5 * i + 7 * k) % 128 for i in range(24)] for k in range(2)]
+prompts = st.one_of(
+    _token_lists(1, MAX_MODEL_LEN + 2),
+    st.tuples(st.sampled_from(PREFIXES), st.integers(1, 24), _token_lists(0, 20)).map(
+        lambda t: t[0][:t[1]] + t[2]),
 )
 sampling_params = st.builds(
     SamplingParams,
@@ -272,6 +319,7 @@ class EngineMachine(RuleBasedStateMachine):
         else:
             pytest.fail(f"still unfinished after {MAX_DRAIN_STEPS} steps: {self.engine.stats()}")
         assert self.engine.blocks.num_free == NUM_BLOCKS
+        assert self.engine.blocks.ref_counts == [0] * NUM_BLOCKS, "a reference leaked"
         assert self.engine.requests == {}
         assert self.engine.scheduler.fairness() == {}, "a finished sequence still counts"
         for request_id, (n, adapter) in self.added.items():
@@ -356,6 +404,32 @@ def test_pinning_an_adapter_cancels_a_drain_of_its_slot():
                                                                   "c": "length"}
 
 
+def test_the_test_config_shares_cached_blocks_and_evicts_them_under_pressure():
+    # As above, for the prefix cache: blocks held by two sequences at once, hits on blocks no
+    # one held, and cached blocks evicted for room, all within the config the machine uses.
+    model_dir, _, _ = _assets()
+    engine = LLMEngine(_config(model_dir))
+    blocks, params = engine.blocks, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    shared = evicted = False
+    for round_ in range(3):
+        for i, prefix in enumerate(PREFIXES):
+            engine.add_request(f"{round_}-{i}", prefix + [round_, i], params)
+            engine.add_request(f"{round_}-{i}-again", prefix[:20], params)
+        for _ in range(MAX_DRAIN_STEPS):
+            if not engine.has_unfinished():
+                break
+            before = set(blocks.block_hash)
+            engine.step()
+            check_engine(engine)
+            shared |= max(blocks.ref_counts) > 1
+            evicted |= bool(before - set(blocks.block_hash))
+    stats = engine.stats()
+    engine.shutdown()
+    assert shared, "no block was ever held by two sequences"
+    assert evicted, "no cached block was ever evicted"
+    assert stats["prefix_cache_hit_tokens"] > 0 and stats["kv_blocks_free"] == NUM_BLOCKS
+
+
 def test_a_step_that_only_prefills_samples_nothing():
     # A prompt longer than max_num_batched_tokens (16) is prefilled over several steps; the
     # steps before the last have no token to sample.
@@ -366,48 +440,6 @@ def test_a_step_that_only_prefills_samples_nothing():
     outputs = _drain(engine)
     engine.shutdown()
     assert outputs["r"].finish_reason in ("stop", "length")
-
-
-# -- BlockManager on its own ----------------------------------------------------------------------
-def _seq(num_prompt_tokens: int = 1) -> Sequence:
-    return Sequence("r", 0, [1] * num_prompt_tokens, SamplingParams(), None, arrival=0)
-
-
-def test_blocks_needed_rounds_up_to_whole_blocks():
-    blocks = BlockManager(num_blocks=8, block_size=4)
-    seq = _seq()
-    assert blocks.blocks_needed(seq, 1) == 1
-    assert blocks.blocks_needed(seq, 4) == 1
-    assert blocks.blocks_needed(seq, 5) == 2
-    blocks.allocate(seq, 5)
-    seq.num_computed_tokens = 5
-    assert blocks.blocks_needed(seq, 3) == 0  # fits in the second block's free rows
-    assert blocks.blocks_needed(seq, 4) == 1
-    assert blocks.blocks_needed(seq, 0) == 0
-
-
-def test_allocate_free_round_trip():
-    blocks = BlockManager(num_blocks=8, block_size=4)
-    a, b = _seq(), _seq()
-    blocks.allocate(a, 9)
-    blocks.allocate(b, 4)
-    assert len(a.block_table) == 3 and len(b.block_table) == 1
-    assert not set(a.block_table) & set(b.block_table)
-    assert blocks.num_free == 4
-    blocks.free(a)
-    blocks.free(b)
-    assert a.block_table == [] and b.block_table == []
-    assert sorted(blocks.free_blocks) == list(range(8))
-
-
-def test_allocate_beyond_capacity_raises():
-    blocks = BlockManager(num_blocks=2, block_size=4)
-    seq = _seq()
-    assert blocks.can_allocate(seq, 8)
-    assert not blocks.can_allocate(seq, 9)
-    with pytest.raises(RuntimeError, match="can_allocate"):
-        blocks.allocate(seq, 9)
-    assert blocks.num_free == 2 and seq.block_table == []  # a refused allocation takes nothing
 
 
 def test_corrupt_adapter_is_invalid_json():
