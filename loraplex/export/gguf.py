@@ -7,7 +7,8 @@ Adapter-only: llama.cpp's LoRA GGUF (general.type "adapter"), which llama.cpp ap
               time as W x + (alpha / rank) * B (A x) on top of a base GGUF of the same model.
 
 Both follow llama.cpp's conventions: its tensor names (the gguf package's HF -> GGUF table), q/k
-rows permuted from HF's rotate-half order to interleaved RoPE pairs, and GGUF shapes listed
+rows permuted from HF's rotate-half order to interleaved RoPE pairs (for its llama
+architecture; qwen3 rotates halves as HF does), and GGUF shapes listed
 innermost dimension first (the writer reverses numpy's order: numpy [out, in] is GGUF [in, out]).
 A file is written to a temporary sibling and renamed into place, so `out` is either complete
 or untouched.
@@ -41,7 +42,11 @@ DTYPES = {
     "bf16": (QType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-ARCH = "llama"
+# llama.cpp architectures we write: llama (Llama, Mistral, SmolLM2, and Phi-3/Phi-4, whose math is
+# Llama's once q/k/v and gate/up are stored apart), and qwen3. llama.cpp's llama rotates adjacent
+# pairs, so q/k rows are permuted from HF's order; qwen3 rotates halves as HF does (NEOX).
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3}
+PERMUTED_ARCHS = ("llama",)
 
 
 @dataclass(frozen=True)
@@ -61,25 +66,27 @@ def export_merged(
     force: bool = False,
 ) -> ExportResult:
     """The base model of model_dir, with the adapter at adapter_dir merged in if given, as one
-    llama-architecture GGUF; `name` is its general.name (default: the model dir's name)."""
+    GGUF (llama.cpp's llama or qwen3 architecture, see ARCHS); `name` is its general.name
+    (default: the model dir's name)."""
     model_dir, out_path = Path(model_dir), Path(out_path)
     qtype, file_type = _format(dtype)
     _refuse_overwrite(out_path, force)
     config = _read_supported_config(model_dir)
+    arch = architecture(config)
     lora = _load_lora(adapter_dir, config) if adapter_dir is not None else None
     tokenizer = Tokenizer(model_dir)
 
-    writer = gguf.GGUFWriter(None, ARCH)  # the (temporary) path is given when writing
+    writer = gguf.GGUFWriter(None, arch)  # the (temporary) path is given when writing
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or model_dir.name)
     _add_hyperparameters(writer, config)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer, model_dir, tokenizer, config.vocab_size)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
+    names = gguf.get_tensor_name_map(ARCHS[arch], config.num_layers)
     for our_name, weight in _merged_weights(model_dir, config, lora).items():
-        array = _llama_cpp_rows(our_name, weight.numpy(), config)
-        _add_tensor(writer, _gguf_name(names, our_name), array, qtype)
+        array = _llama_cpp_rows(our_name, weight.numpy(), config, arch)
+        _add_tensor(writer, _gguf_name(names, our_name, arch), array, qtype)
     text = modelfile_text(f"./{out_path.name}", tokenizer)
     return _write(writer, out_path, text)
 
@@ -103,9 +110,10 @@ def export_adapter(
     qtype, file_type = _format(dtype)
     _refuse_overwrite(out_path, force)
     config = _read_supported_config(model_dir)
+    arch = architecture(config)
     lora = _load_lora(adapter_dir, config)
 
-    writer = gguf.GGUFWriter(None, ARCH)  # llama.cpp refuses an adapter of another arch
+    writer = gguf.GGUFWriter(None, arch)  # llama.cpp refuses an adapter of another arch
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_name(name or Path(adapter_dir).name)
@@ -116,7 +124,7 @@ def export_adapter(
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora.rank))
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
+    names = gguf.get_tensor_name_map(ARCHS[arch], config.num_layers)
     for (layer, module), (a, b) in sorted(lora.pairs()):
         pad = lora.rank - a.shape[0]
         a = F.pad(a, (0, 0, 0, pad))  # [rank, in]
@@ -124,10 +132,10 @@ def export_adapter(
         our_name = _linear_weight(layer, module)
         # (A, B) is a low-rank factor of a weight delta, so B's rows are the delta's rows and
         # take the same q/k permutation as the base weight; A's columns are inputs and do not.
-        b = _llama_cpp_rows(our_name, b.numpy(), config)
+        b = _llama_cpp_rows(our_name, b.numpy(), config, arch)
         # llama.cpp's shapes: lora_a GGUF [in, rank], lora_b GGUF [rank, out], i.e. numpy
         # [rank, in] and [out, rank], the PEFT layout as is.
-        base_name = _gguf_name(names, our_name)  # e.g. blk.3.attn_q.weight
+        base_name = _gguf_name(names, our_name, arch)  # e.g. blk.3.attn_q.weight
         _add_tensor(writer, f"{base_name}.lora_a", a.numpy(), qtype)
         _add_tensor(writer, f"{base_name}.lora_b", b, qtype)
     text = modelfile_text(base_gguf, Tokenizer(model_dir), adapter=f"./{out_path.name}")
@@ -162,12 +170,24 @@ def _refuse_overwrite(out_path: Path, force: bool) -> None:
             raise ExportError(f"{path} already exists; pass --force to overwrite it")
 
 
+def architecture(config: ModelConfig) -> str:
+    """The llama.cpp architecture a (supported) model is written as."""
+    return "qwen3" if config.qk_norm else "llama"
+
+
 def _read_supported_config(model_dir: Path) -> ModelConfig:
     config = read_config(model_dir)
+    if config.sandwich_norms:
+        # llama.cpp's gemma3 takes its attention scale and its sliding-window layout from the
+        # model's size, not from config.json, so a file we write could run differently there.
+        raise ExportError(
+            f"{model_dir}: Gemma 3 GGUF export is not supported (llama.cpp's gemma3 "
+            "architecture derives its attention scale and layer pattern from the model size)"
+        )
     if config.qkv_bias:
         raise ExportError(
             f"{model_dir}: q/k/v biases (Qwen2) need llama.cpp's qwen2 architecture; "
-            "GGUF export writes the llama architecture only"
+            "GGUF export writes the llama and qwen3 architectures only"
         )
     if config.rope_scaling:
         raise ExportError(
@@ -211,12 +231,12 @@ def _linear_weight(layer: int, module: str) -> str:
     return f"layers.{layer}.{parent}.{module}.weight"
 
 
-def _gguf_name(names: gguf.TensorNameMap, our_name: str) -> str:
+def _gguf_name(names: gguf.TensorNameMap, our_name: str, arch: str) -> str:
     # The loader's name map drops HF's "model." prefix; gguf's table maps HF names.
     hf_name = our_name if our_name.startswith("lm_head.") else f"model.{our_name}"
     gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
     if gguf_name is None:
-        raise ExportError(f"tensor {hf_name!r} has no name in llama.cpp's llama architecture")
+        raise ExportError(f"tensor {hf_name!r} has no name in llama.cpp's {arch} architecture")
     return gguf_name
 
 
@@ -224,7 +244,8 @@ def _merged_weights(
     model_dir: Path, config: ModelConfig, lora: LoRAWeights | None
 ) -> dict[str, torch.Tensor]:
     """Every tensor llama.cpp needs, by our parameter name, float32, with the adapter merged."""
-    weights = checkpoint_state_dict(load_model(model_dir, torch.float32, torch.device("cpu")))
+    model = load_model(model_dir, torch.float32, torch.device("cpu"))
+    weights = checkpoint_state_dict(model, separate=True)  # Phi-3's fused ones apart too
     if config.tie_word_embeddings:
         # With no output.weight in the file, llama.cpp projects with token_embd, as HF ties.
         del weights["lm_head.weight"]
@@ -235,7 +256,10 @@ def _merged_weights(
     return weights
 
 
-def _llama_cpp_rows(our_name: str, array: np.ndarray, config: ModelConfig) -> np.ndarray:
+def _llama_cpp_rows(our_name: str, array: np.ndarray, config: ModelConfig, arch: str
+                    ) -> np.ndarray:
+    if arch not in PERMUTED_ARCHS:
+        return array
     if our_name.endswith(f"{Q_PROJ}.weight"):
         return permute_qk(array, config.num_heads)
     if our_name.endswith(f"{K_PROJ}.weight"):

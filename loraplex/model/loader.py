@@ -104,13 +104,15 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
     return model.eval()
 
 
-def _fused_pieces(config: ModelConfig) -> dict[str, tuple[list[str], list[int]]]:
+def _fused_pieces(config: ModelConfig, separate: bool = False
+                  ) -> dict[str, tuple[list[str], list[int]]]:
     """Our fused parameter name -> the checkpoint's parameter names it is the row-wise
     concatenation of, and their row counts; e.g. layers.0.self_attn.qkv_proj.weight ->
     ([...q_proj.weight, ...k_proj.weight, ...v_proj.weight], [576, 192, 192]). None for a
-    checkpoint that stores them fused as we do (Phi-3: qkv_proj, gate_up_proj, same order)."""
+    checkpoint that stores them fused as we do (Phi-3: qkv_proj, gate_up_proj, same order),
+    unless `separate`."""
     pieces = {}
-    if config.checkpoint_fused:
+    if config.checkpoint_fused and not separate:
         return pieces
     for layer in range(config.num_layers):
         for path, modules in FUSED_LINEARS.items():
@@ -130,10 +132,11 @@ def _fuse(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torc
     return state
 
 
-def checkpoint_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
+def checkpoint_state_dict(model: LlamaModel, separate: bool = False) -> dict[str, torch.Tensor]:
     """The model's parameters under the checkpoint's names: fused linears split back into
-    their modules (views, no copy)."""
+    their modules (views, no copy). `separate`: split them even where the checkpoint fuses them
+    (Phi-3), naming q/k/v and gate/up as Llama does."""
     state = dict(model.state_dict())
-    for fused, (names, sizes) in _fused_pieces(model.config).items():
+    for fused, (names, sizes) in _fused_pieces(model.config, separate).items():
         state.update(zip(names, state.pop(fused).split(sizes), strict=True))
     return state
