@@ -150,6 +150,11 @@ def plan(
     console = Console()
     console.print(table)
 
+    if weights != "auto":  # no serve flags: they would not fit the base loraplex loads
+        console.print(f"The base is sized as {weights} weights, for comparison: loraplex serves "
+                      "base weights in --dtype (plan with --weights auto for its flags).",
+                      highlight=False)
+        return
     on_disk = clients - p.max_cpu_loras
     disk_note = (f" The other {on_disk} adapters load from disk on first use." if on_disk > 0
                  else " Every client's adapter stays in the host cache.")
@@ -161,9 +166,6 @@ def plan(
         f"in RAM.{disk_note} The KV cache holds {p.num_full_context_seqs:,} full "
         f"{p.context_len:,}-token conversations at once.",
         highlight=False)
-    if weights != "auto":
-        console.print(f"The base is sized as {weights} weights, for comparison: loraplex serves "
-                      f"base weights in --dtype.", highlight=False)
 
 
 # -- administration: operates directly on the registry in the loraplex home ---------------------
@@ -352,6 +354,9 @@ def serve(
         help="fair (tenants share by their tiers: `loraplex tenant quota --tier`) | fcfs "
         "(first come, first served)")] = "fair",
     max_model_len: Annotated[int | None, typer.Option(help="Context length")] = None,
+    prefix_caching: Annotated[bool, typer.Option(
+        help="Reuse the KV cache of a prompt's beginning that the same tenant sent before on the "
+        "same adapter version (chat turns, system prompts); never across tenants")] = True,
     max_concurrent_per_tenant: Annotated[int, typer.Option(
         help="A tenant's concurrent requests unless its quota says otherwise")] = 32,
     kv_cache: Annotated[str | None, typer.Option(
@@ -385,7 +390,7 @@ def serve(
             model=model, dtype=dtype, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
             max_lora_rank=max_lora_rank, lora_dtype=lora_dtype, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, scheduling=scheduling,
-            max_model_len=max_model_len,
+            max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
             kv_cache_bytes=None if kv_cache is None else parse_bytes(kv_cache))
         resolve_model(model)  # pull a default model once here, not in every engine at once
     except (ValueError, OSError, PullError) as e:
