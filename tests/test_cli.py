@@ -51,6 +51,24 @@ def test_serve_with_an_unknown_lora_dtype_is_a_clear_error(tmp_path, monkeypatch
     assert "lora_dtype must be one of auto, int8, got 'int4'" in result.output
 
 
+@pytest.mark.parametrize("flag, enabled", [([], True), (["--no-prefix-caching"], False)])
+def test_serve_turns_the_prefix_cache_off_on_request(flag, enabled, tmp_path, monkeypatch,
+                                                     tiny_llama_dir):
+    import loraplex.engine.async_engine
+
+    seen = []
+
+    def engine(config):
+        seen.append(config)
+        raise ValueError("no engine in this test")
+
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
+    monkeypatch.setattr(loraplex.engine.async_engine, "AsyncEngine", engine)
+    result = runner.invoke(app, ["serve", "--model", str(tiny_llama_dir), *flag])
+    assert result.exit_code == 1 and "no engine in this test" in result.output
+    assert [c.enable_prefix_caching for c in seen] == [enabled]
+
+
 def test_admin_commands(tmp_path, monkeypatch, sharp_llama_dir, sharp_adapters):
     monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
 

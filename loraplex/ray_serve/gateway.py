@@ -131,9 +131,10 @@ def _error_delta(previous: StreamDelta | None, index: int, prompt_tokens: int,
 
 
 def _combine(replica_stats: list[dict]) -> dict:
-    """Counts add up, id lists concatenate, adapter load times keep the slowest replica's, and a
+    """Counts add up, id lists concatenate, adapter load times keep the slowest replica's, a
     tenant's fair-share standing adds up over the replicas it has work on (each replica keeps
-    its own counters: their sum is the weighted service the tenant is receiving)."""
+    its own counters: their sum is the weighted service the tenant is receiving), and so do its
+    prefix-cache lookups (each replica has its own cache)."""
     combined: dict = {"replicas": replica_stats}
     for stats in replica_stats:
         for key, value in stats.items():
@@ -145,6 +146,13 @@ def _combine(replica_stats: list[dict]) -> dict:
                     for field in ("counter", "sequences", "running"):
                         into[field] += share.get(field, 0)
                     into["weight"] = share["weight"]
+            elif key == "prefix_cache":
+                tenants = combined.setdefault("prefix_cache", {})
+                for tenant, counts in value.items():
+                    into = tenants.setdefault(tenant, {"queried_tokens": 0, "hit_tokens": 0})
+                    into["queried_tokens"] += counts["queried_tokens"]
+                    into["hit_tokens"] += counts["hit_tokens"]
+                    into["hit_rate"] = into["hit_tokens"] / max(1, into["queried_tokens"])
             elif key.startswith("adapter_load_ms"):
                 known = [v for v in (combined.get(key), value) if v is not None]
                 combined[key] = max(known) if known else None

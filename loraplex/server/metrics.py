@@ -31,6 +31,10 @@ class Metrics:
                                     registry=r)
         self.tenant_sequences = Gauge("loraplex_tenant_sequences", "A busy tenant's sequences in "
                                       "the engine", ("tenant", "state"), registry=r)
+        self.prefix_cache_tokens = Gauge(
+            "loraplex_tenant_prefix_cache_tokens", "A tenant's prompt tokens looked up in the "
+            "prefix cache on admission (kind=queried) and found there, not computed (kind=hit)",
+            ("tenant", "kind"), registry=r)
         self.engine = {
             name: Gauge(f"loraplex_engine_{name}", help_text, registry=r)
             for name, help_text in {
@@ -48,6 +52,7 @@ class Metrics:
                 "adapters_in_host_cache_count": "Adapters in the host cache",
                 "adapter_load_ms_p50": "Median adapter load time from disk (ms)",
                 "tokens_per_second": "Generated tokens per second (last 10 s)",
+                "prefix_cache_blocks": "KV cache blocks the prefix cache can find (held or free)",
             }.items()
         }
 
@@ -78,4 +83,8 @@ class Metrics:
             running = share.get("running", 0)
             self.tenant_sequences.labels(tenant, "running").set(running)
             self.tenant_sequences.labels(tenant, "waiting").set(share["sequences"] - running)
+        # Counts since the engine started, kept for every tenant that has sent a request.
+        for tenant, counts in stats.get("prefix_cache", {}).items():
+            for kind in ("queried", "hit"):
+                self.prefix_cache_tokens.labels(tenant, kind).set(counts[f"{kind}_tokens"])
         return generate_latest(self.registry)

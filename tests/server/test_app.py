@@ -199,6 +199,11 @@ def test_health_and_metrics(live):
     assert 'loraplex_requests_total{adapter="bot",status="ok",tenant="globex",version="v1"}' in text
     assert "loraplex_engine_kv_blocks_total" in text
     assert "loraplex_time_to_first_token_seconds_bucket" in text
+    # The prefix cache's lookups, per tenant (the engine's fairness key is the tenant's name).
+    assert 'loraplex_tenant_prefix_cache_tokens{kind="queried",tenant="globex"}' in text
+    engine = httpx.get(f"{live.url}/admin/engine",
+                       headers={"Authorization": f"Bearer {live.admin_key}"}).json()
+    assert engine["prefix_cache"]["globex"]["queried_tokens"] > 0
 
 
 def test_admin_api(live, sharp_adapters):
