@@ -408,7 +408,7 @@ def test_cli_plans_popular_models_by_name(empty_home, model):
                                  "80GiB", "--dtype", "bfloat16", "--weights", "4bit"])
     assert result.exit_code == 0, result.output
     assert "4bit base" in result.output and "sized as 4bit weights" in result.output
-    assert "--max-loras" not in result.output  # serve flags are for a base in --dtype
+    assert "Run loraplex serve" not in result.output  # its flags are for a base in --dtype
     assert not (empty_home / "models").exists()
 
 
