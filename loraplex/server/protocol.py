@@ -37,6 +37,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk carries the usage so far (GuideLLM asks for it).
+    continuous_usage_stats: bool = False
 
 
 class FunctionCall(_Strict):

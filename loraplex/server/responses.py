@@ -15,7 +15,7 @@ class Answer:
     model: str  # the name the client asked for
     tokenizer: object  # for the logprobs' token strings
     n: int  # completions
-    include_usage: bool  # a last streamed chunk with usage
+    usage_chunks: str  # streamed usage: "none", "last" (a last chunk) or "every" (each chunk)
     with_logprobs: bool
 
 
@@ -30,6 +30,13 @@ def finish_reason(delta: StreamDelta) -> str | None:
     if not delta.finished:
         return None
     return {"stop": "stop", "length": "length"}.get(delta.finish_reason, delta.finish_reason)
+
+
+def usage_chunks(stream_options) -> str:
+    """Which streamed chunks carry usage, as the request's stream_options ask."""
+    if stream_options is None or not stream_options.include_usage:
+        return "none"
+    return "every" if stream_options.continuous_usage_stats else "last"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -90,9 +97,11 @@ def logprobs_completion(delta: StreamDelta, tokenizer) -> dict:
 
 async def stream_chunks(deltas: AsyncIterator[StreamDelta],
                         chunk: Callable[[StreamDelta], dict | None],
-                        usage_chunk: Callable[[dict], dict] | None) -> AsyncIterator[dict]:
+                        usage_chunk: Callable[[dict], dict], usage_chunks: str
+                        ) -> AsyncIterator[dict]:
     """A streamed answer: `chunk(delta)` per delta (None: nothing to send for it), an error as
-    the last event, and `usage_chunk(usage)` at the end when the client asked for usage."""
+    the last event, and `usage_chunk(usage)` at the end when the client asked for usage
+    (`usage_chunks` "last" or "every"; "every" also puts the usage so far in each chunk)."""
     prompt_tokens, completion_tokens = 0, {}
     async for delta in deltas:
         if delta.error:
@@ -102,6 +111,8 @@ async def stream_chunks(deltas: AsyncIterator[StreamDelta],
         completion_tokens[delta.index] = delta.completion_tokens
         body = chunk(delta)
         if body is not None:
+            if usage_chunks == "every":
+                body["usage"] = usage(prompt_tokens, sum(completion_tokens.values()))
             yield body
-    if usage_chunk is not None:
+    if usage_chunks != "none":
         yield usage_chunk(usage(prompt_tokens, sum(completion_tokens.values())))

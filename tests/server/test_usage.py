@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from loraplex.cli import app
 from loraplex.registry import Registry
+from loraplex.vault.artifacts import ArtifactSealer
 from tests.conftest import serve_process
 from tests.server.conftest import BASE_NAME
 
@@ -36,6 +37,27 @@ def away_from_a_minute_boundary() -> None:
     """Per-minute windows reset on the minute: keep a test's requests inside one window."""
     if time.time() % 60 > 50:
         time.sleep(61 - time.time() % 60)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": QUESTION}),
+    ("/v1/completions", {"prompt": "once upon"}),
+])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(live, path, body):
+    """vLLM's stream option, which GuideLLM sends: each chunk's usage counts the tokens so far,
+    and the last chunk has the total."""
+    request = {"model": "support", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+               "stream": True, "stop": None, **body,
+               "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", f"{live.url}{path}", json=request, headers=bearer(live, "acme"),
+                      timeout=60) as response:
+        assert response.status_code == 200
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 6 and len(chunks) >= 2
+    assert chunks[-1]["choices"] == [] and all(c["choices"] for c in chunks[:-1])
+    assert {c["usage"]["prompt_tokens"] for c in chunks} == {chunks[-1]["usage"]["prompt_tokens"]}
 
 
 def test_the_ledger_equals_the_usage_the_responses_reported(live):
@@ -176,7 +198,8 @@ def test_a_sigkill_loses_at_most_the_last_flush_of_usage(sharp_llama_dir, sharp_
                                                           tmp_path):
     registry = Registry(tmp_path)
     registry.create_tenant("acme", actor="test")
-    registry.push_version("acme", "bot", sharp_adapters[0], actor="test", validate=None)
+    registry.push_version("acme", "bot", sharp_adapters[0], actor="test", validate=None,
+                          sealer=ArtifactSealer.for_home(tmp_path))
     _, key = registry.create_key("acme", actor="test")
     finished = []  # (time answered, total tokens)
     with serve_process(tmp_path, sharp_llama_dir) as (url, server):

@@ -17,6 +17,7 @@ from loraplex.server.responses import (
     logprobs_chat,
     stream_chunks,
     total_usage,
+    usage_chunks,
 )
 from loraplex.server.serving import Serving, sampling_params
 from loraplex.server.structured import compile_grammar, requested_grammar
@@ -105,8 +106,8 @@ class ChatShaper(Answer):
         return None  # e.g. a "required" call still being generated
 
     def chunks(self, deltas: AsyncIterator[StreamDelta]) -> AsyncIterator[dict]:
-        return stream_chunks(deltas, self._delta_chunk, (lambda u: {**self._body([]), "usage": u})
-                             if self.include_usage else None)
+        return stream_chunks(deltas, self._delta_chunk,
+                             lambda u: {**self._body([]), "usage": u}, self.usage_chunks)
 
     def whole(self, deltas: list[StreamDelta]) -> dict:
         merged = by_completion(deltas, self.n)
@@ -156,7 +157,7 @@ def chat_router(serving: Serving) -> APIRouter:
         params = sampling_params(body, serving.max_tokens_for(body, len(prompt_ids)), logprobs,
                                  grammar and grammar[1])
         shaper = ChatShaper(new_id("chatcmpl"), target.labels[1], tokenizer, params.n,
-                            bool(body.stream_options and body.stream_options.include_usage),
+                            usage_chunks(body.stream_options),
                             logprobs is not None, choice, body)
         return await serving.run(request, principal, target, prompt_ids, params, shaper,
                                  body.stream)

@@ -16,6 +16,7 @@ from loraplex.server.responses import (
     logprobs_completion,
     stream_chunks,
     total_usage,
+    usage_chunks,
 )
 from loraplex.server.serving import Serving, sampling_params
 from loraplex.server.structured import compile_grammar, requested_grammar
@@ -37,7 +38,7 @@ class CompletionShaper(Answer):
         return stream_chunks(
             deltas, lambda d: self._body([self._choice(d)]) if d.text or d.finished
             or d.logprobs else None,
-            (lambda u: {**self._body([]), "usage": u}) if self.include_usage else None)
+            lambda u: {**self._body([]), "usage": u}, self.usage_chunks)
 
     def whole(self, deltas: list[StreamDelta]) -> dict:
         merged = by_completion(deltas, self.n)
@@ -67,7 +68,7 @@ def completions_router(serving: Serving) -> APIRouter:
         params = sampling_params(body, serving.max_tokens_for(body, len(prompt_ids)),
                                  body.logprobs, grammar and grammar[1])
         shaper = CompletionShaper(new_id("cmpl"), target.labels[1], tokenizer, params.n,
-                                  bool(body.stream_options and body.stream_options.include_usage),
+                                  usage_chunks(body.stream_options),
                                   params.logprobs is not None)
         return await serving.run(request, principal, target, prompt_ids, params, shaper,
                                  body.stream)
