@@ -1,7 +1,7 @@
 """Prefix caching on a chat's second turn: its time to first token against the first turn's.
 
     python -m loraplex.bench.prefix_cache [--model smollm2-135m] [--history 1000]
-        [--answer 64] [--message 24] [--rounds 5] [--dtype float32]
+        [--answer 64] [--message 24] [--rounds 5] [--dtype float32] [--threads N]
 
 One process, two engines (prefix cache on, off), taking turns round by round. Each round is a
 new conversation (its own opening, so no round finds another's blocks): the first turn sends a
@@ -10,12 +10,16 @@ first's prompt + answer + a new message of `--message` tokens, as a chat client 
 token ids are sent as they are: a server re-renders the history through the chat template,
 which gives the same tokens but for the few where the answer meets the template's end-of-turn.
 Prints the median TTFT of each turn, the second turn's over the first's, and that ratio
-against the target (<= 0.3 with the cache on). In-process: the engine alone, no HTTP.
+against the target (<= 0.3 with the cache on). In-process: the engine alone, no HTTP. On a
+busy machine, --threads 1 keeps torch's threads from waiting on each other: a short step (the
+second turn's) suffers from that far more than a long one.
 """
 
 import argparse
 import statistics
 import time
+
+import torch
 
 from loraplex.config import DTYPES, EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
@@ -99,13 +103,17 @@ def main() -> None:
     parser.add_argument("--message", type=int, default=24, help="the new message's tokens")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     options = parser.parse_args()
-    if min(options.answer, options.message, options.rounds) < 1 or options.history < 16:
+    if min(options.answer, options.message, options.rounds, options.threads) < 1 \
+            or options.history < 16:
         parser.error("--history must be at least 16; the other counts at least 1")
+    torch.set_num_threads(options.threads)
     result = run(options.model, options.history, options.answer, options.message,
                  options.rounds, options.dtype)
     print(f"history {options.history} tokens, answer {options.answer}, new message "
-          f"{options.message}, {options.dtype}, median of {options.rounds} rounds")
+          f"{options.message}, {options.dtype}, {options.threads} threads, median of "
+          f"{options.rounds} rounds")
     print(f"{'prefix cache':>12}  {'turn 1 TTFT ms':>14}  {'turn 2 TTFT ms':>14}  turn 2 / turn 1")
     for name, r in result.items():
         print(f"{name:>12}  {1e3 * r['first']:>14.1f}  {1e3 * r['second']:>14.1f}  "

@@ -21,7 +21,8 @@ def test_the_table_and_the_target_line(tiny_llama_dir, monkeypatch, capsys):
     assert "turn 2 / turn 1" in out and "target: turn 2 <= 0.3x" in out
 
 
-@pytest.mark.parametrize("args", [["--rounds", "0"], ["--history", "8"], ["--answer", "0"]])
+@pytest.mark.parametrize("args", [["--rounds", "0"], ["--history", "8"], ["--answer", "0"],
+                                  ["--threads", "0"]])
 def test_bad_counts_are_a_usage_error_not_a_traceback(args, monkeypatch, capsys):
     assert "at least" in usage_error(prefix_cache.main, ["prefix_cache", *args], monkeypatch,
                                      capsys)
