@@ -41,7 +41,7 @@ class Metrics:
                 "running": "Sequences in the running batch",
                 "waiting": "Sequences waiting to run",
                 "kv_blocks_total": "KV cache blocks",
-                "kv_blocks_free": "Free KV cache blocks",
+                "kv_blocks_free": "Free KV cache blocks (with the cached ones no sequence holds)",
                 "preemptions": "Sequences preempted so far",
                 "fairness_preemptions": "Sequences preempted to free a seat for a tenant below "
                                         "its fair share",
