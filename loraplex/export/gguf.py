@@ -17,7 +17,7 @@ or untouched.
 import errno
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -30,7 +30,7 @@ from loraplex.export.modelfile import modelfile_path, modelfile_text
 from loraplex.export.tokenizer import add_tokenizer
 from loraplex.lora.adapter import LoRAWeights, load_adapter
 from loraplex.lora.modules import ATTENTION_MODULES, K_PROJ, Q_PROJ
-from loraplex.model.llama import ModelConfig
+from loraplex.model.llama import ModelConfig, rope_inv_freq
 from loraplex.model.loader import checkpoint_state_dict, load_model, read_config
 from loraplex.model.tokenizer import Tokenizer
 
@@ -43,9 +43,10 @@ DTYPES = {
     "q8_0": (QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 # llama.cpp architectures we write: llama (Llama, Mistral, SmolLM2, and Phi-3/Phi-4, whose math is
-# Llama's once q/k/v and gate/up are stored apart), and qwen3. llama.cpp's llama rotates adjacent
-# pairs, so q/k rows are permuted from HF's order; qwen3 rotates halves as HF does (NEOX).
-ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3}
+# Llama's once q/k/v and gate/up are stored apart), qwen3 and gemma3. llama.cpp's llama rotates
+# adjacent pairs, so q/k rows are permuted from HF's order; the others rotate halves as HF does.
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3,
+         "gemma3": gguf.MODEL_ARCH.GEMMA3}
 PERMUTED_ARCHS = ("llama",)
 
 
@@ -87,6 +88,11 @@ def export_merged(
     for our_name, weight in _merged_weights(model_dir, config, lora).items():
         array = _llama_cpp_rows(our_name, weight.numpy(), config, arch)
         _add_tensor(writer, _gguf_name(names, our_name, arch), array, qtype)
+    if config.rope_scaling and config.rope_scaling["rope_type"] == "llama3":
+        # llama.cpp divides each RoPE frequency by its factor in rope_freqs [head_dim / 2].
+        factors = rope_inv_freq(replace(config, rope_scaling=None)) / rope_inv_freq(config)
+        _add_tensor(writer, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                    factors.numpy(), qtype)
     text = modelfile_text(f"./{out_path.name}", tokenizer)
     return _write(writer, out_path, text)
 
@@ -172,33 +178,37 @@ def _refuse_overwrite(out_path: Path, force: bool) -> None:
 
 def architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture a (supported) model is written as."""
+    if config.sandwich_norms:
+        return "gemma3"
     return "qwen3" if config.qk_norm else "llama"
 
 
 def _read_supported_config(model_dir: Path) -> ModelConfig:
     config = read_config(model_dir)
-    if config.sandwich_norms:
-        # llama.cpp's gemma3 takes its attention scale and its sliding-window layout from the
-        # model's size, not from config.json, so a file we write could run differently there.
-        raise ExportError(
-            f"{model_dir}: Gemma 3 GGUF export is not supported (llama.cpp's gemma3 "
-            "architecture derives its attention scale and layer pattern from the model size)"
-        )
     if config.qkv_bias:
         raise ExportError(
             f"{model_dir}: q/k/v biases (Qwen2) need llama.cpp's qwen2 architecture; "
-            "GGUF export writes the llama and qwen3 architectures only"
+            "GGUF export writes the llama, qwen3 and gemma3 architectures only"
         )
-    if config.rope_scaling:
+    if config.sandwich_norms and config.query_pre_attn_scalar != _llama_cpp_gemma3_scalar(config):
         raise ExportError(
-            f"{model_dir}: RoPE scaling {config.rope_scaling['rope_type']!r} is not supported "
-            "by GGUF export yet"
+            f"{model_dir}: query_pre_attn_scalar={config.query_pre_attn_scalar}: llama.cpp's "
+            f"gemma3 scales attention by {_llama_cpp_gemma3_scalar(config)} ** -0.5 for this "
+            "shape, whatever the GGUF says, so the export would run differently there"
         )
     return config
 
 
+def _llama_cpp_gemma3_scalar(config: ModelConfig) -> int:
+    """The query_pre_attn_scalar llama.cpp's gemma3 uses (it ignores attention.scale): head_dim,
+    or hidden / heads for what it takes for Gemma 3 27B (62 layers; 168 there, as published)."""
+    if config.num_layers == 62:
+        return config.hidden_size // config.num_heads
+    return config.head_dim
+
+
 def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
-    """The llama.* keys llama.cpp builds the model from."""
+    """The <arch>.* keys llama.cpp builds the model from."""
     # Mistral-style sliding-window attention has no llama equivalent; within one window it
     # equals full attention, so the context is capped there (the engine caps max_model_len too).
     writer.add_context_length(min(config.max_position_embeddings,
@@ -215,6 +225,13 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if config.sandwich_norms and config.sliding_window:  # Gemma 3 (with sliding layers)
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
+        writer.add_rope_freq_base_swa(config.rope_local_theta)  # never scaled, as ours
+    if config.rope_scaling and config.rope_scaling["rope_type"] == "linear":  # gemma3: global
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
 
 
 def _load_lora(adapter_dir: str | Path, config: ModelConfig) -> LoRAWeights:
@@ -258,6 +275,8 @@ def _merged_weights(
 
 def _llama_cpp_rows(our_name: str, array: np.ndarray, config: ModelConfig, arch: str
                     ) -> np.ndarray:
+    if config.norm_unit_offset and our_name.endswith("norm.weight"):
+        return array + 1  # llama.cpp's gemma norms scale by the weight, ours by 1 + weight
     if arch not in PERMUTED_ARCHS:
         return array
     if our_name.endswith(f"{Q_PROJ}.weight"):
