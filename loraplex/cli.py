@@ -33,9 +33,9 @@ def pull(name: Annotated[str, typer.Argument(help="A default model, e.g. smollm2
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user's message")],
-    model: Annotated[str, typer.Option(
-        help="A known model (e.g. llama-3.1-8b, qwen3-8b, gemma-3-27b, phi-4: an unknown name "
-        "lists them), a config.json or a checkpoint dir")] = "smollm2-135m",
+    model: Annotated[str, typer.Option(help="Default model name or checkpoint dir")] = (
+        "smollm2-135m"
+    ),
     adapter: Annotated[Path | None, typer.Option(help="A PEFT LoRA adapter directory")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
@@ -335,9 +335,9 @@ def audit(limit: int = 50, tenant: str | None = None):
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(
-        help="A known model (e.g. llama-3.1-8b, qwen3-8b, gemma-3-27b, phi-4: an unknown name "
-        "lists them), a config.json or a checkpoint dir")] = "smollm2-135m",
+    model: Annotated[str, typer.Option(help="Default model name or checkpoint dir")] = (
+        "smollm2-135m"
+    ),
     host: str = "127.0.0.1",
     port: int = 8000,
     dtype: str = "float32",
