@@ -7,8 +7,9 @@ import typer
 from rich.console import Console
 
 from loraplex.bench.cli import bench_command
-from loraplex.cli_support import actor, err, fail, open_registry, or_fail
+from loraplex.cli_support import actor, err, fail, open_registry, or_fail, parse_duration
 from loraplex.export.cli import export_app
+from loraplex.registry.tenants import DEFAULT_ROTATION_OVERLAP_S
 from loraplex.train.cli import train_command
 from loraplex.usage_cli import quota_command, usage_command
 from loraplex.vault.cli import data_app
@@ -226,6 +227,19 @@ def key_revoke(key_id: str):
     typer.echo(f"key {key_id} revoked")
 
 
+@key_app.command("rotate")
+def key_rotate(key_id: str, overlap: Annotated[str, typer.Option(
+        help="How long the old key keeps working, e.g. 30m, 24h, 7d (0: stops now)")
+        ] = f"{DEFAULT_ROTATION_OVERLAP_S // 3600}h"):
+    """Replace a tenant or admin key: a new key (printed once) now, the old one expires after
+    the overlap, time to roll the new key out."""
+    new_id, key, old = or_fail(open_registry().rotate_key, key_id, actor=actor(),
+                               overlap_s=or_fail(parse_duration, overlap))
+    err.print(f"key {new_id} replaces {key_id}, which expires at {old.expires_at} "
+              "(shown once, store it now):")
+    typer.echo(key)
+
+
 @key_app.command("admin")
 def key_admin():
     """Create an admin key for the /admin/ HTTP API (printed once)."""
@@ -242,10 +256,13 @@ def adapter_push(
     promote: Annotated[bool, typer.Option(help="Serve the new version at once")] = False,
 ):
     """Store a PEFT adapter as the next version of TENANT's adapter NAME."""
+    from loraplex.home import loraplex_home
     from loraplex.validation import adapter_validator
+    from loraplex.vault.artifacts import ArtifactSealer
 
+    sealer = or_fail(ArtifactSealer.for_home, loraplex_home())
     version = or_fail(open_registry().push_version, tenant, name, peft_dir, actor=actor(),
-                     validate=adapter_validator(model), promote=promote)
+                     validate=adapter_validator(model), sealer=sealer, promote=promote)
     typer.echo(f"{name} {version.label} (id {version.id}, sha256 {version.sha256[:12]}, "
                f"rank {version.rank})")
 

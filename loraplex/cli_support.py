@@ -33,3 +33,14 @@ def or_fail(function, *args, **kwargs):
         return function(*args, **kwargs)
     except (ValueError, OSError) as e:
         fail(str(e))
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in "90s", "15m", "24h", "7d" or a bare number of seconds; ValueError otherwise."""
+    value, unit = (text[:-1], text[-1]) if text[-1:] in _DURATION_UNITS else (text, "s")
+    if not value.isdigit():
+        raise ValueError(f"invalid duration {text!r}: use e.g. 90s, 15m, 24h or 7d")
+    return int(value) * _DURATION_UNITS[unit]

@@ -252,6 +252,7 @@ def _split_text(split: dict[int, int]) -> str:
 
 def _export(registry, model_dir: Path, settings: DemoSettings) -> Path:
     from loraplex.export.gguf import export_merged
+    from loraplex.vault.artifacts import ArtifactSealer, materialized
 
     tenant = settings.export_tenant
     version = registry.get_version(tenant, ADAPTER, registry.show_adapter(tenant, ADAPTER).active)
@@ -261,8 +262,10 @@ def _export(registry, model_dir: Path, settings: DemoSettings) -> Path:
         console.print(f"{out} exists, reused")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    exported = export_merged(model_dir, out, settings.export_dtype, version.artifact_path,
-                             name=f"{model_dir.name}+{tenant}/{ADAPTER}@{version.label}")
+    reader = ArtifactSealer.for_home(registry.home).reader(tenant, version.artifact_path)
+    with materialized(reader) as adapter_dir:  # a private, decrypted copy (export reads a dir)
+        exported = export_merged(model_dir, out, settings.export_dtype, adapter_dir,
+                                 name=f"{model_dir.name}+{tenant}/{ADAPTER}@{version.label}")
     registry.record_audit(ACTOR, "export.gguf", f"{tenant}/{ADAPTER}",
                           {"dtype": settings.export_dtype, "version": version.label,
                            "out": str(out)}, tenant=tenant)

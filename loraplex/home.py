@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 
 HOME_ENV = "LORAPLEX_HOME"
+ADAPTER_CACHE_ENV = "LORAPLEX_ADAPTER_CACHE"  # where engines keep the serving cache; default below
+ADAPTER_CACHE_DIR = "cache/adapters"  # under the loraplex home
 
 
 def loraplex_home() -> Path:
@@ -11,3 +13,9 @@ def loraplex_home() -> Path:
     home = Path(os.environ.get(HOME_ENV) or Path.home() / ".loraplex").expanduser()
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+def adapter_cache_dir(home: Path | None = None) -> Path:
+    """Where engines keep loaded adapters ready to serve (lora/packed.py). Here, not in lora/,
+    so that the vault (which never imports torch) can delete a tenant's entries."""
+    return Path(os.environ.get(ADAPTER_CACHE_ENV) or (home or loraplex_home()) / ADAPTER_CACHE_DIR)

@@ -101,9 +101,23 @@ def test_admin_commands(tmp_path, monkeypatch, sharp_llama_dir, sharp_adapters):
     assert "sha256" in ok("adapter", "show", "acme", "bot")
     assert "v2" in ok("adapter", "stats", "acme", "bot")
     key_id = key.split("_")[1]
+    new_key = ok("key", "rotate", key_id, "--overlap", "2h").strip().splitlines()[-1]
+    assert new_key.startswith("lpx_") and new_key != key
+    assert "invalid duration" in fails("key", "rotate", new_key.split("_")[1], "--overlap", "2w")
+    from loraplex.registry import Registry
+
+    with Registry(tmp_path) as registry:  # both work until the overlap ends
+        assert registry.authenticate(key) and registry.authenticate(new_key)
     ok("key", "revoke", key_id)
+    assert "revoked or expired" in fails("key", "rotate", key_id)
+    # Pushed adapters are sealed: no clear weights under the home (they are random floats).
+    weights = (sharp_adapters[0] / "adapter_model.safetensors").read_bytes()[-64:]
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and weights in p.read_bytes()]
+    ok("data", "shred", "acme", "--yes")
+    assert not (tmp_path / "artifacts" / "acme").exists()
     log = ok("audit")
-    for action in ("tenant.create", "key.create", "key.revoke", "rollback", "split"):
+    for action in ("tenant.create", "key.create", "key.rotate", "key.revoke", "rollback",
+                   "split", "vault.delete"):
         assert action in log
 
 
@@ -114,10 +128,12 @@ def test_serve_finishes_running_requests_on_sigterm(tmp_path, sharp_llama_dir, s
     import httpx
 
     from loraplex.registry import Registry
+    from loraplex.vault.artifacts import ArtifactSealer
 
     registry = Registry(tmp_path)
     registry.create_tenant("acme", actor="test")
-    registry.push_version("acme", "bot", sharp_adapters[0], actor="test", validate=None)
+    registry.push_version("acme", "bot", sharp_adapters[0], actor="test", validate=None,
+                          sealer=ArtifactSealer.for_home(tmp_path))
     _, key = registry.create_key("acme", actor="test")
     with serve_process(tmp_path, sharp_llama_dir) as (url, server):
         body = {"model": "bot", "prompt": "go", "max_tokens": 120, "temperature": 0,

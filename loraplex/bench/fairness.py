@@ -36,6 +36,7 @@ from loraplex.home import HOME_ENV
 from loraplex.model.loader import read_config
 from loraplex.model.pull import resolve_model
 from loraplex.registry import Registry
+from loraplex.vault.artifacts import ArtifactSealer
 
 READY_TIMEOUT_S = 600
 ADAPTER_RANK = 16
@@ -58,7 +59,8 @@ def _setup(home: Path, model: str, tenants: list[str]) -> tuple[dict[str, str], 
     for i, tenant in enumerate(tenants):
         registry.create_tenant(tenant, actor="bench")
         adapter = write_random_adapter(home / "src" / tenant, config, ADAPTER_RANK, seed=i)
-        registry.push_version(tenant, "bot", adapter, actor="bench", validate=None)
+        registry.push_version(tenant, "bot", adapter, actor="bench", validate=None,
+                              sealer=ArtifactSealer.for_home(home))
         keys[tenant] = registry.create_key(tenant, actor="bench")[1]
     admin_key = registry.create_admin_key(actor="bench")[1]
     registry.close()

@@ -255,6 +255,7 @@ class LoraplexHTTPSystem:
         from loraplex.server.app import ServerSettings, create_app
         from loraplex.server.thread import ServerThread
         from loraplex.validation import adapter_validator
+        from loraplex.vault.artifacts import ArtifactSealer
 
         config = engine_config(
             model_dir, adapters, dtype, max_batch_size=self.max_batch_size,
@@ -267,7 +268,8 @@ class LoraplexHTTPSystem:
         _, key = registry.create_key(TENANT, actor=ACTOR)
         validate = adapter_validator(str(model_dir))
         for i, path in enumerate(adapters):
-            registry.push_version(TENANT, _model_name(i), path, actor=ACTOR, validate=validate)
+            registry.push_version(TENANT, _model_name(i), path, actor=ACTOR, validate=validate,
+                                  sealer=ArtifactSealer.for_home(self._home))
         self.num_adapters = len(adapters)
         self._engine = AsyncEngine(config)
         settings = ServerSettings(

@@ -60,6 +60,8 @@ class AdapterManager:
             max_rank=self.max_rank,
             dtype=self.dtype,
             cache_dir=self.cache_dir,
+            read_files=adapter.read_files,
+            cache_scope=adapter.cache_scope,
         )
         self.stats.load_seconds.append(time.perf_counter() - start)
         return weights

@@ -1,6 +1,7 @@
 """Per-request state as it moves through the engine."""
 
 import enum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,11 @@ class AdapterRequest:
     """The adapter a request uses, as the caller (registry / CLI) resolved it."""
 
     adapter_id: int  # a stable integer per adapter version; the engine's cache key
-    path: str  # the PEFT directory on disk
+    path: str  # the PEFT directory on disk; with read_files, only the adapter's name
+    # The adapter's files ({file name: bytes}) when they are not plain on disk (a registry
+    # artifact is encrypted: this decrypts it in memory), called on a host cache miss only.
+    read_files: Callable[[], Mapping[str, bytes]] | None = field(default=None, compare=False)
+    cache_scope: str = ""  # the adapter cache's sub-directory for it (its owner, opaque)
 
 
 @dataclass(eq=False)

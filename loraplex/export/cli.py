@@ -5,6 +5,7 @@ the command, so `loraplex --help` stays fast.
 """
 
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -58,6 +59,7 @@ def export_gguf(
     from loraplex.cli_support import actor, fail, open_registry, or_fail
     from loraplex.export.gguf import export_adapter, export_merged
     from loraplex.model.pull import PullError, resolve_model
+    from loraplex.vault.artifacts import ArtifactSealer, materialized
 
     if base == (tenant is not None or adapter is not None):
         fail("give TENANT and ADAPTER to export an adapter, or --base for the bare base model")
@@ -81,16 +83,23 @@ def export_gguf(
     started = time.perf_counter()
     try:
         model_dir = resolve_model(model)
-        if adapter_only:
-            result = export_adapter(
-                model_dir, version.artifact_path, out, dtype, name=label, force=force,
-                base_gguf=base_gguf or f"./{model_dir.name}.gguf",
-            )
-        else:
-            adapter_dir = version.artifact_path if version else None
-            result = export_merged(model_dir, out, dtype, adapter_dir,
-                                   name=f"{model_dir.name}+{label}" if label else None,
-                                   force=force)
+        # The artifact is sealed: the exporter reads a decrypted copy in a private temp dir
+        # (in RAM where there is one), gone when the export is written.
+        with ExitStack() as stack:
+            adapter_dir = None
+            if version is not None:
+                reader = ArtifactSealer.for_home(registry.home).reader(tenant,
+                                                                       version.artifact_path)
+                adapter_dir = stack.enter_context(materialized(reader))
+            if adapter_only:
+                result = export_adapter(
+                    model_dir, adapter_dir, out, dtype, name=label, force=force,
+                    base_gguf=base_gguf or f"./{model_dir.name}.gguf",
+                )
+            else:
+                result = export_merged(model_dir, out, dtype, adapter_dir,
+                                       name=f"{model_dir.name}+{label}" if label else None,
+                                       force=force)
     except (ValueError, OSError, PullError) as e:  # each carries a clear message
         fail(str(e))
     seconds = time.perf_counter() - started

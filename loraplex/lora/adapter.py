@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -96,33 +97,42 @@ def load_adapter(
     max_rank: int,
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
+    read_files: Callable[[], Mapping[str, bytes]] | None = None,
+    cache_scope: str = "",
 ) -> LoRAWeights:
     """module_shapes: module name -> (in_features, out_features) of the base model's linear.
-    With a cache_dir, the loaded form is kept there and read back next time (lora/packed.py)."""
+    With a cache_dir, the loaded form is kept there (under cache_scope) and read back next time
+    (lora/packed.py). With read_files, the adapter's files come from it ({file name: bytes}, e.g.
+    decrypted in memory; called only when the cache has no entry) and `path`, never read, names
+    the adapter in messages and the cache."""
     path = Path(path)
     cached = None
     if cache_dir is not None:
-        cached = cache_file(cache_dir, [path / CONFIG_FILE, path / WEIGHTS_FILE], dtype)
+        sources = [path] if read_files else [path / CONFIG_FILE, path / WEIGHTS_FILE]
+        cached = cache_file(cache_dir, sources, dtype, scope=cache_scope,
+                            in_memory=read_files is not None)
     if cached is not None:
         packed = read_packed(cached, num_layers=num_layers, module_shapes=module_shapes,
                              max_rank=max_rank, dtype=dtype)
         if packed is not None:
             return LoRAWeights(path, *packed)
-    weights = _load(path, num_layers, module_shapes, max_rank, dtype)
+    files = None if read_files is None else read_files()
+    weights = _load(path, files, num_layers, module_shapes, max_rank, dtype)
     if cached is not None:
-        write_packed(cached, weights)
+        write_packed(cached, weights, cache_dir)
     return weights
 
 
 def _load(
     path: Path,
+    files: Mapping[str, bytes] | None,
     num_layers: int,
     module_shapes: Mapping[str, tuple[int, int]],
     max_rank: int,
     dtype: torch.dtype,
 ) -> LoRAWeights:
-    config = _read_config(path)
-    pairs = _pair_tensors(path, _read_tensors(path), num_layers)
+    config = _read_config(path, files)
+    pairs = _pair_tensors(path, _read_tensors(path, files), num_layers)
     weights = {}
     for (layer, name), (module_key, a, b) in sorted(pairs.items()):
         where = module_key.removeprefix("model.")  # e.g. layers.3.self_attn.q_proj
@@ -215,15 +225,19 @@ def _error(path: Path, reason: str) -> AdapterError:
     return AdapterError(f"adapter {path}: {reason}")
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path, files: Mapping[str, bytes] | None) -> dict:
     """The parsed adapter_config.json, refused if it asks for anything but plain LoRA."""
-    if not path.is_dir():
-        raise _error(path, "is not a directory" if path.exists() else "directory does not exist")
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
+    if files is None:
+        if not path.is_dir():
+            raise _error(path, "is not a directory" if path.exists()
+                         else "directory does not exist")
+        if not (path / CONFIG_FILE).is_file():
+            raise _error(path, f"{CONFIG_FILE} is missing")
+    elif CONFIG_FILE not in files:
         raise _error(path, f"{CONFIG_FILE} is missing")
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        text = (path / CONFIG_FILE).read_bytes() if files is None else files[CONFIG_FILE]
+        config = json.loads(text.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _error(path, f"{CONFIG_FILE} is not valid JSON ({e})") from e
     if not isinstance(config, dict):
@@ -290,7 +304,14 @@ def _pattern_value(
     return default
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, files: Mapping[str, bytes] | None) -> dict[str, torch.Tensor]:
+    if files is not None:
+        if WEIGHTS_FILE not in files:
+            raise _error(path, f"{WEIGHTS_FILE} is missing")
+        try:
+            return safetensors.torch.load(files[WEIGHTS_FILE])
+        except (SafetensorError, ValueError) as e:
+            raise _error(path, f"{WEIGHTS_FILE} is corrupt or truncated ({e})") from e
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         if (path / PICKLE_WEIGHTS_FILE).exists():

@@ -6,10 +6,17 @@ result is written once per (adapter files, dtype) as one safetensors file of two
 module, already scaled and in the serving dtype. A later load of the same adapter reads that file
 and checks it again (shapes, ranks, finiteness: it is a file like any other).
 
+An entry holds only what the engine serves from (the stacked matrices and their ranks; no
+config, no tensor names, no path) and is readable by its owner only: files 0600, dirs 0700.
+The entries of an adapter given with a `scope` (its tenant, for registry artifacts) live in a
+sub-directory of that name, so that crypto-shredding the tenant (Vault.delete_tenant_vault)
+deletes them too.
+
 The cache key covers the adapter files' resolved paths, sizes and modification times, so an
-edited adapter gets a new entry; registry artifacts never change. Serving an entry marks it
-used; past MAX_CACHE_BYTES, writing a new one removes the least recently used. Engines keep the
-cache in `adapter_cache_dir()`.
+edited adapter gets a new entry; an adapter read from memory (a sealed registry artifact) is
+keyed by its path alone, which names immutable content. Serving an entry marks it used; past
+MAX_CACHE_BYTES, writing a new one removes the least recently used. Engines keep the cache in
+`adapter_cache_dir()`.
 """
 
 from __future__ import annotations
@@ -25,41 +32,48 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from loraplex.home import loraplex_home
+from loraplex.home import ADAPTER_CACHE_ENV as CACHE_ENV
+from loraplex.home import adapter_cache_dir
 from loraplex.lora.modules import TARGET_MODULES
+
+__all__ = ["CACHE_ENV", "adapter_cache_dir", "cache_file", "read_packed", "write_packed"]
 
 FORMAT = "loraplex-packed-adapter-2"  # 2: lora_b stored transposed
 MAX_CACHE_BYTES = 16 << 30  # ~800 rank-16 all-module adapters of the default model in float32
-CACHE_ENV = "LORAPLEX_ADAPTER_CACHE"  # where engines keep the cache; default below
-CACHE_DIR = "cache/adapters"  # under the loraplex home
 
 
-def adapter_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or loraplex_home() / CACHE_DIR)
-
-
-def cache_file(cache_dir: Path, sources: Sequence[Path], dtype: torch.dtype) -> Path | None:
+def cache_file(cache_dir: Path, sources: Sequence[Path], dtype: torch.dtype, *,
+               scope: str = "", in_memory: bool = False) -> Path | None:
     """Where the packed form of the adapter read from the `sources` files lives; None if they
-    are unreadable (the regular loader then reports why)."""
-    try:
-        stats = [(str(source.resolve()), source.stat()) for source in sources]
-    except OSError:
-        return None
-    identity = [str(dtype), FORMAT, [[name, s.st_size, s.st_mtime_ns] for name, s in stats]]
+    are unreadable (the regular loader then reports why). With in_memory, `sources` is the
+    adapter's path alone, naming content that never changes: it is not read."""
+    if in_memory:
+        identity = [str(dtype), FORMAT, "in-memory", [str(source) for source in sources]]
+    else:
+        try:
+            stats = [(str(source.resolve()), source.stat()) for source in sources]
+        except OSError:
+            return None
+        identity = [str(dtype), FORMAT, [[name, s.st_size, s.st_mtime_ns] for name, s in stats]]
     digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
-    return cache_dir / f"{digest}.safetensors"
+    return (cache_dir / scope if scope else cache_dir) / f"{digest}.safetensors"
 
 
-def write_packed(file: Path, weights) -> None:
-    """Write `weights` (a LoRAWeights) atomically; a cache that cannot be written is skipped."""
+def write_packed(file: Path, weights, cache_dir: Path | None = None) -> None:
+    """Write `weights` (a LoRAWeights) atomically, private to its owner; a cache that cannot be
+    written is skipped. `cache_dir`: the cache's root, when `file` is in a scope under it."""
     tensors = {}
     for module, (a, b_t) in weights.modules.items():
         tensors[f"{module}.lora_a"] = a.contiguous()
         tensors[f"{module}.lora_b_t"] = b_t.contiguous()
     metadata = {"format": FORMAT, "layer_ranks": json.dumps(weights.layer_ranks)}
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+        root = cache_dir or file.parent
+        for directory in (root, file.parent):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # A cache made before entries were private may be 0755: close it now.
+            os.chmod(directory, 0o700)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")  # mode 0600
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=metadata)
@@ -67,7 +81,7 @@ def write_packed(file: Path, weights) -> None:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        _evict(file.parent, keep=file)
+        _evict(root, keep=file)
     except OSError:
         pass  # a read-only or full disk: every load takes the regular path
 
@@ -75,7 +89,7 @@ def write_packed(file: Path, weights) -> None:
 def _evict(cache_dir: Path, keep: Path) -> None:
     """Remove the least recently used entries until the cache fits MAX_CACHE_BYTES."""
     entries = []
-    for entry in cache_dir.glob("*.safetensors"):
+    for entry in [*cache_dir.glob("*.safetensors"), *cache_dir.glob("*/*.safetensors")]:
         try:
             stat = entry.stat()
         except FileNotFoundError:  # another engine removed it first

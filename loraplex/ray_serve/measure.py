@@ -26,6 +26,7 @@ from loraplex.home import HOME_ENV
 from loraplex.model.loader import read_config
 from loraplex.model.pull import resolve_model
 from loraplex.registry import Registry
+from loraplex.vault.artifacts import ArtifactSealer
 
 READY_TIMEOUT_S = 600
 ADAPTER_RANK = 8
@@ -108,7 +109,8 @@ def main() -> None:
         registry.create_tenant(tenant, actor="measure")
         keys.append(registry.create_key(tenant, actor="measure")[1])
         adapter = write_random_adapter(home / "peft" / tenant, config, ADAPTER_RANK, seed=i)
-        registry.push_version(tenant, "bot", adapter, actor="measure", validate=None)
+        registry.push_version(tenant, "bot", adapter, actor="measure", validate=None,
+                              sealer=ArtifactSealer.for_home(home))
 
     common = ["--model", options.model, "--max-model-len", "512", "--kv-cache", "256MiB",
               "--max-loras", "2", "--max-cpu-loras", "4"]

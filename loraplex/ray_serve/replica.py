@@ -26,14 +26,15 @@ class EngineReplica:
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
         self.num_requests = 0
         self.loads: Counter[int] = Counter()  # version id -> times loaded on this replica
-        self._paths: dict[int, str] = {}  # version id -> artifact path (versions are immutable)
+        # version id -> its request (path and artifact reader; versions are immutable)
+        self._adapters: dict[int, AdapterRequest] = {}
 
         # Serve's multiplexed loader is built here, not with a decorator on the class, because
         # its capacity comes from this replica's config. Serve drops the least recently used id
         # beyond it and calls nothing on the AdapterRequest it held: the engine's host cache
         # evicts on its own, so unloading is a no-op and can never fail or run twice.
         async def load(model_id: str) -> AdapterRequest:
-            adapter = AdapterRequest(int(model_id), self._paths[int(model_id)])
+            adapter = self._adapters[int(model_id)]
             await self.engine.prewarm(adapter)  # awaits the loader thread; decoding goes on
             self.loads[adapter.adapter_id] += 1
             return adapter
@@ -42,7 +43,7 @@ class EngineReplica:
             load)
 
     async def _ensure_loaded(self, adapter: AdapterRequest) -> None:
-        self._paths[adapter.adapter_id] = adapter.path
+        self._adapters[adapter.adapter_id] = adapter
         await self._get_adapter(str(adapter.adapter_id))
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,

@@ -11,7 +11,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraplex.registry.artifacts import Artifact
+from loraplex.registry.artifacts import Artifact, is_clear
 from loraplex.registry.db import now
 from loraplex.registry.errors import NotFound
 from loraplex.registry.tenants import Tenant
@@ -129,6 +129,23 @@ def list_versions(conn: sqlite3.Connection, adapter_id: int, home: Path) -> list
         f"{_SELECT_VERSION} WHERE v.adapter_id = ? ORDER BY v.number", (adapter_id,)
     )
     return [_version(row, home) for row in rows]
+
+
+def clear_artifacts(conn: sqlite3.Connection) -> list[tuple[int, str, str]]:
+    """(version id, tenant name, artifact path) of versions whose artifact is in clear."""
+    rows = conn.execute(
+        "SELECT v.id, t.name, v.artifact_path FROM versions v JOIN adapters a"
+        " ON a.id = v.adapter_id JOIN tenants t ON t.id = a.tenant_id ORDER BY v.id")
+    return [(r[0], r[1], r[2]) for r in rows if is_clear(r["artifact_path"])]
+
+
+def move_artifact(conn: sqlite3.Connection, version_id: int, relative: str) -> tuple[str, int]:
+    """Point a version at `relative` (see m006_sealed_artifacts); returns (the path it had, its
+    tenant id)."""
+    row = conn.execute("SELECT v.artifact_path, a.tenant_id FROM versions v JOIN adapters a"
+                       " ON a.id = v.adapter_id WHERE v.id = ?", (version_id,)).fetchone()
+    conn.execute("UPDATE versions SET artifact_path = ? WHERE id = ?", (relative, version_id))
+    return row["artifact_path"], row["tenant_id"]
 
 
 def version_by_number(versions: list[Version], number: int, where: str) -> Version:

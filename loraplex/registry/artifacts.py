@@ -1,11 +1,18 @@
-"""The artifact store: adapter files, content-addressed under `<home>/artifacts/<sha256>/`.
+"""The artifact store: adapter files, sealed, under `<home>/artifacts/<tenant>/<sha256>/`.
 
-store_artifact() copies an adapter into a private temp dir, fsyncs it, lets the caller validate
-the copy (never the source, which could change after the check), and only then renames it into
-place. A final dir therefore always holds complete, validated files; a crash leaves at most a
-temp dir (removed by a later push) or a final dir no version points to (harmless, and reused if
-the same content is pushed again). The version row that makes an artifact visible is inserted
-by the caller after this returns.
+store_artifact() reads an adapter's two files into memory, lets the caller validate those bytes
+(never the source, which could change after the check), has the Sealer encrypt them (the vault
+does: the registry never holds a key, see loraplex/vault/artifacts.py), writes the sealed files
+into a private temp dir, fsyncs it, and only then renames it into place. A final dir therefore
+always holds complete, validated files; a crash leaves at most a temp dir (removed by a later
+push) or a final dir no version points to (harmless, and reused if the same content is pushed
+again). The version row that makes an artifact visible is inserted by the caller after this
+returns. No plaintext of the adapter is written under the home.
+
+An artifact dir is the tenant's own: two tenants pushing identical bytes get two dirs, each
+sealed under its tenant's key, so shredding one tenant's key never touches the other's copy.
+Homes made before sealing hold clear dirs `artifacts/<sha256>/`; `is_clear` tells them apart
+(the vault's reader reads them, and seal_clear_artifacts moves them into the sealed layout).
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from loraplex.registry.errors import InvalidInput
 
@@ -31,54 +39,87 @@ TMP_DIR = ".tmp"
 # A temp dir this old belongs to a push that died; a younger one may be a push in progress in
 # another process (the server and the CLI can push at the same time), so it is left alone.
 ABANDONED_AFTER_S = 3600
-_CHUNK_BYTES = 1 << 20
 
-# Given the temp copy; returns {"rank": int, "target_modules": [str, ...]}; raises ValueError
-# with a user-facing message to refuse the adapter.
-Validate = Callable[[Path], dict]
+# Given the adapter's files in memory ({name: bytes}); returns {"rank": int, "target_modules":
+# [str, ...]}; raises ValueError with a user-facing message to refuse the adapter.
+Validate = Callable[[Mapping[str, bytes]], dict]
+
+
+class Sealer(Protocol):
+    """Encrypts a tenant's adapter files for storage (implemented by the vault)."""
+
+    def seal(self, tenant: str, sha256: str, files: Mapping[str, bytes]) -> dict[str, bytes]:
+        """The files to store in the artifact dir ({file name: bytes}) for these plain ones."""
+        ...
 
 
 @dataclass(frozen=True)
 class Artifact:
     sha256: str
-    path: str  # relative to the home, e.g. "artifacts/<sha256>"
-    size_bytes: int
+    path: str  # relative to the home, e.g. "artifacts/<tenant>/<sha256>"
+    size_bytes: int  # of the plain adapter files, as pushed
     rank: int | None  # None when the caller did not validate
     target_modules: tuple[str, ...] | None
 
 
-def store_artifact(home: Path, src_dir: Path, validate: Validate | None) -> Artifact:
+def artifact_path(tenant: str, sha256: str) -> str:
+    """Where a tenant's artifact of this content lives, relative to the home."""
+    return f"{ARTIFACTS_DIR}/{tenant}/{sha256}"
+
+
+def is_clear(relative_path: str) -> bool:
+    """True for an artifact stored before sealing: `artifacts/<sha256>`, its files in clear."""
+    return len(Path(relative_path).parts) == 2
+
+
+def store_artifact(home: Path, tenant: str, src_dir: Path, validate: Validate | None,
+                   sealer: Sealer) -> Artifact:
     if not src_dir.is_dir():
         raise InvalidInput(f"{src_dir} is not a directory")
+    files = {name: _read(src_dir, name) for name in ADAPTER_FILES}
+    sha256 = manifest_sha256(files)
+    rank, target_modules = None, None
+    if validate is not None:
+        try:
+            info = validate(files)
+        except ValueError as error:
+            raise InvalidInput(str(error)) from error
+        rank, target_modules = int(info["rank"]), tuple(info["target_modules"])
+    relative = artifact_path(tenant, sha256)
+    write_sealed(home, relative, sealer.seal(tenant, sha256, files))
+    size_bytes = sum(len(data) for data in files.values())
+    return Artifact(sha256, relative, size_bytes, rank, target_modules)
+
+
+def manifest_sha256(files: Mapping[str, bytes]) -> str:
+    """The sha256 of a `sha256sum`-style manifest: reproducible with
+    `sha256sum adapter_config.json adapter_model.safetensors | sha256sum`."""
+    manifest = "".join(f"{hashlib.sha256(files[name]).hexdigest()}  {name}\n"
+                       for name in ADAPTER_FILES)
+    return hashlib.sha256(manifest.encode()).hexdigest()
+
+
+def write_sealed(home: Path, relative: str, sealed: Mapping[str, bytes]) -> None:
+    """Publish the sealed files as the artifact dir `relative` (a no-op if it exists)."""
     artifacts = home / ARTIFACTS_DIR
     tmp_root = artifacts / TMP_DIR
-    tmp_root.mkdir(parents=True, exist_ok=True)
+    final = home / relative
+    for directory in (artifacts, tmp_root, final.parent):
+        directory.mkdir(mode=0o700, exist_ok=True)
     _remove_abandoned(tmp_root)
-    tmp = Path(tempfile.mkdtemp(prefix="push-", dir=tmp_root))
+    tmp = Path(tempfile.mkdtemp(prefix="push-", dir=tmp_root))  # mode 0700
     try:
-        digests = {name: _copy(src_dir, name, tmp) for name in ADAPTER_FILES}
+        for name, data in sealed.items():
+            _write(tmp / name, data)
         _fsync(tmp)
-        # The sha256 of a `sha256sum`-style manifest: reproducible with
-        # `sha256sum adapter_config.json adapter_model.safetensors | sha256sum`.
-        manifest = "".join(f"{digests[name]}  {name}\n" for name in ADAPTER_FILES)
-        sha256 = hashlib.sha256(manifest.encode()).hexdigest()
-        size_bytes = sum((tmp / name).stat().st_size for name in ADAPTER_FILES)
-        rank, target_modules = None, None
-        if validate is not None:
-            try:
-                info = validate(tmp)
-            except ValueError as error:
-                raise InvalidInput(str(error)) from error
-            rank, target_modules = int(info["rank"]), tuple(info["target_modules"])
-        _publish(tmp, artifacts / sha256)
-        _fsync(artifacts)
+        _publish(tmp, final)
+        _fsync(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone when published
-    return Artifact(sha256, f"{ARTIFACTS_DIR}/{sha256}", size_bytes, rank, target_modules)
 
 
-def _copy(src_dir: Path, name: str, dst_dir: Path) -> str:
-    """Copy one adapter file (a regular file, not a symlink); returns its sha256 hex."""
+def _read(src_dir: Path, name: str) -> bytes:
+    """One adapter file's bytes (a regular file, not a symlink)."""
     src = src_dir / name
     try:
         mode = os.lstat(src).st_mode
@@ -88,24 +129,25 @@ def _copy(src_dir: Path, name: str, dst_dir: Path) -> str:
         raise InvalidInput(f"{src} is a symlink; push the file itself")
     if not stat.S_ISREG(mode):
         raise InvalidInput(f"{src} is not a regular file")
-    digest = hashlib.sha256()
     # O_NOFOLLOW: the file cannot be swapped for a symlink between the check above and here.
-    src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-    with open(src_fd, "rb") as reader, open(dst_dir / name, "xb") as writer:
-        while chunk := reader.read(_CHUNK_BYTES):
-            digest.update(chunk)
-            writer.write(chunk)
+    with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as reader:
+        return reader.read()
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as writer:
+        writer.write(data)
         writer.flush()
         os.fsync(writer.fileno())
-    return digest.hexdigest()
 
 
 def _publish(tmp: Path, final: Path) -> None:
     try:
         os.replace(tmp, final)
     except OSError:
-        # A non-empty final dir already exists: the same content was pushed before (or is
-        # being pushed right now by another process); the copy there is identical, keep it.
+        # A non-empty final dir already exists: the same content was pushed before by this
+        # tenant (or is being pushed right now by another process); it seals the same
+        # plaintext under the tenant's key, keep it.
         if not final.is_dir():
             raise
 

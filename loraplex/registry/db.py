@@ -280,4 +280,34 @@ def m004_fine_tuning_api(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS = [m001_initial, m002_base_model_access, m003_quotas_and_ledger, m004_fine_tuning_api]
+def m005_key_expiry(conn: sqlite3.Connection) -> None:
+    """When a key stops working on its own (a rotated key's overlap window ends); NULL: never.
+    Unlike revoked_at, it may lie in the future."""
+    conn.execute("ALTER TABLE api_keys ADD COLUMN expires_at TEXT")
+
+
+def m006_sealed_artifacts(conn: sqlite3.Connection) -> None:
+    """Artifacts are sealed under their tenant's key, in a dir of the tenant's own. A version
+    stored before that (`artifacts/<sha256>`, in clear, shareable between tenants) is moved
+    once to its sealed copy, `artifacts/<tenant>/<same sha256>`: the same content, so a version
+    id still always means the same weights. Every other column stays immutable."""
+    conn.execute("DROP TRIGGER versions_are_immutable")
+    conn.execute(
+        """CREATE TRIGGER versions_are_immutable BEFORE UPDATE OF id, adapter_id, number, sha256,
+    size_bytes, rank, target_modules, created_at, created_by, training_record ON versions
+BEGIN
+    SELECT RAISE(ABORT, 'versions are immutable');
+END"""
+    )
+    conn.execute(
+        """CREATE TRIGGER versions_move_to_sealed_once BEFORE UPDATE OF artifact_path ON versions
+WHEN NOT (OLD.artifact_path = 'artifacts/' || OLD.sha256
+          AND NEW.artifact_path GLOB 'artifacts/?*/' || OLD.sha256)
+BEGIN
+    SELECT RAISE(ABORT, 'versions are immutable');
+END"""
+    )
+
+
+MIGRATIONS = [m001_initial, m002_base_model_access, m003_quotas_and_ledger, m004_fine_tuning_api,
+              m005_key_expiry, m006_sealed_artifacts]

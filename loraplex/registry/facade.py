@@ -21,14 +21,21 @@ from pathlib import Path
 
 from loraplex.registry import adapters, audit, deployments, ledger, quotas, stats, tenants
 from loraplex.registry.adapters import Adapter, Version, label, version_by_number
-from loraplex.registry.artifacts import Validate, store_artifact
+from loraplex.registry.artifacts import Sealer, Validate, store_artifact
 from loraplex.registry.audit import AuditEntry
-from loraplex.registry.db import connect, transaction
+from loraplex.registry.db import connect, now, transaction
 from loraplex.registry.deployments import Deployment
 from loraplex.registry.errors import InvalidInput, NotFound
 from loraplex.registry.quotas import Quota
 from loraplex.registry.resolver import ResolvedVersion, Resolver, bump_generation
-from loraplex.registry.tenants import ADMIN, TENANT, KeyInfo, Principal, Tenant
+from loraplex.registry.tenants import (
+    ADMIN,
+    DEFAULT_ROTATION_OVERLAP_S,
+    TENANT,
+    KeyInfo,
+    Principal,
+    Tenant,
+)
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,25 @@ class Registry:
             )
             return tenants.get_key(conn, key_id)
 
+    def rotate_key(self, key_id: str, *, actor: str, overlap_s: int = DEFAULT_ROTATION_OVERLAP_S,
+                   tenant: str | None = None) -> tuple[str, str, KeyInfo]:
+        """Replace a key: a new one of the same role and tenant, (new key_id, new key, the old
+        key as it is now); the old one keeps working for `overlap_s` seconds, then expires.
+        With `tenant`, only one of that tenant's keys (another's is reported as missing)."""
+        with self._change() as conn:
+            old = tenants.get_key(conn, key_id)
+            if tenant is not None and old.tenant_name != tenant:
+                raise NotFound(f"key '{key_id}' does not exist")
+            if not old.is_usable(now()):
+                raise InvalidInput(f"key '{key_id}' is revoked or expired; create a new key")
+            tenant_id = None if old.role == ADMIN else tenants.get_tenant(conn, old.tenant_name).id
+            new_id, new_key = tenants.create_key(conn, old.role, tenant_id)
+            expires_at = tenants.expire_key(conn, key_id, overlap_s)
+            audit.record(conn, actor, "key.rotate", f"key:{key_id}",
+                         {"role": old.role, "new_key": new_id, "old_expires_at": expires_at},
+                         tenant_id=tenant_id)
+            return new_id, new_key, tenants.get_key(conn, key_id)
+
     def list_keys(self, tenant: str) -> list[KeyInfo]:
         with self._read() as conn:
             return tenants.list_keys(conn, tenants.get_tenant(conn, tenant).id)
@@ -146,20 +172,22 @@ class Registry:
         *,
         actor: str,
         validate: Validate | None,
+        sealer: Sealer,
         promote: bool = False,
         training_record: dict | None = None,
     ) -> Version:
         """Store the adapter in src_dir as the adapter's next version (v1 creates the adapter).
 
-        Only adapter_config.json and adapter_model.safetensors are read. validate(copy_dir)
+        Only adapter_config.json and adapter_model.safetensors are read. validate(files)
         returns {"rank": int, "target_modules": [...]} or raises ValueError to refuse the
-        adapter (raised here as InvalidInput with its message). The first version is deployed
-        at once; later ones only with promote=True.
+        adapter (raised here as InvalidInput with its message). `sealer` encrypts the files
+        under the tenant's key (the vault's ArtifactSealer); nothing is stored in clear. The
+        first version is deployed at once; later ones only with promote=True.
         """
         tenants.check_name("adapter", adapter_name)
         self.get_tenant(tenant)  # fail before copying anything
         # Outside the lock: copying and validating may take seconds, and requests must not wait.
-        artifact = store_artifact(self.home, Path(src_dir), validate)
+        artifact = store_artifact(self.home, tenant, Path(src_dir), validate, sealer)
         with self._change() as conn:
             tenant_id = tenants.get_tenant(conn, tenant).id
             version = adapters.insert_version(
@@ -211,6 +239,20 @@ class Registry:
             adapter, versions = self._adapter(conn, tenant, name)
             split = deployments.previous_split(conn, adapter.id, adapter.description)
             return self._deploy(conn, adapter, versions, split, actor, "adapter.rollback")
+
+    def clear_artifacts(self) -> list[tuple[int, str, str]]:
+        """(version id, tenant, artifact path) of each version whose artifact was stored in
+        clear, before sealing (seal_clear_artifacts in vault/artifacts.py moves them)."""
+        with self._read() as conn:
+            return adapters.clear_artifacts(conn)
+
+    def move_to_sealed(self, version_id: int, relative: str, *, actor: str) -> None:
+        """Point a version at the sealed copy of its clear artifact (the same sha256: a
+        trigger allows this one move and no other change)."""
+        with self._change() as conn:
+            before, tenant_id = adapters.move_artifact(conn, version_id, relative)
+            audit.record(conn, actor, "artifact.seal", f"version:{version_id}",
+                         {"from": before, "to": relative}, tenant_id=tenant_id)
 
     def resolve(self, tenant_id: int, adapter_name: str, user: str) -> ResolvedVersion:
         """The version that serves this user of the tenant's adapter (called per request).

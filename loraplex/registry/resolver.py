@@ -101,5 +101,12 @@ class Resolver:
         rows = conn.execute(
             "SELECT id, number, artifact_path FROM versions WHERE adapter_id = ?", (adapter_id,)
         )
-        versions = {r["id"]: (r["number"], self._home / r["artifact_path"]) for r in rows}
+        # A version whose artifact is gone (its tenant's data was crypto-shredded) no longer
+        # resolves: checked when a deployment loads (each generation), not per request.
+        versions = {r["id"]: (r["number"], self._home / r["artifact_path"]) for r in rows
+                    if (self._home / r["artifact_path"]).is_dir()}
+        split = {version_id: weight for version_id, weight in split.items()
+                 if version_id in versions}
+        if not split:
+            return None
         return _CachedDeployment(adapter_id, split, versions)

@@ -10,10 +10,12 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from loraplex.engine.sequence import AdapterRequest
 from loraplex.registry import InvalidInput, Registry
-from loraplex.server.auth import require_admin
+from loraplex.registry.tenants import DEFAULT_ROTATION_OVERLAP_S, MAX_ROTATION_OVERLAP_S
+from loraplex.server.auth import Authenticator
 from loraplex.server.protocol import OpenAIError
+from loraplex.server.serving import adapter_request
+from loraplex.vault.artifacts import ArtifactSealer
 
 UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -38,6 +40,19 @@ class QuotaBody(BaseModel):
     monthly_tokens: int | None = None
 
 
+class RotateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    overlap_seconds: int = Field(default=DEFAULT_ROTATION_OVERLAP_S, ge=0,
+                                 le=MAX_ROTATION_OVERLAP_S)
+    """How long the old key keeps working beside the new one (0: it stops now)."""
+
+
+def rotated_json(new_id: str, key: str, old) -> dict:
+    return {"key_id": new_id, "key": key, "note": "shown once; store it now",
+            "replaces": old.key_id, "old_key_expires_at": old.expires_at}
+
+
 class SplitBody(BaseModel):
     split: dict[str, int]  # {"v1": 90, "v2": 10}
 
@@ -53,13 +68,15 @@ def parse_split(spec: dict[str, int]) -> dict[int, int]:
     return split
 
 
-def admin_router(registry: Registry, engine, ledger, validate=None) -> APIRouter:
+def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
+                 auth: Authenticator, validate=None) -> APIRouter:
     """`validate` checks an uploaded adapter against the base model (see validation.py);
-    `ledger` is the server's LedgerWriter, flushed before usage is read."""
+    `ledger` is the server's LedgerWriter, flushed before usage is read; `sealer` encrypts
+    pushed adapters under their tenant's vault key and reads them back."""
     router = APIRouter(prefix="/admin")
 
     def actor(request: Request) -> str:
-        return f"admin-key:{require_admin(registry, request).key_id}"
+        return f"admin-key:{auth.admin(request).key_id}"
 
     @router.post("/tenants")
     async def create_tenant(body: TenantBody, request: Request):
@@ -84,6 +101,13 @@ def admin_router(registry: Registry, engine, ledger, validate=None) -> APIRouter
         registry.revoke_key(key_id, actor=actor(request))
         return {"revoked": key_id}
 
+    @router.post("/keys/{key_id}/rotate")
+    async def rotate_key(key_id: str, request: Request, body: RotateBody | None = None):
+        """A tenant's or an admin key: the new key now, the old one expires after the overlap."""
+        overlap = (body or RotateBody()).overlap_seconds
+        new_id, key, old = registry.rotate_key(key_id, actor=actor(request), overlap_s=overlap)
+        return rotated_json(new_id, key, old)
+
     @router.post("/tenants/{tenant}/adapters/{name}/versions")
     async def push_version(tenant: str, name: str, request: Request, promote: bool = False):
         """Multipart upload of adapter_config.json and adapter_model.safetensors."""
@@ -98,7 +122,7 @@ def admin_router(registry: Registry, engine, ledger, validate=None) -> APIRouter
                     shutil.copyfileobj(upload.file, out)
             version = await asyncio.to_thread(
                 registry.push_version, tenant, name, Path(tmp), actor=who, validate=validate,
-                promote=promote)
+                sealer=sealer, promote=promote)
         return _version_json(version)
 
     @router.get("/tenants/{tenant}/adapters")
@@ -155,13 +179,25 @@ def admin_router(registry: Registry, engine, ledger, validate=None) -> APIRouter
     @router.post("/tenants/{tenant}/adapters/{name}/prewarm")
     async def prewarm(tenant: str, name: str, request: Request, pin: bool = False):
         """Load the adapter's active version into memory ahead of traffic (optionally pinned)."""
-        actor(request)
+        who = actor(request)
         found = registry.resolve(registry.get_tenant(tenant).id, name, "")
         try:
-            await engine.prewarm(AdapterRequest(found.version_id, str(found.artifact_path)), pin)
+            await engine.prewarm(adapter_request(sealer, tenant, found.version_id,
+                                                 found.artifact_path), pin)
         except ValueError as e:
             raise OpenAIError(400, str(e)) from None
+        # A pin holds a slot for good: a change to the engine an operator must be able to trace.
+        registry.record_audit(who, "adapter.prewarm", f"{tenant}/{name}",
+                              {"version": f"v{found.number}", "pinned": pin}, tenant=tenant)
         return {"prewarmed": f"{name} v{found.number}", "pinned": pin}
+
+    @router.delete("/tenants/{tenant}/vault")
+    async def shred_tenant(tenant: str, request: Request):
+        """Crypto-shred the tenant: its vault key, datasets, adapter artifacts and serving-cache
+        entries (Vault.delete_tenant_vault); its versions stop resolving."""
+        who = actor(request)
+        await asyncio.to_thread(sealer.vault.delete_tenant_vault, tenant, actor=who)
+        return {"shredded": tenant}
 
     @router.get("/audit")
     async def audit(request: Request, limit: int = 100, tenant: str | None = None):

@@ -17,6 +17,7 @@ from loraplex.registry import AlreadyExists, InvalidInput, NotFound, Registry, R
 from loraplex.registry.fine_tuning import FineTuningStore
 from loraplex.registry.ledger import LedgerWriter
 from loraplex.server.admin import admin_router
+from loraplex.server.auth import Authenticator, FailedAuthThrottle
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import OpenAIError
 from loraplex.server.routes.chat import chat_router
@@ -30,6 +31,7 @@ from loraplex.server.tenant_data import tenant_data_router
 from loraplex.train.fine_tuning import FineTuning
 from loraplex.train.jobs import TrainingJobs
 from loraplex.vault import Vault
+from loraplex.vault.artifacts import ArtifactSealer, seal_clear_artifacts
 from loraplex.webhooks import WebhookSender
 
 __all__ = ["VERSION_HEADER", "ServerSettings", "create_app"]
@@ -53,10 +55,16 @@ def create_app(
     runs /tenants/{tenant}/training-jobs (default: one job at a time, on the served model)."""
     metrics = Metrics()
     vault = Vault(registry.home)
+    sealer = ArtifactSealer(vault)
+    # A home from before sealing: its adapters are encrypted now, once, before serving.
+    seal_clear_artifacts(registry, sealer, actor="server:seal-clear-artifacts")
     if jobs is None:
         jobs = TrainingJobs(registry.home, str(engine.engine.config.model))
     ledger = LedgerWriter(registry.add_usage, settings.ledger_flush_seconds)
-    serving = Serving(engine, registry, settings, metrics, ledger)
+    auth = Authenticator(registry, FailedAuthThrottle(
+        settings.max_auth_failures, settings.auth_failure_window_s,
+        settings.max_auth_failure_addresses))
+    serving = Serving(engine, registry, settings, metrics, ledger, sealer, auth)
     store = FineTuningStore(registry.home)
     webhooks = WebhookSender(store, allow_private=settings.allow_private_webhooks,
                              retry_delays_s=settings.webhook_retry_delays_s)
@@ -134,9 +142,9 @@ def create_app(
     app.include_router(chat_router(serving))
     app.include_router(completions_router(serving))
     app.include_router(models_router(serving))
-    app.include_router(admin_router(registry, engine, ledger, validate))
+    app.include_router(admin_router(registry, engine, ledger, sealer, auth, validate))
     app.include_router(files_router(serving, vault))
     app.include_router(fine_tuning_router(serving, fine_tuning, store))
     app.include_router(webhooks_router(serving, store, webhooks))
-    app.include_router(tenant_data_router(registry, vault, jobs, ledger, store))
+    app.include_router(tenant_data_router(registry, vault, jobs, ledger, store, auth))
     return app

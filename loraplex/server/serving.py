@@ -20,10 +20,11 @@ from loraplex.engine.sequence import AdapterRequest
 from loraplex.registry import NotFound, Registry
 from loraplex.registry.ledger import FLUSH_SECONDS, LedgerWriter, UsageKey, hour_of
 from loraplex.sampling_params import SamplingParams, SamplingParamsError
-from loraplex.server.auth import bearer_key
+from loraplex.server.auth import Authenticator
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import OpenAIError
 from loraplex.server.quotas import QuotaExceeded, QuotaGate
+from loraplex.vault.artifacts import ArtifactSealer
 from loraplex.webhooks import RETRY_DELAYS_S
 
 DISCONNECT_POLL_SECONDS = 0.25
@@ -43,6 +44,13 @@ class ServerSettings:
     # addresses only, so a tenant cannot make the server call into its own network.
     allow_private_webhooks: bool = False
     webhook_retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S  # after a failed delivery
+    # Failed authentications one client address may make per auth_failure_window_s; beyond,
+    # its failures get 429 with Retry-After (a valid key still works: server/auth.py).
+    max_auth_failures: int = 20
+    auth_failure_window_s: float = 60.0
+    # Addresses whose failures are remembered at once; the least recently failing is forgotten
+    # first, so a flood from many addresses costs bounded memory (~100 bytes an address).
+    max_auth_failure_addresses: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -62,10 +70,20 @@ class Shaper(Protocol):
     def whole(self, deltas: list[StreamDelta]) -> dict: ...
 
 
+def adapter_request(sealer: ArtifactSealer, tenant: str, version_id: int, path) -> AdapterRequest:
+    """What the engine gets for a registry version: its id, and a reader that decrypts the
+    artifact in memory (the engine never reads it from disk); its serving-cache entries are
+    kept under the tenant, so that shredding the tenant's vault deletes them."""
+    return AdapterRequest(version_id, str(path), read_files=sealer.reader(tenant, path),
+                          cache_scope=tenant)
+
+
 class Serving:
     def __init__(self, engine: AsyncEngine, registry: Registry, settings: ServerSettings,
-                 metrics: Metrics, ledger: LedgerWriter):
+                 metrics: Metrics, ledger: LedgerWriter, sealer: ArtifactSealer,
+                 auth: Authenticator):
         self.engine, self.registry, self.settings = engine, registry, settings
+        self.sealer, self.auth = sealer, auth
         self.metrics, self.ledger = metrics, ledger
         self.quotas = QuotaGate(registry, ledger, settings.max_concurrent_per_tenant)
         self.tokenizer = engine.tokenizer
@@ -79,7 +97,7 @@ class Serving:
     # -- dependencies -----------------------------------------------------------------------
     def authenticate(self, request: Request):
         """The tenant behind the request's key (a FastAPI dependency); 401 otherwise."""
-        principal = self.registry.authenticate(bearer_key(request))
+        principal = self.auth.principal(request)
         if principal is None or principal.role != "tenant":
             raise OpenAIError(401, "invalid or revoked API key", "authentication_error",
                               code="invalid_api_key")
@@ -105,8 +123,8 @@ class Serving:
             # The same answer whether the name is missing or another tenant's: no leak.
             raise OpenAIError(404, f"The model '{model}' does not exist or you do not have "
                               "access to it.", param="model", code="model_not_found") from None
-        return Target(AdapterRequest(found.version_id, str(found.artifact_path)),
-                      (tenant, model, f"v{found.number}"), found.version_id)
+        adapter = adapter_request(self.sealer, tenant, found.version_id, found.artifact_path)
+        return Target(adapter, (tenant, model, f"v{found.number}"), found.version_id)
 
     def max_tokens_for(self, body, prompt_len: int) -> int:
         room = self.max_model_len - prompt_len

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from loraplex.lora.modules import TARGET_MODULES
 from loraplex.registry import Registry
 from loraplex.registry.fine_tuning import FineTuningStore
-from loraplex.server.admin import usage_report
-from loraplex.server.auth import bearer_key
+from loraplex.server.admin import RotateBody, rotated_json, usage_report
+from loraplex.server.auth import Authenticator
 from loraplex.server.protocol import OpenAIError
 from loraplex.train.jobs import JobNotFound, TrainingJobs
 from loraplex.vault import DatasetNotFound, MasterKeyError, Vault, VaultError
@@ -50,12 +50,12 @@ class FineTuningSettings(BaseModel):
 
 
 def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
-                       ledger, store: FineTuningStore) -> APIRouter:
+                       ledger, store: FineTuningStore, auth: Authenticator) -> APIRouter:
     router = APIRouter(prefix="/tenants/{tenant}")
 
     def actor(request: Request, tenant: str) -> str:
         """Who is acting, if the key may act on `tenant`'s data."""
-        principal = registry.authenticate(bearer_key(request))
+        principal = auth.principal(request)
         if principal is None:
             raise OpenAIError(401, "invalid API key", "authentication_error",
                               code="invalid_api_key")
@@ -84,6 +84,17 @@ def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
         tenant_id = registry.get_tenant(tenant).id
         store.set_promotes_new_versions(tenant_id, body.promote_new_versions, actor=who)
         return {"promote_new_versions": body.promote_new_versions}
+
+    @router.post("/keys/{key_id}/rotate")
+    async def rotate_key(tenant: str, key_id: str, request: Request,
+                         body: RotateBody | None = None):
+        """Rotate one of the tenant's keys (the one calling, typically): the new key now, the
+        old one expires after the overlap."""
+        who = actor(request, tenant)
+        overlap = (body or RotateBody()).overlap_seconds
+        new_id, key, old = registry.rotate_key(key_id, actor=who, overlap_s=overlap,
+                                               tenant=tenant)
+        return rotated_json(new_id, key, old)
 
     @router.get("/usage")
     async def usage(tenant: str, request: Request, start: str | None = Query(None, alias="from"),

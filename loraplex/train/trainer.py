@@ -35,6 +35,7 @@ from loraplex.registry.tenants import check_name
 from loraplex.train.data import IGNORE, Example, TrainingError, build_examples, collate, split
 from loraplex.validation import adapter_validator
 from loraplex.vault import Vault
+from loraplex.vault.artifacts import ArtifactSealer, SealedArtifact, materialized
 
 MAX_LENGTH = 1024  # tokens per example; longer conversations are cut
 
@@ -77,14 +78,15 @@ def train_adapter(
     max_steps, when given, is the number of optimizer steps, cycling through the data as often
     as needed (epochs is then ignored). `model` is a default model name or a checkpoint dir.
     The held-out examples are `eval_dataset` (another of the tenant's datasets, latest
-    version) when given, else an `eval_fraction` of `dataset`. `init_adapter`, a PEFT adapter
-    directory, continues training that adapter (its rank, alpha and targets replace the
-    arguments). The new version serves only if promote=True (or if it is the adapter's first
-    version).
+    version) when given, else an `eval_fraction` of `dataset`. `init_adapter`, the artifact
+    dir of one of the tenant's versions, continues training that adapter (its rank, alpha and
+    targets replace the arguments). The new version serves only if promote=True (or if it is
+    the adapter's first version).
     """
     check_name("adapter", adapter)
     check_hyperparameters(rank, alpha, targets, epochs, max_steps, lr, batch_size, eval_fraction)
     report = on_progress or (lambda phase, step, num_steps, loss: None)
+    sealer = ArtifactSealer.for_home(home)
     with Vault(home) as vault:  # fail on a missing tenant or dataset before loading a model
         dataset_info = vault.get(tenant, dataset, dataset_version)
         records = vault.read(tenant, dataset, dataset_info.number)
@@ -108,7 +110,8 @@ def train_adapter(
     with _sigterm_raises_keyboard_interrupt(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         report("loading", 0, num_steps, None)
-        peft_model = _lora_model(model_dir, rank, alpha, targets, seed, init_adapter)
+        init = None if init_adapter is None else sealer.reader(tenant, init_adapter)
+        peft_model = _lora_model(model_dir, rank, alpha, targets, seed, init)
         peft_model = peft_model.to(device)
         if init_adapter is not None:  # what the record says must be what was trained
             lora = peft_model.peft_config["default"]
@@ -152,7 +155,8 @@ def train_adapter(
         with tempfile.TemporaryDirectory(prefix="loraplex-train-") as tmp, Registry(home) as reg:
             peft_model.save_pretrained(tmp, safe_serialization=True)
             return reg.push_version(tenant, adapter, Path(tmp), actor=actor,
-                                    validate=adapter_validator(model), promote=promote,
+                                    validate=adapter_validator(model), sealer=sealer,
+                                    promote=promote,
                                     training_record=record)
 
 
@@ -176,7 +180,7 @@ def check_hyperparameters(rank, alpha, targets, epochs, max_steps, lr, batch_siz
 
 
 def _lora_model(model_dir: Path, rank: int, alpha: float, targets: Sequence[str], seed: int,
-                init_adapter: str | None = None):
+                init_adapter: SealedArtifact | None = None):
     import transformers
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -186,7 +190,9 @@ def _lora_model(model_dir: Path, rank: int, alpha: float, targets: Sequence[str]
     transformers.logging.set_verbosity_error()
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if init_adapter is not None:
-        return PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
+        # PEFT reads a directory; it loads the weights before the decrypted copy is removed.
+        with materialized(init_adapter) as init_dir:
+            return PeftModel.from_pretrained(base, init_dir, is_trainable=True)
     config = LoraConfig(r=rank, lora_alpha=alpha,
                         target_modules=peft_target_modules(model_dir, targets),
                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")

@@ -8,6 +8,7 @@ from loraplex.vault.errors import (
     DatasetNotFound,
     IntegrityError,
     InvalidDataset,
+    KeyShredded,
     MasterKeyError,
     VaultError,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "DatasetVersion",
     "IntegrityError",
     "InvalidDataset",
+    "KeyShredded",
     "MasterKeyError",
     "Vault",
     "VaultError",

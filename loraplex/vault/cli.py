@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from loraplex.cli_support import actor, or_fail
+from loraplex.cli_support import actor, fail, or_fail
 
 data_app = typer.Typer(help="Tenants' training datasets (JSONL, encrypted at rest).",
                        no_args_is_help=True)
@@ -51,3 +51,16 @@ def data_rm(tenant: str, name: str):
     with _vault() as vault:
         versions = or_fail(vault.remove, tenant, name, actor=actor())
     typer.echo(f"{tenant}/{name} deleted ({', '.join(v.label for v in versions)})")
+
+
+@data_app.command("shred")
+def data_shred(tenant: str, yes: Annotated[bool, typer.Option(
+        "--yes", help="Confirm: the tenant's datasets and adapters become unreadable for good")
+        ] = False):
+    """Crypto-shred TENANT: destroy its vault key, so its datasets and adapter artifacts (and
+    their backups) can never be read again, and delete them and its serving-cache entries."""
+    if not yes:
+        fail(f"this destroys every dataset and adapter of {tenant} for good; add --yes")
+    with _vault() as vault:
+        or_fail(vault.delete_tenant_vault, tenant, actor=actor())
+    typer.echo(f"{tenant}: vault key destroyed; datasets and adapters deleted")

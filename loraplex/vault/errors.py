@@ -19,3 +19,7 @@ class MasterKeyError(VaultError):
 
 class IntegrityError(VaultError):
     """A stored dataset that fails to decrypt: tampered with, corrupted, or moved from elsewhere."""
+
+
+class KeyShredded(VaultError):
+    """A tenant's key that was destroyed (Vault.delete_tenant_vault): what it sealed is gone."""

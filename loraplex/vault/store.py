@@ -9,8 +9,10 @@ Layout under `<home>/vault/`:
 Keys: each dataset version is encrypted under a key of its own, stored wrapped by the tenant's
 data key, which is stored wrapped by the master key. Deleting a dataset deletes its versions'
 keys, and deleting a tenant's vault its data key: either way the ciphertexts, and any copy of
-them in a backup, can no longer be read (crypto-shredding). Versions stored before per-version
-keys existed are encrypted under the tenant's data key itself, and still read.
+them in a backup, can no longer be read (crypto-shredding). Adapter artifacts keep their keys
+under the same tenant data key (wrap_key; vault/artifacts.py), so shredding covers them too.
+Versions stored before per-version keys existed are encrypted under the tenant's data key
+itself, and still read.
 
 Files (the OpenAI files API, `add_file`): a dataset named by the file's id, with the name the
 client uploaded it under and its purpose.
@@ -25,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import shutil
 import sqlite3
 import threading
 import time
@@ -35,11 +36,20 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from loraplex.home import adapter_cache_dir
 from loraplex.registry import Registry
+from loraplex.registry.artifacts import ARTIFACTS_DIR
 from loraplex.registry.db import now, transaction
 from loraplex.registry.tenants import check_name
 from loraplex.vault import crypto
-from loraplex.vault.errors import DatasetNotFound, IntegrityError, InvalidDataset, MasterKeyError
+from loraplex.vault.errors import (
+    DatasetNotFound,
+    IntegrityError,
+    InvalidDataset,
+    KeyShredded,
+    MasterKeyError,
+)
+from loraplex.vault.files import read_at_most, remove_tree, write_private
 from loraplex.vault.records import parse_jsonl
 
 VAULT_DIR = "vault"
@@ -158,7 +168,7 @@ class Vault:
         dataset `name`. `source` is the file's bytes, or (for the CLI, never for a client's
         request) a path to read."""
         check_name("dataset", name)
-        data = source if isinstance(source, bytes) else _read_at_most(
+        data = source if isinstance(source, bytes) else read_at_most(
             Path(source), self.max_dataset_bytes + 1)
         records = self._check_upload(tenant, data)
         with self._change() as conn:
@@ -245,7 +255,9 @@ class Vault:
             return self._remove(conn, tenant, name, actor)
 
     def delete_tenant_vault(self, tenant: str, *, actor: str) -> None:
-        """Crypto-shred all the tenant's data: destroy its data key, then its files and index.
+        """Crypto-shred all the tenant's data: destroy its data key, then its files and index,
+        its adapter artifacts (sealed under that key: vault/artifacts.py) and its entries in
+        the serving cache (the engine's packed, plain form of its adapters).
 
         The key goes first, in its own transaction: once that commits, every ciphertext of the
         tenant is unreadable, wherever copies of it remain, even if what follows is interrupted
@@ -257,7 +269,29 @@ class Vault:
         with self._change() as conn:
             for table in ("dataset_keys", "dataset_files", "dataset_versions"):
                 conn.execute(f"DELETE FROM {table} WHERE tenant = ?", (tenant,))
-            _remove_tree(self.dir / TENANTS_DIR / tenant)
+            remove_tree(self.dir / TENANTS_DIR / tenant)
+        remove_tree(self.home / ARTIFACTS_DIR / tenant)
+        remove_tree(adapter_cache_dir(self.home) / tenant)
+
+    def wrap_key(self, tenant: str, key: bytes, purpose: bytes) -> bytes:
+        """`key` wrapped by the tenant's data key (made on first use), bound to `purpose`: how
+        other stores (adapter artifacts) put their keys under the tenant's crypto-shredding."""
+        with self._change() as conn:
+            return crypto.encrypt(self._data_key(conn, tenant, create=True), key, purpose)
+
+    def unwrap_key(self, tenant: str, wrapped: bytes, purpose: bytes) -> bytes:
+        """The key wrap_key wrapped; KeyShredded once the tenant's vault was deleted."""
+        with self._read() as conn:
+            row = conn.execute("SELECT 1 FROM data_keys WHERE tenant = ?", (tenant,)).fetchone()
+            if row is None:
+                raise KeyShredded(f"tenant '{tenant}' has no key in the vault: its data was "
+                                  "deleted (crypto-shredded) and can no longer be read")
+            tenant_key = self._data_key(conn, tenant, create=False)
+        key = crypto.decrypt(tenant_key, wrapped, purpose)
+        if key is None:
+            raise IntegrityError(f"a key of tenant '{tenant}' fails its integrity check: it was "
+                                 "sealed under a data key since deleted, or tampered with")
+        return key
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -289,7 +323,7 @@ class Vault:
         version = DatasetVersion(tenant, name, number, hashlib.sha256(data).hexdigest(),
                                  num_records, len(data), now(), actor)
         key, aad = crypto.new_key(), _dataset_aad(tenant, name, number)
-        _write_private(self._path(version), crypto.encrypt(key, data, aad))
+        write_private(self._path(version), crypto.encrypt(key, data, aad))
         conn.execute("INSERT INTO dataset_keys VALUES (?, ?, ?, ?)",
                      (tenant, name, number, crypto.encrypt(tenant_key, key, b"key:" + aad)))
         conn.execute(
@@ -313,7 +347,7 @@ class Vault:
         for table in ("dataset_keys", "dataset_versions"):
             conn.execute(f"DELETE FROM {table} WHERE tenant = ? AND name = ?", (tenant, name))
         # Files go before the commit: if deleting them fails, the index keeps the rows.
-        _remove_tree(self.dir / TENANTS_DIR / tenant / name)
+        remove_tree(self.dir / TENANTS_DIR / tenant / name)
         versions = [_version(row) for row in rows]
         self._registry.record_audit(
             actor, "data.rm", f"{tenant}/{name}",
@@ -390,29 +424,3 @@ def _version(row: sqlite3.Row) -> DatasetVersion:
     return DatasetVersion(row["tenant"], row["name"], row["number"], row["sha256"],
                           row["num_records"], row["size_bytes"], row["created_at"],
                           row["created_by"])
-
-
-def _read_at_most(path: Path, limit: int) -> bytes:
-    """At most `limit` bytes of the file: enough to tell it is too large without reading it all."""
-    with open(path, "rb") as reader:
-        return reader.read(limit)
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete a directory and its files; already gone is fine (an earlier call was cut short)."""
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        pass
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write the file whole or not at all (temp file, fsync, rename), readable by us only."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as writer:
-        writer.write(data)
-        writer.flush()
-        os.fsync(writer.fileno())
-    os.replace(tmp, path)

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from loraplex.cli import app
 from loraplex.registry import Registry
+from loraplex.vault.artifacts import ArtifactSealer
 
 runner = CliRunner()
 
@@ -24,7 +25,8 @@ def home(tmp_path, monkeypatch, bpe_llama_dir):
         registry.create_tenant("acme", actor="test")
         for seed in (1, 2):
             src = write_random_adapter(tmp_path / f"src{seed}", config, rank=4, seed=seed)
-            registry.push_version("acme", "bot", src, actor="test", validate=None)
+            registry.push_version("acme", "bot", src, actor="test", validate=None,
+                                  sealer=ArtifactSealer.for_home(home))
     return home
 
 

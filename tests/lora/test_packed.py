@@ -3,6 +3,7 @@ loading (or refusing) the adapter itself."""
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,39 @@ def test_an_unwritable_cache_only_costs_speed(adapter, shapes, tmp_path):
     blocker.write_text("a file where the cache directory should be")
     want = load(adapter, shapes, None)
     assert_same(load(adapter, shapes, blocker / "cache"), want)
+
+
+def in_memory(adapter: Path):
+    """An adapter whose files come from memory, as a sealed registry artifact's do."""
+    names = (adapter_module.CONFIG_FILE, adapter_module.WEIGHTS_FILE)
+    files = {name: (adapter / name).read_bytes() for name in names}
+    return lambda: files
+
+
+def test_an_adapter_read_from_memory_loads_as_from_its_files(adapter, shapes, tmp_path):
+    name = tmp_path / "artifacts" / "acme" / "sha"  # never read: only names it
+    got = load(name, shapes, None, read_files=in_memory(adapter))
+    assert_same(got, load(adapter, shapes, None))
+    assert got.path == name
+
+
+def test_entries_are_private_and_scoped_to_their_owner(adapter, shapes, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o755)  # made by an older loraplex, before entries were private
+    name = tmp_path / "artifacts" / "acme" / "sha"
+    first = load(name, shapes, cache, read_files=in_memory(adapter), cache_scope="acme")
+    [entry] = sorted((cache / "acme").glob("*.safetensors"))
+    assert entries(cache) == []  # nothing of acme's at the top level
+    for directory in (cache, cache / "acme"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+    # The next load is from the entry, without decrypting (calling read_files) again.
+    def never():
+        raise AssertionError("read the artifact again")
+
+    assert_same(load(name, shapes, cache, read_files=never, cache_scope="acme"), first)
+    # Eviction sees entries in every scope.
+    monkeypatch.setattr(packed, "MAX_CACHE_BYTES", entry.stat().st_size)
+    os.utime(entry, ns=(0, 0))
+    load(adapter, shapes, cache)
+    assert not entry.exists() and len(entries(cache)) == 1

@@ -11,6 +11,7 @@ from loraplex.config import EngineConfig
 from loraplex.registry import Registry
 from loraplex.server.app import ServerSettings
 from loraplex.validation import adapter_validator
+from loraplex.vault.artifacts import ArtifactSealer
 
 BASE_NAME = "tiny-base"
 TENANTS = ("acme", "globex", "initech", "umbrella", "hooli", "stark")
@@ -52,7 +53,7 @@ def ray_service(sharp_llama_dir, sharp_adapters, tmp_path_factory):
         _, keys[tenant] = registry.create_key(tenant, actor="test")
         adapters[tenant] = sharp_adapters[i]
         version = registry.push_version(tenant, "bot", sharp_adapters[i], actor="test",
-                                        validate=validate)
+                                        validate=validate, sealer=ArtifactSealer.for_home(home))
         version_ids[tenant] = version.id
     registry.set_base_model_access("acme", True, actor="test")
     _, admin_key = registry.create_admin_key(actor="test")

@@ -1,7 +1,8 @@
 """Registry fixtures: a fresh home per test and small fake adapter directories.
 
 The registry never parses adapter weights (validation is injected), so a fake adapter is a
-config file and a few KB of random bytes.
+config file and a few KB of random bytes. Pushes seal through the vault of the same home, as
+the server and the CLI do.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from loraplex.registry import CONFIG_FILE, WEIGHTS_FILE, Registry
+from loraplex.vault import Vault
+from loraplex.vault.artifacts import ArtifactSealer
 
 TARGET_MODULES = ["q_proj", "v_proj"]
 
@@ -26,7 +29,7 @@ def write_adapter(path: Path, *, seed: int = 0, num_bytes: int = 4096) -> Path:
     return path
 
 
-def fake_validate(adapter_dir: Path) -> dict:
+def fake_validate(files) -> dict:
     return {"rank": 8, "target_modules": TARGET_MODULES}
 
 
@@ -42,18 +45,25 @@ def registry(home):
 
 
 @pytest.fixture
+def sealer(home):
+    with Vault(home) as vault:
+        yield ArtifactSealer(vault)
+
+
+@pytest.fixture
 def acme(registry):
     return registry.create_tenant("acme", actor="operator")
 
 
 @pytest.fixture
-def push(registry, acme, tmp_path):
+def push(registry, acme, sealer, tmp_path):
     """push(seed=..., adapter=..., tenant=..., **kwargs): push a fake adapter, return Version."""
     counter = itertools.count()
 
     def push(*, seed: int = 0, adapter: str = "bot", tenant: str = "acme", **kwargs):
         src = write_adapter(tmp_path / f"src-{next(counter)}", seed=seed)
         kwargs.setdefault("validate", fake_validate)
-        return registry.push_version(tenant, adapter, src, actor="alice", **kwargs)
+        return registry.push_version(tenant, adapter, src, actor="alice", sealer=sealer,
+                                     **kwargs)
 
     return push

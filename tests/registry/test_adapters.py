@@ -8,16 +8,15 @@ from loraplex.registry.artifacts import ADAPTER_FILES
 from .conftest import TARGET_MODULES, write_adapter
 
 
-def test_first_push_creates_the_adapter(registry, home, push):
+def test_first_push_creates_the_adapter(registry, home, push, tmp_path):
     version = push()
     assert (version.adapter_name, version.number, version.label) == ("bot", 1, "v1")
-    assert version.artifact_path == home / "artifacts" / version.sha256
+    assert version.artifact_path == home / "artifacts" / "acme" / version.sha256
     assert (version.rank, version.target_modules) == (8, tuple(TARGET_MODULES))
     assert version.created_by == "alice"
     assert version.training_record is None
-    assert version.size_bytes == sum(
-        (version.artifact_path / name).stat().st_size for name in ADAPTER_FILES
-    )
+    src = write_adapter(tmp_path / "same")  # push() used seed 0 too
+    assert version.size_bytes == sum((src / name).stat().st_size for name in ADAPTER_FILES)
     (info,) = registry.list_adapters("acme")
     assert (info.name, info.versions, info.split, info.active) == ("bot", [version], {1: 100}, 1)
 
@@ -74,10 +73,10 @@ def test_invalid_adapter_names(registry, push, name):
     assert registry.list_adapters("acme") == []
 
 
-def test_push_for_a_missing_tenant_copies_nothing(registry, home, tmp_path):
+def test_push_for_a_missing_tenant_copies_nothing(registry, home, sealer, tmp_path):
     src = write_adapter(tmp_path / "src")
     with pytest.raises(NotFound, match="^tenant 'nope' does not exist$"):
-        registry.push_version("nope", "bot", src, actor="alice", validate=None)
+        registry.push_version("nope", "bot", src, actor="alice", validate=None, sealer=sealer)
     assert not (home / "artifacts").exists()
 
 

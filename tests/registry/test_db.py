@@ -270,6 +270,45 @@ M004_SCHEMA = [
 ]
 
 
+# m005 adds api_keys.expires_at (SQLite splices the column into the stored CREATE TABLE);
+# m006 lets a version move, once, from its clear artifact to its sealed copy. Rows here replace
+# the rows of the same name above.
+M005_M006_SCHEMA = [
+    (
+        "table",
+        "api_keys",
+        """CREATE TABLE api_keys (
+    key_id TEXT PRIMARY KEY,
+    role TEXT NOT NULL CHECK (role IN ('tenant', 'admin')),
+    tenant_id INTEGER REFERENCES tenants (id),
+    secret_sha256 TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT, expires_at TEXT,
+    CHECK ((role = 'admin') = (tenant_id IS NULL))
+)""",
+    ),
+    (
+        "trigger",
+        "versions_are_immutable",
+        """CREATE TRIGGER versions_are_immutable BEFORE UPDATE OF id, adapter_id, number, sha256,
+    size_bytes, rank, target_modules, created_at, created_by, training_record ON versions
+BEGIN
+    SELECT RAISE(ABORT, 'versions are immutable');
+END""",
+    ),
+    (
+        "trigger",
+        "versions_move_to_sealed_once",
+        """CREATE TRIGGER versions_move_to_sealed_once BEFORE UPDATE OF artifact_path ON versions
+WHEN NOT (OLD.artifact_path = 'artifacts/' || OLD.sha256
+          AND NEW.artifact_path GLOB 'artifacts/?*/' || OLD.sha256)
+BEGIN
+    SELECT RAISE(ABORT, 'versions are immutable');
+END""",
+    ),
+]
+
+
 def schema(conn: sqlite3.Connection) -> list[tuple]:
     rows = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name")
     return [tuple(row) for row in rows]
@@ -282,7 +321,9 @@ def applied(conn: sqlite3.Connection) -> list[tuple]:
 def test_schema_is_exactly_the_expected_one(tmp_path):
     conn = connect(tmp_path)
     assert (tmp_path / DB_FILE).is_file()
-    assert schema(conn) == sorted(EXPECTED_SCHEMA + M004_SCHEMA, key=lambda row: row[1])
+    replaced = {row[1] for row in M005_M006_SCHEMA}
+    expected = [row for row in EXPECTED_SCHEMA + M004_SCHEMA if row[1] not in replaced]
+    assert schema(conn) == sorted(expected + M005_M006_SCHEMA, key=lambda row: row[1])
     assert [name for name, _ in applied(conn)] == [m.__name__ for m in db.MIGRATIONS]
 
 

@@ -70,11 +70,19 @@ def test_a_change_from_another_process_is_seen_within_a_second(registry, home, a
     assert registry.resolve(acme.id, "bot", "u").number == 1
 
 
-def test_an_adapter_created_by_another_process_resolves(registry, home, acme, tmp_path):
+def test_an_adapter_created_by_another_process_resolves(registry, home, acme, sealer,
+                                                        tmp_path):
     with pytest.raises(NotFound):
         registry.resolve(acme.id, "bot", "u")
     with Registry(home) as cli:
-        cli.push_version(
-            "acme", "bot", write_adapter(tmp_path / "src"), actor="cli", validate=fake_validate
-        )
+        cli.push_version("acme", "bot", write_adapter(tmp_path / "src"), actor="cli",
+                         validate=fake_validate, sealer=sealer)
     assert registry.resolve(acme.id, "bot", "u").number == 1
+
+
+def test_a_version_whose_artifact_was_shredded_no_longer_resolves(registry, acme, push, sealer):
+    push()
+    assert registry.resolve(acme.id, "bot", "u").number == 1
+    sealer.vault.delete_tenant_vault("acme", actor="operator")  # bumps the generation
+    with pytest.raises(NotFound, match="^adapter 'bot' does not exist$"):
+        registry.resolve(acme.id, "bot", "u")

@@ -153,3 +153,69 @@ def test_keys_work_from_another_connection(registry, home, acme):
     _, key = registry.create_key("acme", actor="operator")
     with Registry(home) as other:
         assert other.authenticate(key).tenant_name == "acme"
+
+
+def _move_clock(monkeypatch, seconds: float) -> None:
+    """Every now() of the registry `seconds` later than the real clock."""
+    from datetime import UTC, datetime, timedelta
+
+    import loraplex.registry.db as db
+    import loraplex.registry.facade as facade
+    import loraplex.registry.tenants as tenants_module
+
+    def later() -> str:
+        return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
+
+    for module in (db, facade, tenants_module):
+        monkeypatch.setattr(module, "now", later)
+
+
+@pytest.mark.parametrize("role", ["tenant", "admin"])
+def test_a_rotated_key_works_until_its_overlap_ends(registry, acme, monkeypatch, role):
+    if role == "tenant":
+        old_id, old_key = registry.create_key("acme", actor="operator")
+    else:
+        old_id, old_key = registry.create_admin_key(actor="operator")
+    new_id, new_key, old = registry.rotate_key(old_id, actor="operator", overlap_s=3600)
+    assert new_id != old_id and old.expires_at is not None and old.revoked_at is None
+    for key, key_id in ((old_key, old_id), (new_key, new_id)):  # both work in the overlap
+        principal = registry.authenticate(key)
+        assert (principal.key_id, principal.role) == (key_id, role)
+        assert principal.tenant_name == ("acme" if role == "tenant" else None)
+    _move_clock(monkeypatch, 3601)
+    assert registry.authenticate(old_key) is None
+    assert registry.authenticate(new_key).key_id == new_id
+    with pytest.raises(InvalidInput, match="revoked or expired"):
+        registry.rotate_key(old_id, actor="operator")
+    entry = registry.audit_log(limit=1)[0]
+    assert (entry.action, entry.target) == ("key.rotate", f"key:{old_id}")
+    assert entry.details == {"role": role, "new_key": new_id, "old_expires_at": old.expires_at}
+
+
+def test_rotating_with_no_overlap_ends_the_old_key_now(registry, acme):
+    old_id, old_key = registry.create_key("acme", actor="operator")
+    _, new_key, _ = registry.rotate_key(old_id, actor="operator", overlap_s=0)
+    assert registry.authenticate(old_key) is None and registry.authenticate(new_key)
+
+
+def test_rotating_again_never_extends_the_old_key(registry, acme):
+    old_id, _ = registry.create_key("acme", actor="operator")
+    _, _, first = registry.rotate_key(old_id, actor="operator", overlap_s=60)
+    _, _, second = registry.rotate_key(old_id, actor="operator", overlap_s=3600)
+    assert second.expires_at == first.expires_at
+    assert [k.key_id for k in registry.list_keys("acme")][0] == old_id
+
+
+@pytest.mark.parametrize("overlap", [-1, 30 * 24 * 3600 + 1, 1.5])
+def test_a_bad_overlap_is_refused(registry, acme, overlap):
+    old_id, old_key = registry.create_key("acme", actor="operator")
+    with pytest.raises(InvalidInput, match="overlap must be 0 to"):
+        registry.rotate_key(old_id, actor="operator", overlap_s=overlap)
+    assert registry.list_keys("acme")[0].expires_at is None and len(registry.list_keys("acme")) == 1
+
+
+def test_a_tenant_cannot_rotate_another_tenants_key(registry, acme):
+    registry.create_tenant("beta", actor="operator")
+    key_id, _ = registry.create_key("acme", actor="operator")
+    with pytest.raises(NotFound, match=f"^key '{key_id}' does not exist$"):
+        registry.rotate_key(key_id, actor="operator", tenant="beta")

@@ -11,6 +11,7 @@ from loraplex.registry import Registry
 from loraplex.server.app import ServerSettings, create_app
 from loraplex.server.thread import ServerThread
 from loraplex.validation import adapter_validator
+from loraplex.vault.artifacts import ArtifactSealer
 
 BASE_NAME = "tiny-base"
 
@@ -44,7 +45,8 @@ def live(sharp_llama_dir, sharp_adapters, tmp_path_factory):
     }
     for spec, path in adapters.items():
         tenant, rest = spec.split("/")
-        registry.push_version(tenant, rest.split("@")[0], path, actor="test", validate=validate)
+        registry.push_version(tenant, rest.split("@")[0], path, actor="test", validate=validate,
+                              sealer=ArtifactSealer.for_home(home))
     _, admin_key = registry.create_admin_key(actor="test")
     engine = AsyncEngine(EngineConfig(model=str(sharp_llama_dir), max_loras=4, max_cpu_loras=8,
                                       max_lora_rank=16, max_model_len=1024,

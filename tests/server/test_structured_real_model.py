@@ -17,6 +17,7 @@ from loraplex.model.pull import resolve_model
 from loraplex.registry import Registry
 from loraplex.server.app import ServerSettings, create_app
 from loraplex.server.thread import ServerThread
+from loraplex.vault.artifacts import ArtifactSealer
 
 pytestmark = pytest.mark.real_model
 BASE = "smollm2"
@@ -55,7 +56,8 @@ def server(tmp_path_factory):
     registry.set_base_model_access("lawfirm", True, actor="test")
     adapter = write_random_adapter(tmp_path_factory.mktemp("adapter"), read_config(model_dir),
                                    rank=8, seed=1)
-    registry.push_version("lawfirm", "briefs", adapter, actor="test", validate=None)
+    registry.push_version("lawfirm", "briefs", adapter, actor="test", validate=None,
+                          sealer=ArtifactSealer.for_home(home))
     engine = AsyncEngine(EngineConfig(model=str(model_dir), dtype="float32", max_loras=2,
                                       max_lora_rank=8, max_model_len=1024,
                                       kv_cache_bytes=1 << 27))

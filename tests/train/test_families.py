@@ -7,6 +7,7 @@ import torch
 
 from loraplex import LLM, SamplingParams
 from loraplex.model.loader import ModelLoadError
+from loraplex.vault.artifacts import ArtifactSealer, materialized
 from tests.conftest import save_tiny_tokenizer
 from tests.model.test_families import SHAPE, _config
 from tests.test_llm import _peft_greedy
@@ -34,9 +35,11 @@ def test_trained_adapter_serves_as_in_peft(home, model_dir):
     prompt = [5, 17, 33, 8]
     llm = LLM(str(model_dir), max_loras=1, max_lora_rank=4, kv_cache_bytes=1 << 22)
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=0, ignore_eos=True)
-    out = llm.generate([prompt], params, adapters=[version.artifact_path])[0]
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft = PeftModel.from_pretrained(base, version.artifact_path).eval()
+    reader = ArtifactSealer.for_home(home).reader("acme", version.artifact_path)
+    with materialized(reader) as adapter_dir:  # a PEFT dir, as LLM and PEFT read them
+        out = llm.generate([prompt], params, adapters=[adapter_dir])[0]
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        peft = PeftModel.from_pretrained(base, adapter_dir).eval()
     want_tokens, want_logprobs = _peft_greedy(peft, prompt, 8)
     assert out.token_ids == want_tokens
     assert max(abs(a - b) for a, b in zip(out.logprobs, want_logprobs, strict=True)) < 1e-4

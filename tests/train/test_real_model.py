@@ -12,6 +12,7 @@ import pytest
 from loraplex.registry import Registry
 from loraplex.train import train_adapter
 from loraplex.vault import Vault
+from loraplex.vault.artifacts import ArtifactSealer, materialized
 from loraplex.vault.crypto import MASTER_KEY_ENV
 
 PHRASE = "Ahoy matey!"
@@ -112,8 +113,10 @@ def test_trained_adapter_follows_its_data(tmp_path, monkeypatch):
     prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": q}])
                for q in UNSEEN_QUESTIONS]
     n = len(prompts)
-    outs = llm.generate(prompts * 2, SamplingParams(temperature=0, max_tokens=8),
-                        adapters=[None] * n + [version.artifact_path] * n)
+    with materialized(ArtifactSealer.for_home(home).reader("acme", version.artifact_path)
+                      ) as adapter_dir:  # the LLM class reads PEFT dirs; the artifact is sealed
+        outs = llm.generate(prompts * 2, SamplingParams(temperature=0, max_tokens=8),
+                            adapters=[None] * n + [adapter_dir] * n)
     base_hits = sum(PHRASE in out.text for out in outs[:n])
     tuned_hits = sum(PHRASE in out.text for out in outs[n:])
     print(f"'{PHRASE}' in {base_hits}/{n} base answers, {tuned_hits}/{n} adapter answers")

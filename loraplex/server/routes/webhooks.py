@@ -6,6 +6,7 @@ reads show a hint of it. Only the fine-tuning events exist here, so only they ma
 """
 
 import asyncio
+import functools
 import secrets
 import time
 from typing import Annotated
@@ -136,11 +137,16 @@ def webhooks_router(serving: Serving, store: FineTuningStore, sender: WebhookSen
     async def test(endpoint_id: str, body: TestEndpoint, principal: Tenant):
         endpoint = found(principal, endpoint_id)
         check(None, [body.event_type])
+        # Audited whatever the outcome: it makes the server call out to a tenant's URL.
+        audit = functools.partial(serving.registry.record_audit, f"key:{principal.key_id}",
+                                  "webhook.test", endpoint_id, tenant=principal.tenant_name)
         try:
             status = await asyncio.to_thread(sender.send_test, principal.tenant_id, endpoint,
                                              body.event_type)
         except WebhookError as e:
+            audit({"event_type": body.event_type, "error": str(e)})
             raise OpenAIError(400, str(e), param="url") from None
+        audit({"event_type": body.event_type, "status_code": status})
         return {"object": "webhook_endpoint.test", "event_type": body.event_type,
                 "status_code": status, "success": True, "webhook_endpoint_id": endpoint_id}
 
