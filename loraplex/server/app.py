@@ -63,7 +63,7 @@ def create_app(
     ledger = LedgerWriter(registry.add_usage, settings.ledger_flush_seconds)
     auth = Authenticator(registry, FailedAuthThrottle(
         settings.max_auth_failures, settings.auth_failure_window_s,
-        settings.max_auth_failure_addresses))
+        settings.max_auth_failure_addresses), metrics.rejected)
     serving = Serving(engine, registry, settings, metrics, ledger, sealer, auth)
     store = FineTuningStore(registry.home)
     webhooks = WebhookSender(store, allow_private=settings.allow_private_webhooks,

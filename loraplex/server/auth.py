@@ -60,8 +60,9 @@ class FailedAuthThrottle:
 class Authenticator:
     """The one place a request's key is checked (tenant, admin and tenant-data routes)."""
 
-    def __init__(self, registry, throttle: FailedAuthThrottle):
-        self.registry, self.throttle = registry, throttle
+    def __init__(self, registry, throttle: FailedAuthThrottle, rejected=None):
+        """`rejected`: the server's rejected-requests counter (by reason), if any."""
+        self.registry, self.throttle, self.rejected = registry, throttle, rejected
 
     def principal(self, request: Request):
         """The principal behind the request's key; None for no valid key (counted against the
@@ -71,6 +72,8 @@ class Authenticator:
             address = request.client.host if request.client else "unknown"
             wait_s = self.throttle.failed(address)
             if wait_s is not None:
+                if self.rejected is not None:
+                    self.rejected.labels("auth_throttled").inc()
                 raise OpenAIError(429, "too many failed authentications from this address; "
                                   "retry later", "rate_limit_error", code="auth_throttled",
                                   headers={"Retry-After": str(max(1, math.ceil(wait_s)))})

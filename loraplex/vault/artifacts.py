@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraplex.home import adapter_cache_dir
 from loraplex.registry import Registry
 from loraplex.registry.artifacts import (
     ADAPTER_FILES,
@@ -166,6 +167,11 @@ def seal_clear_artifacts(registry: Registry, sealer: ArtifactSealer, *, actor: s
         registry.move_to_sealed(version_id, sealed, actor=actor)
     for relative in {relative for _, _, relative in moved}:
         shutil.rmtree(home / relative, ignore_errors=True)
+    if moved:
+        # The serving cache's entries of those artifacts are at its top level, by no tenant:
+        # drop them all (a cache; what is still used is packed again, into its tenant's scope).
+        for entry in adapter_cache_dir(home).glob("*.safetensors"):
+            entry.unlink(missing_ok=True)
     return len(moved)
 
 

@@ -129,6 +129,8 @@ def test_a_brute_force_loop_gets_429s_and_a_correct_key_still_works(server):
                         headers=bearer(server, TENANT)).status_code == 200
     # ...and another address is not affected.
     assert neighbour.get("/v1/models", headers=guess).status_code == 401
+    metrics = attacker.get("/metrics").text
+    assert 'loraplex_rejected_requests_total{reason="auth_throttled"} 8.0' in metrics
 
 
 def test_the_throttle_forgets_old_failures_and_bounds_its_memory():

@@ -89,14 +89,18 @@ def clear_version(registry, home, tenant, files=FILES):
             actor="alice", training_record=None, home=home)
 
 
-def test_clear_artifacts_are_read_then_sealed_once(registry, sealer, home):
+def test_clear_artifacts_are_read_then_sealed_once(registry, sealer, home, monkeypatch):
+    monkeypatch.delenv(ADAPTER_CACHE_ENV, raising=False)
+    old_entry = adapter_cache_dir(home) / "packed-from-a-clear-path.safetensors"
+    old_entry.parent.mkdir(parents=True)
+    old_entry.write_bytes(b"packed")
     mine, theirs = clear_version(registry, home, "acme"), clear_version(registry, home, "globex")
     assert mine.artifact_path == theirs.artifact_path  # shared, as homes used to
     assert sealer.reader("acme", mine.artifact_path)() == FILES  # readable before the move
 
     assert seal_clear_artifacts(registry, sealer, actor="server") == 2
     assert seal_clear_artifacts(registry, sealer, actor="server") == 0
-    assert not mine.artifact_path.exists()
+    assert not mine.artifact_path.exists() and not old_entry.exists()
     for tenant in ("acme", "globex"):
         version = registry.get_version(tenant, "old", 1)
         assert version.artifact_path == home / "artifacts" / tenant / mine.sha256
