@@ -192,6 +192,15 @@ class AdapterManager:
         self.pinned.discard(adapter_id)
         self.host.pinned.discard(adapter_id)
 
+    def forget(self, adapter_ids: set[int]) -> None:
+        """Drop these adapters' host copies, pins and pending loads (their owner's data was
+        deleted, so no new request resolves to them). A slot holding one keeps it until the
+        slot is next taken: a running request may still be using it."""
+        for adapter_id in adapter_ids:
+            self.pinned.discard(adapter_id)
+            self.host.remove(adapter_id)
+            self._loads.pop(adapter_id, None)
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 

@@ -415,3 +415,36 @@ def test_refuses_integer_tensor(adapter, shapes):
 def test_refuses_adapter_without_lora_tensors(adapter, shapes):
     save_file({}, adapter / "adapter_model.safetensors")
     refusal(adapter, shapes, "adapter_model.safetensors", "no LoRA tensors")
+
+
+def in_memory(adapter: Path, changes: dict[str, bytes | None] | None = None) -> dict:
+    """The adapter's files as bytes (a sealed artifact's, decrypted); a change of None drops
+    that file."""
+    files = {p.name: p.read_bytes() for p in adapter.iterdir()} | (changes or {})
+    return {name: data for name, data in files.items() if data is not None}
+
+
+def test_files_from_memory_load_as_the_directory_does(adapter, shapes):
+    want = load_adapter(adapter, num_layers=NUM_LAYERS, module_shapes=shapes, max_rank=16)
+    files = in_memory(adapter)
+    got = load_adapter("artifacts/acme/sha", num_layers=NUM_LAYERS, module_shapes=shapes,
+                       max_rank=16, read_files=lambda: files)
+    assert got.layer_ranks == want.layer_ranks
+    assert all(torch.equal(got.modules[m][i], want.modules[m][i])
+               for m in want.modules for i in (0, 1))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"adapter_config.json": None}, ("adapter_config.json", "missing")),
+    ({"adapter_model.safetensors": None}, ("adapter_model.safetensors", "missing")),
+    ({"adapter_model.safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}"},
+     ("corrupt or truncated",)),
+    ({"adapter_config.json": b"{not json"}, ("adapter_config.json", "JSON")),
+])
+def test_files_from_memory_are_checked_like_files(adapter, shapes, changes, words):
+    files = in_memory(adapter, changes)
+    with pytest.raises(AdapterError) as refused:
+        load_adapter("upload", num_layers=NUM_LAYERS, module_shapes=shapes, max_rank=16,
+                     read_files=lambda: files)
+    assert str(refused.value).startswith("adapter upload: ")
+    assert all(word in str(refused.value) for word in words)

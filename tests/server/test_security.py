@@ -103,8 +103,12 @@ def test_shredding_a_tenant_stops_its_adapters(server):
     assert client.post("/v1/completions", json=body,
                        headers=bearer(server, OTHER)).status_code == 200
     assert list((adapter_cache_dir() / OTHER).glob("*.safetensors"))
+    version_id = server["registry"].get_version(OTHER, "doomed", 1).id
+    adapters = server["app"].state.engine.engine.adapters
+    assert version_id in adapters.host
     response = client.delete(f"/admin/tenants/{OTHER}/vault", headers=bearer(server, "admin"))
     assert response.status_code == 200, response.text
+    assert version_id not in adapters.host  # the decrypted host copy is gone too
     assert not (adapter_cache_dir() / OTHER).exists()
     assert not (server["home"] / "artifacts" / OTHER).exists()
     response = client.post("/v1/completions", json=body, headers=bearer(server, OTHER))
