@@ -51,7 +51,7 @@ def create_app(
     engine: AsyncEngine, registry: Registry, settings: ServerSettings, validate=None,
     jobs: TrainingJobs | None = None,
 ) -> FastAPI:
-    """`validate(adapter_dir)` checks uploads against the base model (validation.py); `jobs`
+    """`validate(files)` checks uploads against the base model (validation.py); `jobs`
     runs /tenants/{tenant}/training-jobs (default: one job at a time, on the served model)."""
     metrics = Metrics()
     vault = Vault(registry.home)
