@@ -376,6 +376,9 @@ def serve(
         "same adapter version (chat turns, system prompts); never across tenants")] = True,
     max_concurrent_per_tenant: Annotated[int, typer.Option(
         help="A tenant's concurrent requests unless its quota says otherwise")] = 32,
+    allow_private_webhooks: Annotated[bool, typer.Option(
+        help="Deliver webhooks to http:// URLs and private addresses too (a closed network); "
+        "by default only https to public addresses")] = False,
     kv_cache: Annotated[str | None, typer.Option(
         help="KV cache size, e.g. 8GiB (default: 10% of device memory; see `loraplex plan`)")] = (
         None),
@@ -413,7 +416,8 @@ def serve(
     except (ValueError, OSError, PullError) as e:
         fail(str(e))
     settings = ServerSettings(base_model_name=Path(model).name,
-                              max_concurrent_per_tenant=max_concurrent_per_tenant)
+                              max_concurrent_per_tenant=max_concurrent_per_tenant,
+                              allow_private_webhooks=allow_private_webhooks)
     if use_ray:
         _serve_on_ray(config, registry.home, settings, host=host, port=port, replicas=replicas,
                       address=address, cpus_per_replica=cpus_per_replica,

@@ -69,6 +69,26 @@ def test_serve_turns_the_prefix_cache_off_on_request(flag, enabled, tmp_path, mo
     assert [c.enable_prefix_caching for c in seen] == [enabled]
 
 
+@pytest.mark.parametrize("flag, allowed", [([], False), (["--allow-private-webhooks"], True)])
+def test_serve_allows_private_webhooks_only_on_request(flag, allowed, tmp_path, monkeypatch,
+                                                       tiny_llama_dir):
+    import loraplex.engine.async_engine
+    import loraplex.server.app
+
+    seen = []
+
+    def create_app(engine, registry, settings, validate):
+        seen.append(settings)
+        raise ValueError("no app in this test")
+
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
+    monkeypatch.setattr(loraplex.engine.async_engine, "AsyncEngine", lambda config: object())
+    monkeypatch.setattr(loraplex.server.app, "create_app", create_app)
+    result = runner.invoke(app, ["serve", "--model", str(tiny_llama_dir), *flag])
+    assert "no app in this test" in str(result.exception)
+    assert [s.allow_private_webhooks for s in seen] == [allowed]
+
+
 def test_admin_commands(tmp_path, monkeypatch, sharp_llama_dir, sharp_adapters):
     monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
 

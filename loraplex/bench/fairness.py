@@ -44,13 +44,13 @@ BUSY_PROMPT = "Tell me everything about the history of the city, in detail. " * 
 QUIET_PROMPT = "What are your opening hours?"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _setup(home: Path, model: str, tenants: list[str]) -> tuple[dict[str, str], str]:
+def setup_tenants(home: Path, model: str, tenants: list[str]) -> tuple[dict[str, str], str]:
     """A tenant per name with one random adapter `bot`; returns tenant -> key, and an admin
     key."""
     config = read_config(resolve_model(model))
@@ -134,7 +134,7 @@ async def _loaded(url: str, admin_key: str, busy: list[str], quiet: list[str], s
     return quiet_results, throughput
 
 
-def _start(model: str, port: int, env: dict, scheduling: str, dtype: str,
+def start_server(model: str, port: int, env: dict, scheduling: str, dtype: str,
            max_num_seqs: int, max_num_batched_tokens: int) -> subprocess.Popen:
     server = subprocess.Popen(
         [sys.executable, "-m", "loraplex.cli", "serve", "--model", model, "--port", str(port),
@@ -193,7 +193,7 @@ def main() -> None:
     quiet = [f"quiet{i}" for i in range(options.quiet)]
     with tempfile.TemporaryDirectory(prefix="loraplex-fairness-") as tmp:
         home = Path(tmp)
-        keys, admin_key = _setup(home, options.model, busy + quiet)
+        keys, admin_key = setup_tenants(home, options.model, busy + quiet)
         # The adapter cache is the run's own; the CPU kernel is built once, in the user's home.
         env = {**os.environ, HOME_ENV: str(home), "LORAPLEX_ADAPTER_CACHE": str(home / "cache"),
                "LORAPLEX_KERNEL_CACHE": os.environ.get("LORAPLEX_KERNEL_CACHE") or str(
@@ -201,9 +201,9 @@ def main() -> None:
         rows = []
         for round_ in range(options.rounds):
             for scheduling in schedulers:
-                port = _free_port()
+                port = free_port()
                 url = f"http://127.0.0.1:{port}"
-                server = _start(options.model, port, env, scheduling, options.dtype,
+                server = start_server(options.model, port, env, scheduling, options.dtype,
                                 options.max_num_seqs, options.max_num_batched_tokens)
                 try:
                     asyncio.run(_quiet(url, [keys[q] for q in quiet], 1, 4))  # warm-up

@@ -1,0 +1,197 @@
+"""Does the HTTP path slow the engine? GuideLLM against `loraplex serve`, then the same engine
+in-process, on the same shape, alternating.
+
+HTTP: `loraplex serve` in its own process; GuideLLM (`pip install guidellm`, its own process
+and ideally its own venv: `--guidellm PATH`) sends streaming chat completions of synthetic
+prompts (`--prompt-tokens`, default 128) asking for `--output-tokens` (64, ignore_eos) with
+N concurrent streams (`--concurrency 1,8,32`), `--requests` of them in all per level. In-process:
+an AsyncEngine in this process (the server stopped) gets the same requests (synthetic text of
+the same length through the same chat template, the same adapter, temperature 1 as GuideLLM's
+requests leave it) from the same number of concurrent tasks, in a fresh process each round.
+Reported per level: output tokens per second (all output tokens from the first request sent to
+the last one finished) and TTFT p50, each path's median over `--rounds`, and HTTP / in-process.
+
+    python -m loraplex.bench.http_path [--guidellm guidellm] [--concurrency 1,8,32]
+        [--requests 8,32,64] [--rounds 2] [--model smollm2-135m] [--dtype float32]
+
+Threads: the server and the in-process engine both run torch's default (one OpenMP thread per
+core); GuideLLM's process and this one mostly wait on sockets.
+"""
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from loraplex.bench.fairness import free_port, setup_tenants, start_server
+from loraplex.config import EngineConfig
+from loraplex.engine.async_engine import AsyncEngine
+from loraplex.home import HOME_ENV
+from loraplex.model.pull import resolve_model
+from loraplex.registry import Registry
+from loraplex.sampling_params import SamplingParams
+from loraplex.server.serving import adapter_request
+from loraplex.vault.artifacts import ArtifactSealer
+
+TENANT, ADAPTER = "t0", "bot"
+
+
+def _guidellm(guidellm: str, url: str, key: str, model_dir: Path, streams: int,
+              num_requests: int, prompt_tokens: int, output_tokens: int, out: Path) -> dict:
+    """One GuideLLM level: its output tokens/s and TTFT p50 (s)."""
+    command = [
+        guidellm, "run", "--backend", f"kind=openai_http,target={url},model={ADAPTER},"
+        f"api_key={key}", "--profile", f"kind=concurrent,streams={streams}",
+        "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},"
+        f"output_tokens={output_tokens}", "--tokenizer", f"kind=hf_auto,model={model_dir}",
+        "--constraint", f"kind=max_requests,count={num_requests}",
+        "--output", f"kind=json,path={out}", "--disable-console"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    benchmark = json.loads(out.read_text())["benchmarks"][0]
+    requests, metrics = benchmark["requests"], benchmark["metrics"]
+    if requests["errored"]:
+        raise RuntimeError(f"GuideLLM: {len(requests['errored'])} requests failed")
+    # Over the requests' own span (first sent to last finished), as the in-process figure is:
+    # GuideLLM's benchmark duration also counts its own start-up.
+    done = requests["successful"]
+    span = max(r["request_end_time"] for r in done) - min(r["request_start_time"] for r in done)
+    ttft = metrics["time_to_first_token_ms"]["successful"]["percentiles"]["p50"] / 1000
+    return {"output_tok_s": sum(r["output_tokens"] for r in done) / span, "ttft_p50": ttft}
+
+
+def _prompts(tokenizer, count: int, prompt_tokens: int, seed: int) -> list[list[int]]:
+    """Chat prompts whose user text is `prompt_tokens` tokens of random words, as GuideLLM's
+    synthetic data is, through the model's chat template as the server applies it."""
+    rng = random.Random(seed)
+    words = [w for w in (tokenizer.decode([t]).strip() for t in range(1000, 6000)) if w.isalpha()]
+    prompts = []
+    for _ in range(count):
+        ids = tokenizer.encode(" ".join(rng.choice(words) for _ in range(prompt_tokens * 2)),
+                               add_special_tokens=False)[:prompt_tokens]
+        prompts.append(tokenizer.encode_chat([{"role": "user",
+                                               "content": tokenizer.decode(ids)}]))
+    return prompts
+
+
+async def _in_process(engine: AsyncEngine, adapter, prompts: list[list[int]],
+                      streams: int, output_tokens: int) -> dict:
+    """The same requests from `streams` concurrent tasks; output tokens/s and TTFT p50 (s)."""
+    params = SamplingParams(max_tokens=output_tokens, temperature=1.0, ignore_eos=True)
+    pending, ttfts, tokens = list(prompts), [], 0
+
+    async def client():
+        nonlocal tokens
+        while pending:
+            prompt, start, first = pending.pop(), time.perf_counter(), None
+            async for delta in engine.generate(prompt, params, adapter, fairness_key=TENANT):
+                if delta.error:
+                    raise RuntimeError(f"in-process request failed: {delta.error}")
+                if first is None and delta.token_ids:
+                    first = time.perf_counter() - start
+                tokens += len(delta.token_ids)
+            ttfts.append(first)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(streams)))
+    return {"output_tok_s": tokens / (time.perf_counter() - start),
+            "ttft_p50": statistics.median(ttfts)}
+
+
+def _http_round(options, env: dict, key: str, model_dir: Path, levels, tmp: Path) -> dict:
+    port = free_port()
+    server = start_server(options.model, port, env, "fair", options.dtype, 64, 512)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _guidellm(options.guidellm, url, key, model_dir, 1, 1, options.prompt_tokens, 4,
+                  tmp / "warmup.json")
+        return {streams: _guidellm(options.guidellm, url, key, model_dir, streams, count,
+                                   options.prompt_tokens, options.output_tokens,
+                                   tmp / f"c{streams}.json") for streams, count in levels}
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _in_process_round(options, home: Path, levels, seed: int) -> dict:
+    with Registry(home) as registry:
+        found = registry.resolve(registry.get_tenant(TENANT).id, ADAPTER, "bench")
+    # What the server hands its engine: the sealed artifact, decrypted in memory on a miss.
+    adapter = adapter_request(ArtifactSealer.for_home(home), TENANT, found.version_id,
+                              found.artifact_path)
+    engine = AsyncEngine(EngineConfig(model=options.model, dtype=options.dtype))
+    try:
+        prompts = {streams: _prompts(engine.tokenizer, count, options.prompt_tokens, seed)
+                   for streams, count in levels}
+        asyncio.run(_in_process(engine, adapter, prompts[levels[0][0]][:1], 1, 4))  # warm-up
+        return {streams: asyncio.run(_in_process(engine, adapter, prompts[streams], streams,
+                                                 options.output_tokens))
+                for streams, _ in levels}
+    finally:
+        engine.shutdown()
+
+
+def _in_fresh_process(options, home: Path, levels, seed: int) -> dict:
+    """_in_process_round in a process of its own: a second engine thread in one process gets a
+    second OpenMP thread team, and both then run several times slower (engine/adapter_manager.py
+    says how much), so each round's engine is its process's first."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_in_process_round, (options, home, levels, seed))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--guidellm", default="guidellm", help="GuideLLM's executable")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--requests", default="8,32,64", help="per concurrency level")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    options = parser.parse_args()
+    levels = list(zip([int(c) for c in options.concurrency.split(",")],
+                      [int(n) for n in options.requests.split(",")], strict=True))
+    with tempfile.TemporaryDirectory(prefix="loraplex-http-") as tmp:
+        home = Path(tmp)
+        keys, _ = setup_tenants(home, options.model, [TENANT])
+        env = {**os.environ, HOME_ENV: str(home), "LORAPLEX_ADAPTER_CACHE": str(home / "cache"),
+               "LORAPLEX_KERNEL_CACHE": os.environ.get("LORAPLEX_KERNEL_CACHE") or str(
+                   Path.home() / ".loraplex" / "cache" / "kernels")}
+        os.environ.update({k: env[k] for k in ("LORAPLEX_ADAPTER_CACHE",
+                                               "LORAPLEX_KERNEL_CACHE")})
+        model_dir = resolve_model(options.model)
+        runs = {"http": [], "in-process": []}
+        for round_ in range(options.rounds):
+            order = ["http", "in-process"] if round_ % 2 == 0 else ["in-process", "http"]
+            for path in order:
+                result = (_http_round(options, env, keys[TENANT], model_dir, levels, home)
+                          if path == "http" else _in_fresh_process(options, home, levels, round_))
+                runs[path].append(result)
+                print(json.dumps({"round": round_, "path": path, **{
+                    str(c): r for c, r in result.items()}}), flush=True)
+    print(f"\n{'clients':>7} {'HTTP tok/s':>10} {'in-proc tok/s':>13} {'ratio':>6} "
+          f"{'HTTP TTFT p50':>13} {'in-proc TTFT p50':>16} {'ratio':>6}")
+    for streams, _ in levels:
+        http = {k: statistics.median(r[streams][k] for r in runs["http"])
+                for k in ("output_tok_s", "ttft_p50")}
+        local = {k: statistics.median(r[streams][k] for r in runs["in-process"])
+                 for k in ("output_tok_s", "ttft_p50")}
+        print(f"{streams:>7} {http['output_tok_s']:10.1f} {local['output_tok_s']:13.1f} "
+              f"{http['output_tok_s'] / local['output_tok_s']:6.2f} "
+              f"{http['ttft_p50']:11.2f} s {local['ttft_p50']:14.2f} s "
+              f"{http['ttft_p50'] / local['ttft_p50']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
