@@ -156,6 +156,15 @@ def start_server(model: str, port: int, env: dict, scheduling: str, dtype: str,
     raise RuntimeError("loraplex serve did not become ready in time")
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops it (running requests finish); killed if it hangs."""
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 \
         else values[0]
@@ -215,11 +224,7 @@ def main() -> None:
                         options.streams, options.quiet_requests, options.quiet_tokens,
                         options.busy_tokens))
                 finally:
-                    server.send_signal(signal.SIGINT)
-                    try:
-                        server.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        server.kill()
+                    stop_server(server)
                 loaded = _summary(results)
                 row = {"round": round_, "scheduling": scheduling, "busy_tok_s": throughput,
                        **{f"solo_{k}": v for k, v in solo.items()},

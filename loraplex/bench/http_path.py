@@ -24,14 +24,13 @@ import json
 import multiprocessing
 import os
 import random
-import signal
 import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from loraplex.bench.fairness import free_port, setup_tenants, start_server
+from loraplex.bench.fairness import free_port, setup_tenants, start_server, stop_server
 from loraplex.config import EngineConfig
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.home import HOME_ENV
@@ -116,11 +115,7 @@ def _http_round(options, env: dict, key: str, model_dir: Path, levels, tmp: Path
                                    options.prompt_tokens, options.output_tokens,
                                    tmp / f"c{streams}.json") for streams, count in levels}
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
 
 
 def _in_process_round(options, home: Path, levels, seed: int) -> dict:
