@@ -376,6 +376,9 @@ def serve(
         "same adapter version (chat turns, system prompts); never across tenants")] = True,
     max_concurrent_per_tenant: Annotated[int, typer.Option(
         help="A tenant's concurrent requests unless its quota says otherwise")] = 32,
+    prewarm: Annotated[str, typer.Option(
+        help="At start, load the serving versions of the N most recently used adapters (all: "
+        "as many as --max-cpu-loras holds; none)")] = "all",
     allow_private_webhooks: Annotated[bool, typer.Option(
         help="Deliver webhooks to http:// URLs and private addresses too (a closed network); "
         "by default only https to public addresses")] = False,
@@ -417,7 +420,8 @@ def serve(
         fail(str(e))
     settings = ServerSettings(base_model_name=Path(model).name,
                               max_concurrent_per_tenant=max_concurrent_per_tenant,
-                              allow_private_webhooks=allow_private_webhooks)
+                              allow_private_webhooks=allow_private_webhooks,
+                              prewarm_adapters=_prewarm_count(prewarm))
     if use_ray:
         _serve_on_ray(config, registry.home, settings, host=host, port=port, replicas=replicas,
                       address=address, cpus_per_replica=cpus_per_replica,
@@ -438,6 +442,17 @@ def serve(
     app_ = create_app(engine, registry, settings, validate)
     err.print(f"serving {model} on http://{host}:{port} (OpenAI API under /v1)")
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+
+
+def _prewarm_count(spec: str) -> int | None:
+    """--prewarm: None for all (as many as the host cache holds), else a count."""
+    if spec == "all":
+        return None
+    if spec == "none":
+        return 0
+    if not (spec.isdigit() and len(spec) <= 6):
+        fail(f"--prewarm takes a number, all or none; got {spec!r}")
+    return int(spec)
 
 
 def _serve_on_ray(config, home: Path, settings, *, host: str, port: int, replicas: int,

@@ -69,9 +69,14 @@ def test_serve_turns_the_prefix_cache_off_on_request(flag, enabled, tmp_path, mo
     assert [c.enable_prefix_caching for c in seen] == [enabled]
 
 
-@pytest.mark.parametrize("flag, allowed", [([], False), (["--allow-private-webhooks"], True)])
-def test_serve_allows_private_webhooks_only_on_request(flag, allowed, tmp_path, monkeypatch,
-                                                       tiny_llama_dir):
+@pytest.mark.parametrize("flag, field, value", [
+    ([], "allow_private_webhooks", False),
+    (["--allow-private-webhooks"], "allow_private_webhooks", True),
+    ([], "prewarm_adapters", None), (["--prewarm", "none"], "prewarm_adapters", 0),
+    (["--prewarm", "5"], "prewarm_adapters", 5),
+])
+def test_serve_passes_its_server_settings(flag, field, value, tmp_path, monkeypatch,
+                                          tiny_llama_dir):
     import loraplex.engine.async_engine
     import loraplex.server.app
 
@@ -86,7 +91,14 @@ def test_serve_allows_private_webhooks_only_on_request(flag, allowed, tmp_path, 
     monkeypatch.setattr(loraplex.server.app, "create_app", create_app)
     result = runner.invoke(app, ["serve", "--model", str(tiny_llama_dir), *flag])
     assert "no app in this test" in str(result.exception)
-    assert [s.allow_private_webhooks for s in seen] == [allowed]
+    assert [getattr(s, field) for s in seen] == [value]
+
+
+def test_serve_with_a_bad_prewarm_is_a_clear_error(tmp_path, monkeypatch, tiny_llama_dir):
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
+    result = runner.invoke(app, ["serve", "--model", str(tiny_llama_dir), "--prewarm", "-3"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "--prewarm takes a number, all or none" in result.output
 
 
 def test_admin_commands(tmp_path, monkeypatch, sharp_llama_dir, sharp_adapters):

@@ -350,6 +350,11 @@ class Registry:
         with self._read() as conn:
             return ledger.query(conn, tenants.get_tenant(conn, tenant).id, start, end, group_by)
 
+    def recently_used_adapters(self, limit: int) -> list[tuple[str, str]]:
+        """(tenant, adapter) that served most recently first (from the ledger)."""
+        with self._read() as conn:
+            return ledger.recently_used(conn, limit)
+
     def tokens_between(self, tenant_id: int, start: str, end: str) -> int:
         with self._read() as conn:
             return ledger.tokens_between(conn, tenant_id, start, end)

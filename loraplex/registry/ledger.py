@@ -107,6 +107,17 @@ def tokens_between(conn: sqlite3.Connection, tenant_id: int, start: str, end: st
     return row[0]
 
 
+def recently_used(conn: sqlite3.Connection, limit: int) -> list[tuple[str, str]]:
+    """(tenant name, adapter name) of the adapters that served most recently, newest first, by
+    the last hour each was billed in (the base model excluded)."""
+    rows = conn.execute(
+        "SELECT tenants.name AS tenant, usage.adapter AS adapter, MAX(usage.hour) AS last"
+        " FROM usage JOIN tenants ON tenants.id = usage.tenant_id WHERE usage.version != 'base'"
+        " GROUP BY usage.tenant_id, usage.adapter ORDER BY last DESC, tenant, adapter LIMIT ?",
+        (limit,))
+    return [(row["tenant"], row["adapter"]) for row in rows]
+
+
 class LedgerWriter:
     """Batches usage in memory and commits it every `interval` seconds on its own thread.
 

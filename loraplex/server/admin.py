@@ -1,6 +1,7 @@
 """Administration over HTTP under /admin/ (admin key only): the same operations as the CLI."""
 
 import asyncio
+import logging
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -10,14 +11,16 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from loraplex.registry import InvalidInput, Registry
+from loraplex.registry import InvalidInput, NotFound, Registry
 from loraplex.registry.tenants import DEFAULT_ROTATION_OVERLAP_S, MAX_ROTATION_OVERLAP_S
 from loraplex.server.auth import Authenticator
+from loraplex.server.prewarm import warm_versions
 from loraplex.server.protocol import OpenAIError
 from loraplex.server.serving import adapter_request
 from loraplex.vault.artifacts import ArtifactSealer
 
 UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
+log = logging.getLogger(__name__)
 
 
 class TenantBody(BaseModel):
@@ -108,6 +111,21 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
         new_id, key, old = registry.rotate_key(key_id, actor=actor(request), overlap_s=overlap)
         return rotated_json(new_id, key, old)
 
+    async def warm(tenant: str, name: str, numbers) -> None:
+        """Load versions before traffic moves to them; one that cannot be loaded is a 400."""
+        try:
+            await warm_versions(engine, registry, sealer, tenant, name, numbers)
+        except NotFound:
+            pass  # a version that does not exist: the registry's own answer says so
+        except ValueError as e:
+            raise OpenAIError(400, f"cannot load it, so no traffic was moved: {e}") from None
+
+    async def warm_or_log(tenant: str, name: str, number: int) -> None:
+        try:
+            await warm_versions(engine, registry, sealer, tenant, name, [number])
+        except ValueError as e:  # stored and validated: its own requests will say why
+            log.warning("pre-warm of %s/%s:v%d failed: %s", tenant, name, number, e)
+
     @router.post("/tenants/{tenant}/adapters/{name}/versions")
     async def push_version(tenant: str, name: str, request: Request, promote: bool = False):
         """Multipart upload of adapter_config.json and adapter_model.safetensors."""
@@ -123,6 +141,8 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
             version = await asyncio.to_thread(
                 registry.push_version, tenant, name, Path(tmp), actor=who, validate=validate,
                 sealer=sealer, promote=promote)
+        # The serving form is written now, on publish, not by the version's first request.
+        await warm_or_log(tenant, name, version.number)
         return _version_json(version)
 
     @router.get("/tenants/{tenant}/adapters")
@@ -138,6 +158,7 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
 
     @router.post("/tenants/{tenant}/adapters/{name}/promote")
     async def promote(tenant: str, name: str, body: PromoteBody, request: Request):
+        await warm(tenant, name, [body.version])  # before any traffic moves to it
         split = registry.promote(tenant, name, body.version, actor=actor(request))
         return {"split": _split_json(split)}
 
@@ -149,6 +170,7 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
     async def split(tenant: str, name: str, body: SplitBody, request: Request):
         who = actor(request)
         parsed = parse_split(body.split)
+        await warm(tenant, name, [number for number, weight in parsed.items() if weight > 0])
         return {"split": _split_json(registry.split(tenant, name, parsed, actor=who))}
 
     @router.get("/tenants/{tenant}/adapters/{name}/stats")

@@ -19,6 +19,7 @@ from loraplex.registry.ledger import LedgerWriter
 from loraplex.server.admin import admin_router
 from loraplex.server.auth import Authenticator, FailedAuthThrottle
 from loraplex.server.metrics import Metrics
+from loraplex.server.prewarm import prewarm_at_start
 from loraplex.server.protocol import OpenAIError
 from loraplex.server.routes.chat import chat_router
 from loraplex.server.routes.completions import completions_router
@@ -72,6 +73,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app):
+        await prewarm_at_start(engine, registry, sealer, settings.prewarm_adapters)
         yield
         engine.shutdown()  # after uvicorn has let running requests finish (graceful SIGTERM)
         serving.close()

@@ -43,6 +43,9 @@ class ServerSettings:
     # Webhooks to http:// URLs and private addresses (a closed network); else https to public
     # addresses only, so a tenant cannot make the server call into its own network.
     allow_private_webhooks: bool = False
+    # Adapter versions loaded at start, most recently used first (None: as many as the engine's
+    # host cache holds; 0: none), so that no first request after a restart pays a disk read.
+    prewarm_adapters: int | None = None
     webhook_retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S  # after a failed delivery
     # Failed authentications one client address may make per auth_failure_window_s; beyond,
     # its failures get 429 with Retry-After (a valid key still works: server/auth.py).

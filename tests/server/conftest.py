@@ -27,6 +27,7 @@ class LiveServer:
     adapters: dict[str, Path]  # "tenant/name@vN" -> PEFT dir
     model_dir: Path
     settings: ServerSettings
+    engine: AsyncEngine | None = None
 
 
 @pytest.fixture(scope="module")
@@ -55,4 +56,4 @@ def live(sharp_llama_dir, sharp_adapters, tmp_path_factory):
                               max_concurrent_per_tenant=4, max_body_bytes=64 * 1024)
     with ServerThread(create_app(engine, registry, settings, validate)) as url:
         yield LiveServer(url, home, registry, keys, key_ids, admin_key, adapters,
-                         sharp_llama_dir, settings)
+                         sharp_llama_dir, settings, engine)
