@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors_bytes
 
 from loraplex.lora.modules import ATTENTION_MODULES, FUSED_ADAPTER_MODULES, TARGET_MODULES
 from loraplex.lora.packed import cache_file, read_packed, write_packed
@@ -309,7 +309,8 @@ def _read_tensors(path: Path, files: Mapping[str, bytes] | None) -> dict[str, to
         if WEIGHTS_FILE not in files:
             raise _error(path, f"{WEIGHTS_FILE} is missing")
         try:
-            return safetensors.torch.load(files[WEIGHTS_FILE])
+            # A header and raw tensors, never a pickle (torch.load would unpickle untrusted input).
+            return load_safetensors_bytes(files[WEIGHTS_FILE])
         except (SafetensorError, ValueError) as e:
             raise _error(path, f"{WEIGHTS_FILE} is corrupt or truncated ({e})") from e
     weights_file = path / WEIGHTS_FILE
