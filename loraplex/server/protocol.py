@@ -26,6 +26,15 @@ class OpenAIError(Exception):
                           "code": self.code}}
 
 
+def refuse_unknown_query(request, allowed: tuple[str, ...]) -> None:
+    """A query parameter a route does not read is a 400 naming it, as a body field is (FastAPI
+    would drop it silently: e.g. OpenAI's `metadata[...]` filter of a job list)."""
+    unknown = sorted(set(request.query_params) - set(allowed))
+    if unknown:
+        raise OpenAIError(400, f"Unrecognized query parameter: {', '.join(unknown)}",
+                          param=unknown[0])
+
+
 # Accepted and ignored, because they change nothing about the answer: `store` and `metadata`
 # (OpenAI's stored-completions dashboard), `service_tier` (one tier here).
 ACCEPTED_NO_OPS = ("store", "metadata", "service_tier")

@@ -268,6 +268,17 @@ def test_bad_job_requests_are_400_naming_the_field(server, changes, param):
     assert param in (refused.value.body["param"] or "") + refused.value.body["message"]
 
 
+def test_list_filters_we_do_not_apply_are_refused_by_name(server):
+    acme = client(server, "acme")
+    with pytest.raises(openai.BadRequestError, match=r"metadata\[ticket\]"):
+        acme.fine_tuning.jobs.list(metadata={"ticket": "T-1"})
+    for call in (lambda: acme.files.list(extra_query={"status": "processed"}),
+                 lambda: acme.webhooks.list(extra_query={"x": "1"})):
+        with pytest.raises(openai.BadRequestError, match="Unrecognized query parameter"):
+            call()
+    assert acme.fine_tuning.jobs.list(limit=1).object == "list"  # known ones still work
+
+
 def test_an_unknown_model_is_404(server):
     acme = client(server, "acme")
     training = upload(acme, chats(4))

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from loraplex.registry.tenants import Principal
-from loraplex.server.protocol import OpenAIError
+from loraplex.server.protocol import OpenAIError, refuse_unknown_query
 from loraplex.server.serving import Serving
 from loraplex.server.tenant_data import read_body
 from loraplex.vault import DatasetFile, DatasetNotFound, InvalidDataset, Vault, VaultError
@@ -44,9 +44,10 @@ def files_router(serving: Serving, vault: Vault) -> APIRouter:
         return _file_json(stored)
 
     @router.get("")
-    async def list_files(principal: Tenant, purpose: str | None = None,
+    async def list_files(request: Request, principal: Tenant, purpose: str | None = None,
                          limit: int = Query(10_000, ge=1, le=10_000),
                          order: Literal["asc", "desc"] = "desc", after: str | None = None):
+        refuse_unknown_query(request, ("purpose", "limit", "order", "after"))
         files = await asyncio.to_thread(vault.list_files, principal.tenant_name)
         files = [f for f in files if purpose is None or f.purpose == purpose]
         if order == "asc":

@@ -5,17 +5,18 @@ answered exactly like a missing one (404)."""
 import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loraplex.registry import InvalidInput
 from loraplex.registry.fine_tuning import FineTuningStore
 from loraplex.registry.tenants import Principal
-from loraplex.server.protocol import OpenAIError
+from loraplex.server.protocol import OpenAIError, refuse_unknown_query
 from loraplex.server.serving import Serving
 from loraplex.train.fine_tuning import FineTuning, FineTuningError, JobRequest
 
 MAX_METADATA_PAIRS = 16  # OpenAI's metadata limits
+PAGE_QUERY = ("after", "limit")
 Auto = Literal["auto"]
 
 
@@ -90,7 +91,9 @@ def fine_tuning_router(serving: Serving, fine_tuning: FineTuning,
                                        actor=f"key:{principal.key_id}")
 
     @router.get("")
-    async def list_jobs(principal: Tenant, after: str | None = None, limit: Limit = 20):
+    async def list_jobs(request: Request, principal: Tenant, after: str | None = None,
+                        limit: Limit = 20):
+        refuse_unknown_query(request, PAGE_QUERY)
         return _page(_call, store.list_jobs, principal.tenant_id, after, limit)
 
     @router.get("/{job_id}")
@@ -103,14 +106,16 @@ def fine_tuning_router(serving: Serving, fine_tuning: FineTuning,
                                        actor=f"key:{principal.key_id}")
 
     @router.get("/{job_id}/events")
-    async def events(job_id: str, principal: Tenant, after: str | None = None,
-                     limit: Limit = 20):
+    async def events(job_id: str, request: Request, principal: Tenant,
+                     after: str | None = None, limit: Limit = 20):
+        refuse_unknown_query(request, PAGE_QUERY)
         _call(fine_tuning.get, principal.tenant_id, job_id)  # 404 unless the tenant's
         return _page(_call, store.list_events, job_id, after, limit)
 
     @router.get("/{job_id}/checkpoints")
-    async def checkpoints(job_id: str, principal: Tenant, after: str | None = None,
-                          limit: Limit = 10):
+    async def checkpoints(job_id: str, request: Request, principal: Tenant,
+                          after: str | None = None, limit: Limit = 10):
+        refuse_unknown_query(request, PAGE_QUERY)
         _call(fine_tuning.get, principal.tenant_id, job_id)
         return _page(_call, store.list_checkpoints, job_id, after, limit)
 

@@ -11,13 +11,13 @@ import secrets
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraplex.registry import InvalidInput
 from loraplex.registry.fine_tuning import FineTuningStore
 from loraplex.registry.tenants import Principal
-from loraplex.server.protocol import OpenAIError
+from loraplex.server.protocol import OpenAIError, refuse_unknown_query
 from loraplex.server.serving import Serving
 from loraplex.webhooks import (
     EVENT_TYPES,
@@ -90,8 +90,9 @@ def webhooks_router(serving: Serving, store: FineTuningStore, sender: WebhookSen
         return {**endpoint, "signing_secret": secret}
 
     @router.get("")
-    async def list_endpoints(principal: Tenant, after: str | None = None,
+    async def list_endpoints(request: Request, principal: Tenant, after: str | None = None,
                              limit: Annotated[int, Query(ge=1, le=100)] = 20):
+        refuse_unknown_query(request, ("after", "limit"))
         try:
             items, has_more = store.list_endpoints(principal.tenant_id, after, limit)
         except InvalidInput as e:
