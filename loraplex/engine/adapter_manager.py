@@ -201,6 +201,17 @@ class AdapterManager:
             self.host.remove(adapter_id)
             self._loads.pop(adapter_id, None)
 
+    def evict_slots(self, adapter_ids: set[int]) -> None:
+        """Zero the slots holding these adapters (no running sequence may use them: the engine
+        finished theirs first) and cancel reservations made for them."""
+        for slot, adapter_id in enumerate(self.slot_adapter):
+            if adapter_id in adapter_ids:
+                self.slots.deactivate(slot)
+                self.slot_adapter[slot] = None
+        for slot, adapter_id in list(self.reserved.items()):
+            if adapter_id in adapter_ids:
+                del self.reserved[slot]
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 

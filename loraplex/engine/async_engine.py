@@ -131,6 +131,13 @@ class AsyncEngine:
     async def stats(self) -> dict:
         return await self.call(lambda engine: engine.stats())
 
+    async def evict_adapters(self, adapter_ids: set[int]) -> None:
+        """LLMEngine.evict_adapters on the engine thread; the requests it ends get their error."""
+        def evict(engine: LLMEngine) -> None:
+            for out in engine.evict_adapters(adapter_ids):
+                self._publish(out.request_id, out)
+        await self.call(evict)
+
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set()
 

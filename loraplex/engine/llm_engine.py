@@ -181,6 +181,23 @@ class LLMEngine:
     def unpin(self, adapter_id: int) -> None:
         self.adapters.unpin(adapter_id)
 
+    def evict_adapters(self, adapter_ids: set[int]) -> list[RequestOutput]:
+        """Their owner's data was deleted (crypto-shredding): finish their requests with an
+        error now, then drop them from the host cache and zero their slots, so no copy of the
+        weights stays resident until a slot happens to be reused."""
+        outputs = []
+        for seqs in list(self.requests.values()):
+            if not any(s.adapter_id in adapter_ids and not s.is_finished for s in seqs):
+                continue
+            for seq in seqs:
+                if not seq.is_finished:
+                    seq.error, seq.error_kind = "the adapter was deleted", "request"
+                    self.scheduler.finish(seq, "error")
+            outputs += [self._output(seq) for seq in seqs]
+        self.adapters.forget(adapter_ids)
+        self.adapters.evict_slots(adapter_ids)
+        return outputs
+
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finish every unfinished request with an error (after the model itself failed)."""
         outputs = []

@@ -220,8 +220,8 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
         who = actor(request)
         version_ids = {v.id for info in registry.list_adapters(tenant) for v in info.versions}
         await asyncio.to_thread(sealer.vault.delete_tenant_vault, tenant, actor=who)
-        if hasattr(engine, "call"):  # a local engine; Ray replicas' host caches age out (LRU)
-            await engine.call(lambda local: local.adapters.forget(version_ids))
+        if hasattr(engine, "evict_adapters"):  # local; Ray replicas' host caches age out (LRU)
+            await engine.evict_adapters(version_ids)
         return {"shredded": tenant}
 
     @router.get("/audit")

@@ -197,6 +197,28 @@ def test_abort_frees_blocks_and_slot_hold_within_one_step(sharp_llama_dir, sharp
     assert not engine.scheduler.running and not engine.has_unfinished()
 
 
+def test_evicting_an_adapter_ends_its_requests_and_zeroes_its_slot(sharp_llama_dir,
+                                                                   sharp_adapters, alone):
+    engine = make_engine(sharp_llama_dir)
+    engine.add_request("doomed", prompts(3)[2], GREEDY, adapter(sharp_adapters, 0))
+    engine.add_request("kept", prompts(3)[1], GREEDY, adapter(sharp_adapters, 1))
+    while len(engine.scheduler.running) < 2:
+        engine.step()
+    engine.step()
+    slot = engine.adapters.slot_of(0)
+    outs = engine.evict_adapters({0})
+    assert [(o.request_id, o.finish_reason, o.error_kind) for o in outs] == [
+        ("doomed", "error", "request")]
+    assert engine.adapters.slot_of(0) is None and 0 not in engine.adapters.host
+    assert all(not buffer[:, slot].any() for buffer in engine.adapters.slots.buffers())
+    # The other adapter's request goes on and still gives the tokens it gives alone.
+    kept = None
+    while engine.has_unfinished():
+        kept = next((o for o in engine.step() if o.finished), kept)
+    assert kept.request_id == "kept" and kept.token_ids == alone[(1, 1)].token_ids
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
 def test_pinned_adapter_stays_in_its_slot(sharp_llama_dir, sharp_adapters):
     engine = make_engine(sharp_llama_dir, max_loras=2, max_cpu_loras=2)
     pinned = adapter(sharp_adapters, 5)

@@ -106,9 +106,14 @@ def test_shredding_a_tenant_stops_its_adapters(server):
     version_id = server["registry"].get_version(OTHER, "doomed", 1).id
     adapters = server["app"].state.engine.engine.adapters
     assert version_id in adapters.host
+    slot = adapters.slot_of(version_id)
+    assert slot is not None
     response = client.delete(f"/admin/tenants/{OTHER}/vault", headers=bearer(server, "admin"))
     assert response.status_code == 200, response.text
     assert version_id not in adapters.host  # the decrypted host copy is gone too
+    # ...and so is its device slot: zeroed now, not when the slot is next taken.
+    assert adapters.slot_of(version_id) is None
+    assert all(not buffer[:, slot].any() for buffer in adapters.slots.buffers())
     assert not (adapter_cache_dir() / OTHER).exists()
     assert not (server["home"] / "artifacts" / OTHER).exists()
     response = client.post("/v1/completions", json=body, headers=bearer(server, OTHER))
