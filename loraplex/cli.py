@@ -8,6 +8,7 @@ from rich.console import Console
 
 from loraplex.bench.cli import bench_command
 from loraplex.cli_support import actor, err, fail, open_registry, or_fail, parse_duration
+from loraplex.config import AUTH_FAILURE_WINDOW_S, MAX_AUTH_FAILURE_ADDRESSES, MAX_AUTH_FAILURES
 from loraplex.export.cli import export_app
 from loraplex.registry.tenants import DEFAULT_ROTATION_OVERLAP_S
 from loraplex.train.cli import train_command
@@ -385,6 +386,15 @@ def serve(
     kv_cache: Annotated[str | None, typer.Option(
         help="KV cache size, e.g. 8GiB (default: 10% of device memory; see `loraplex plan`)")] = (
         None),
+    max_auth_failures: Annotated[int, typer.Option(
+        help="Failed authentications a client address may make per --auth-failure-window; "
+        "beyond, they get 429 with Retry-After (a valid key still works)")] = MAX_AUTH_FAILURES,
+    auth_failure_window: Annotated[str, typer.Option(
+        help="The window of --max-auth-failures, e.g. 60s, 15m")] = (
+        f"{AUTH_FAILURE_WINDOW_S:g}s"),
+    max_auth_failure_addresses: Annotated[int, typer.Option(
+        help="Client addresses whose failures are remembered at once (the least recently "
+        "failing is forgotten first)")] = MAX_AUTH_FAILURE_ADDRESSES,
     use_ray: Annotated[bool, typer.Option(
         "--ray", help="Scale out on Ray Serve: a gateway and engine replicas (pip install "
         "'loraplex\\[ray]'); the loraplex home must be on storage every node shares")] = False,
@@ -418,10 +428,15 @@ def serve(
         resolve_model(model)  # pull a default model once here, not in every engine at once
     except (ValueError, OSError, PullError) as e:
         fail(str(e))
-    settings = ServerSettings(base_model_name=Path(model).name,
-                              max_concurrent_per_tenant=max_concurrent_per_tenant,
-                              allow_private_webhooks=allow_private_webhooks,
-                              prewarm_adapters=_prewarm_count(prewarm))
+    try:
+        settings = ServerSettings(
+            base_model_name=Path(model).name, max_concurrent_per_tenant=max_concurrent_per_tenant,
+            allow_private_webhooks=allow_private_webhooks, prewarm_adapters=_prewarm_count(prewarm),
+            max_auth_failures=max_auth_failures,
+            auth_failure_window_s=parse_duration(auth_failure_window),
+            max_auth_failure_addresses=max_auth_failure_addresses)
+    except ValueError as e:
+        fail(str(e))
     if use_ray:
         _serve_on_ray(config, registry.home, settings, host=host, port=port, replicas=replicas,
                       address=address, cpus_per_replica=cpus_per_replica,

@@ -8,6 +8,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LORA_DTYPES = ("auto", "int8")
 SCHEDULING = ("fair", "fcfs")
 
+# The server's failed-authentication throttle (ServerSettings, `serve` options; server/auth.py):
+# failures one client address may make per window before they get 429s, and how many addresses
+# are remembered at once (~100 bytes each).
+MAX_AUTH_FAILURES = 20
+AUTH_FAILURE_WINDOW_S = 60.0
+MAX_AUTH_FAILURE_ADDRESSES = 100_000
+
 
 class ConfigError(ValueError):
     """An invalid engine setting; the message names the field."""

@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraplex.cli import app
+from loraplex.config import AUTH_FAILURE_WINDOW_S, MAX_AUTH_FAILURES
 from tests.conftest import serve_process
 
 runner = CliRunner()
@@ -74,6 +75,11 @@ def test_serve_turns_the_prefix_cache_off_on_request(flag, enabled, tmp_path, mo
     (["--allow-private-webhooks"], "allow_private_webhooks", True),
     ([], "prewarm_adapters", None), (["--prewarm", "none"], "prewarm_adapters", 0),
     (["--prewarm", "5"], "prewarm_adapters", 5),
+    ([], "max_auth_failures", MAX_AUTH_FAILURES),
+    (["--max-auth-failures", "5"], "max_auth_failures", 5),
+    ([], "auth_failure_window_s", AUTH_FAILURE_WINDOW_S),
+    (["--auth-failure-window", "2m"], "auth_failure_window_s", 120),
+    (["--max-auth-failure-addresses", "7"], "max_auth_failure_addresses", 7),
 ])
 def test_serve_passes_its_server_settings(flag, field, value, tmp_path, monkeypatch,
                                           tiny_llama_dir):
@@ -92,6 +98,19 @@ def test_serve_passes_its_server_settings(flag, field, value, tmp_path, monkeypa
     result = runner.invoke(app, ["serve", "--model", str(tiny_llama_dir), *flag])
     assert "no app in this test" in str(result.exception)
     assert [getattr(s, field) for s in seen] == [value]
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--max-auth-failures", "0"], "max_auth_failures must be a positive number, got 0"),
+    (["--auth-failure-window", "soon"], "invalid duration 'soon'"),
+    (["--auth-failure-window", "0s"], "auth_failure_window_s must be a positive number, got 0"),
+])
+def test_serve_with_a_bad_auth_throttle_is_a_clear_error(flag, message, tmp_path, monkeypatch,
+                                                         tiny_llama_dir):
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
+    result = runner.invoke(app, ["serve", "--model", str(tiny_llama_dir), *flag])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert message in result.output
 
 
 def test_serve_with_a_bad_prewarm_is_a_clear_error(tmp_path, monkeypatch, tiny_llama_dir):

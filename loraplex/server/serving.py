@@ -15,6 +15,12 @@ from typing import Protocol
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from loraplex.config import (
+    AUTH_FAILURE_WINDOW_S,
+    MAX_AUTH_FAILURE_ADDRESSES,
+    MAX_AUTH_FAILURES,
+    ConfigError,
+)
 from loraplex.engine.async_engine import AsyncEngine, StreamDelta
 from loraplex.engine.sequence import AdapterRequest
 from loraplex.registry import NotFound, Registry
@@ -49,11 +55,17 @@ class ServerSettings:
     webhook_retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S  # after a failed delivery
     # Failed authentications one client address may make per auth_failure_window_s; beyond,
     # its failures get 429 with Retry-After (a valid key still works: server/auth.py).
-    max_auth_failures: int = 20
-    auth_failure_window_s: float = 60.0
+    max_auth_failures: int = MAX_AUTH_FAILURES
+    auth_failure_window_s: float = AUTH_FAILURE_WINDOW_S
     # Addresses whose failures are remembered at once; the least recently failing is forgotten
     # first, so a flood from many addresses costs bounded memory (~100 bytes an address).
-    max_auth_failure_addresses: int = 100_000
+    max_auth_failure_addresses: int = MAX_AUTH_FAILURE_ADDRESSES
+
+    def __post_init__(self):
+        for name in ("max_auth_failures", "auth_failure_window_s", "max_auth_failure_addresses"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
 
 @dataclass(frozen=True)
