@@ -3,9 +3,10 @@
 A plain training loop over transformers' model with PEFT's LoRA layers: AdamW, a fixed seed
 for the LoRA initialisation, the held-out split and the shuffling, and no dropout, so a seed
 gives the same weights on CPU. The dataset is decrypted in memory and never written anywhere;
-the adapter's files exist on disk only between saving and registering it, in a temporary
-directory removed on the way out. Ctrl-C or SIGTERM unwinds like an exception (so that
-directory is removed) and registers nothing; SIGKILL during training leaves nothing on disk.
+the trained adapter's plain files exist only between saving and registering it (sealed), in a
+private temp directory (0700, in RAM where /dev/shm exists: vault/artifacts.py) removed on the
+way out. Ctrl-C or SIGTERM unwinds like an exception (so that directory is removed) and
+registers nothing; SIGKILL during training leaves nothing on disk.
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ from loraplex.registry.tenants import check_name
 from loraplex.train.data import IGNORE, Example, TrainingError, build_examples, collate, split
 from loraplex.validation import adapter_validator
 from loraplex.vault import Vault
-from loraplex.vault.artifacts import ArtifactSealer, SealedArtifact, materialized
+from loraplex.vault.artifacts import (
+    ArtifactSealer,
+    SealedArtifact,
+    materialized,
+    private_temp_root,
+)
 
 MAX_LENGTH = 1024  # tokens per example; longer conversations are cut
 
@@ -152,7 +158,8 @@ def train_adapter(
             "peak_memory_mb": _peak_memory_mb(device),
         }
         report("registering", num_steps, num_steps, train_losses[-1])
-        with tempfile.TemporaryDirectory(prefix="loraplex-train-") as tmp, Registry(home) as reg:
+        private = tempfile.TemporaryDirectory(prefix="loraplex-train-", dir=private_temp_root())
+        with private as tmp, Registry(home) as reg:
             peft_model.save_pretrained(tmp, safe_serialization=True)
             return reg.push_version(tenant, adapter, Path(tmp), actor=actor,
                                     validate=adapter_validator(model), sealer=sealer,

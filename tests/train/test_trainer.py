@@ -2,6 +2,7 @@
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -93,16 +94,21 @@ def test_cli(home, tiny_llama_dir, monkeypatch):
 
 
 STOPPABLE_TRAINING = """
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+import loraplex.vault.artifacts
 from loraplex.registry import Registry
 from loraplex.train import train_adapter
 
 home, model, phase, started = sys.argv[1:]
+# The trained adapter's private temp dir goes to RAM (/dev/shm) where there is one: here, to the
+# test's own dir, so the test can see it and check it is removed.
+loraplex.vault.artifacts.RAM_DIR = Path(os.environ["TMPDIR"])
 step, push = torch.optim.AdamW.step, Registry.push_version
 
 
@@ -148,7 +154,9 @@ def test_interrupted_training_leaves_nothing(home, tiny_llama_dir, tmp_path, pha
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.1)
         if phase == "registering":
-            assert list(tmp.iterdir()), "the adapter should be in a temp dir now"
+            [private] = tmp.iterdir()  # the adapter is in its temp dir now, private to us
+            assert private.name.startswith("loraplex-train-")
+            assert stat.S_IMODE(private.stat().st_mode) == 0o700
         process.send_signal(signum)
         stderr = process.communicate(timeout=60)[1]
     finally:
