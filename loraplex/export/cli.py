@@ -5,7 +5,6 @@ the command, so `loraplex --help` stays fast.
 """
 
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -57,9 +56,10 @@ def export_gguf(
     not whole 32-value blocks (the B of a rank-16 LoRA) are stored f16.
     """
     from loraplex.cli_support import actor, fail, open_registry, or_fail
-    from loraplex.export.gguf import export_adapter, export_merged
+    from loraplex.export.gguf import export_merged
+    from loraplex.export.version import export_version
     from loraplex.model.pull import PullError, resolve_model
-    from loraplex.vault.artifacts import ArtifactSealer, materialized
+    from loraplex.vault.artifacts import ArtifactSealer
 
     if base == (tenant is not None or adapter is not None):
         fail("give TENANT and ADAPTER to export an adapter, or --base for the bare base model")
@@ -68,7 +68,7 @@ def export_gguf(
     if tenant is not None and adapter is None:
         fail(f"missing the ADAPTER of tenant {tenant!r} (e.g. support-bot or support-bot@v3)")
     registry = open_registry()
-    label = version = None
+    version = None
     if not base:
         name, _, version_text = adapter.partition("@")
         if not version_text:  # the version most users get now
@@ -78,28 +78,16 @@ def export_gguf(
         else:
             fail(f"version {version_text!r} should look like v3")
         version = or_fail(registry.get_version, tenant, name, number)
-        label = f"{tenant}/{name}@{version.label}"
 
     started = time.perf_counter()
     try:
         model_dir = resolve_model(model)
-        # The artifact is sealed: the exporter reads a decrypted copy in a private temp dir
-        # (in RAM where there is one), gone when the export is written.
-        with ExitStack() as stack:
-            adapter_dir = None
-            if version is not None:
-                reader = ArtifactSealer.for_home(registry.home).reader(tenant,
-                                                                       version.artifact_path)
-                adapter_dir = stack.enter_context(materialized(reader))
-            if adapter_only:
-                result = export_adapter(
-                    model_dir, adapter_dir, out, dtype, name=label, force=force,
-                    base_gguf=base_gguf or f"./{model_dir.name}.gguf",
-                )
-            else:
-                result = export_merged(model_dir, out, dtype, adapter_dir,
-                                       name=f"{model_dir.name}+{label}" if label else None,
-                                       force=force)
+        if version is not None:
+            result = export_version(ArtifactSealer.for_home(registry.home), model_dir, tenant,
+                                    version, out, dtype, adapter_only=adapter_only,
+                                    base_gguf=base_gguf, force=force)
+        else:
+            result = export_merged(model_dir, out, dtype, force=force)
     except (ValueError, OSError, PullError) as e:  # each carries a clear message
         fail(str(e))
     seconds = time.perf_counter() - started

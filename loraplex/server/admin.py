@@ -1,7 +1,6 @@
 """Administration over HTTP under /admin/ (admin key only): the same operations as the CLI."""
 
 import asyncio
-import logging
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -11,16 +10,14 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from loraplex.registry import InvalidInput, NotFound, Registry
+from loraplex.registry import InvalidInput, Registry
 from loraplex.registry.tenants import DEFAULT_ROTATION_OVERLAP_S, MAX_ROTATION_OVERLAP_S
 from loraplex.server.auth import Authenticator
-from loraplex.server.prewarm import warm_versions
+from loraplex.server.prewarm import prewarm_serving, warm_before_traffic, warm_or_log
 from loraplex.server.protocol import OpenAIError
-from loraplex.server.serving import adapter_request
 from loraplex.vault.artifacts import ArtifactSealer
 
 UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
-log = logging.getLogger(__name__)
 
 
 class TenantBody(BaseModel):
@@ -112,19 +109,7 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
         return rotated_json(new_id, key, old)
 
     async def warm(tenant: str, name: str, numbers) -> None:
-        """Load versions before traffic moves to them; one that cannot be loaded is a 400."""
-        try:
-            await warm_versions(engine, registry, sealer, tenant, name, numbers)
-        except NotFound:
-            pass  # a version that does not exist: the registry's own answer says so
-        except ValueError as e:
-            raise OpenAIError(400, f"cannot load it, so no traffic was moved: {e}") from None
-
-    async def warm_or_log(tenant: str, name: str, number: int) -> None:
-        try:
-            await warm_versions(engine, registry, sealer, tenant, name, [number])
-        except ValueError as e:  # stored and validated: its own requests will say why
-            log.warning("pre-warm of %s/%s:v%d failed: %s", tenant, name, number, e)
+        await warm_before_traffic(engine, registry, sealer, tenant, name, numbers)
 
     @router.post("/tenants/{tenant}/adapters/{name}/versions")
     async def push_version(tenant: str, name: str, request: Request, promote: bool = False):
@@ -142,7 +127,7 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
                 registry.push_version, tenant, name, Path(tmp), actor=who, validate=validate,
                 sealer=sealer, promote=promote)
         # The serving form is written now, on publish, not by the version's first request.
-        await warm_or_log(tenant, name, version.number)
+        await warm_or_log(engine, registry, sealer, tenant, name, version.number)
         return _version_json(version)
 
     @router.get("/tenants/{tenant}/adapters")
@@ -201,17 +186,9 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
     @router.post("/tenants/{tenant}/adapters/{name}/prewarm")
     async def prewarm(tenant: str, name: str, request: Request, pin: bool = False):
         """Load the adapter's active version into memory ahead of traffic (optionally pinned)."""
-        who = actor(request)
-        found = registry.resolve(registry.get_tenant(tenant).id, name, "")
-        try:
-            await engine.prewarm(adapter_request(sealer, tenant, found.version_id,
-                                                 found.artifact_path), pin)
-        except ValueError as e:
-            raise OpenAIError(400, str(e)) from None
-        # A pin holds a slot for good: a change to the engine an operator must be able to trace.
-        registry.record_audit(who, "adapter.prewarm", f"{tenant}/{name}",
-                              {"version": f"v{found.number}", "pinned": pin}, tenant=tenant)
-        return {"prewarmed": f"{name} v{found.number}", "pinned": pin}
+        number = await prewarm_serving(engine, registry, sealer, tenant, name, pin,
+                                       actor(request))
+        return {"prewarmed": f"{name} v{number}", "pinned": pin}
 
     @router.delete("/tenants/{tenant}/vault")
     async def shred_tenant(tenant: str, request: Request):

@@ -13,15 +13,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from loraplex.engine.async_engine import AsyncEngine
+from loraplex.export.jobs import ExportJobs
 from loraplex.registry import AlreadyExists, InvalidInput, NotFound, Registry, RegistryError
 from loraplex.registry.fine_tuning import FineTuningStore
 from loraplex.registry.ledger import LedgerWriter
 from loraplex.server.admin import admin_router
 from loraplex.server.auth import Authenticator, FailedAuthThrottle
+from loraplex.server.console import Console, mount_console
+from loraplex.server.console.sessions import SessionStore
 from loraplex.server.metrics import Metrics
 from loraplex.server.prewarm import prewarm_at_start
 from loraplex.server.protocol import OpenAIError
-from loraplex.server.routes.chat import chat_router
+from loraplex.server.routes.chat import Chat, chat_router
 from loraplex.server.routes.completions import completions_router
 from loraplex.server.routes.files import files_router
 from loraplex.server.routes.fine_tuning import fine_tuning_router
@@ -70,6 +73,7 @@ def create_app(
     webhooks = WebhookSender(store, allow_private=settings.allow_private_webhooks,
                              retry_delays_s=settings.webhook_retry_delays_s)
     fine_tuning = FineTuning(registry, vault, jobs, store, webhooks, settings.base_model_name)
+    exports = ExportJobs(registry, sealer, str(engine.engine.config.model))
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -80,6 +84,7 @@ def create_app(
         ledger.close()  # commits what the last requests used
         fine_tuning.close()
         jobs.close()  # waiting fine-tuning jobs stay queued in the registry for the next start
+        exports.close()
         webhooks.close()
         store.close()
         vault.close()
@@ -105,7 +110,8 @@ def create_app(
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):
-        is_upload = request.url.path.startswith(("/admin/", "/tenants/", "/v1/files"))
+        is_upload = request.url.path.startswith(("/admin/", "/tenants/", "/v1/files",
+                                                 "/console/"))
         limit = settings.max_upload_bytes if is_upload else settings.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -149,4 +155,7 @@ def create_app(
     app.include_router(fine_tuning_router(serving, fine_tuning, store))
     app.include_router(webhooks_router(serving, store, webhooks))
     app.include_router(tenant_data_router(registry, vault, jobs, ledger, store, auth))
+    sessions = SessionStore(settings.console_session_s, settings.max_console_sessions)
+    mount_console(app, Console(registry, vault, jobs, exports, sealer, engine, ledger, serving,
+                               auth, Chat(serving), sessions, validate))
     return app

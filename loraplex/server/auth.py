@@ -67,7 +67,11 @@ class Authenticator:
     def principal(self, request: Request):
         """The principal behind the request's key; None for no valid key (counted against the
         client's address: over the limit, a 429 is raised instead)."""
-        principal = self.registry.authenticate(bearer_key(request))
+        return self.principal_of(bearer_key(request), request)
+
+    def principal_of(self, key: str, request: Request):
+        """principal() for a key given otherwise (the console's sign-in form)."""
+        principal = self.registry.authenticate(key)
         if principal is None:
             address = request.client.host if request.client else "unknown"
             wait_s = self.throttle.failed(address)

@@ -14,6 +14,7 @@ import logging
 
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.registry import NotFound, Registry
+from loraplex.server.protocol import OpenAIError
 from loraplex.server.serving import adapter_request
 from loraplex.vault.artifacts import ArtifactSealer
 
@@ -29,6 +30,43 @@ async def warm_versions(engine: AsyncEngine, registry: Registry, sealer: Artifac
         found = registry.resolve(tenant_id, f"{name}:v{number}", "")
         await engine.prewarm(adapter_request(sealer, tenant, found.version_id,
                                              found.artifact_path))
+
+
+async def warm_before_traffic(engine: AsyncEngine, registry: Registry, sealer: ArtifactSealer,
+                              tenant: str, name: str, numbers) -> None:
+    """Load versions before traffic moves to them (promote, split: the admin API's and the
+    console's); one that cannot be loaded is a 400, and no traffic moves."""
+    try:
+        await warm_versions(engine, registry, sealer, tenant, name, numbers)
+    except NotFound:
+        pass  # a version that does not exist: the registry's own answer says so
+    except ValueError as e:
+        raise OpenAIError(400, f"cannot load it, so no traffic was moved: {e}") from None
+
+
+async def warm_or_log(engine: AsyncEngine, registry: Registry, sealer: ArtifactSealer,
+                      tenant: str, name: str, number: int) -> None:
+    """Warm a version just published; one that fails is logged (stored and validated: its own
+    requests will say why)."""
+    try:
+        await warm_versions(engine, registry, sealer, tenant, name, [number])
+    except ValueError as e:
+        log.warning("pre-warm of %s/%s:v%d failed: %s", tenant, name, number, e)
+
+
+async def prewarm_serving(engine: AsyncEngine, registry: Registry, sealer: ArtifactSealer,
+                          tenant: str, name: str, pin: bool, actor: str) -> int:
+    """Load the adapter's active version ahead of traffic (pinned: it keeps a slot for good);
+    returns its number. Audited: a pin is a change to the engine an operator must trace."""
+    found = registry.resolve(registry.get_tenant(tenant).id, name, "")
+    try:
+        await engine.prewarm(adapter_request(sealer, tenant, found.version_id,
+                                             found.artifact_path), pin)
+    except ValueError as e:
+        raise OpenAIError(400, str(e)) from None
+    registry.record_audit(actor, "adapter.prewarm", f"{tenant}/{name}",
+                          {"version": f"v{found.number}", "pinned": pin}, tenant=tenant)
+    return found.number
 
 
 async def prewarm_at_start(engine: AsyncEngine, registry: Registry, sealer: ArtifactSealer,

@@ -60,6 +60,10 @@ class ServerSettings:
     # Addresses whose failures are remembered at once; the least recently failing is forgotten
     # first, so a flood from many addresses costs bounded memory (~100 bytes an address).
     max_auth_failure_addresses: int = MAX_AUTH_FAILURE_ADDRESSES
+    # The web console (server/console/): a signed-in session lasts this long, then asks for the
+    # key again; at most max_console_sessions live at once (the oldest is signed out first).
+    console_session_s: float = 8 * 3600.0
+    max_console_sessions: int = 10_000
 
     def __post_init__(self):
         for name in ("max_auth_failures", "auth_failure_window_s", "max_auth_failure_addresses"):

@@ -127,11 +127,7 @@ def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
     async def start_training(tenant: str, body: TrainBody, request: Request):
         """Queue a training job; poll GET .../training-jobs/{id} for its progress."""
         queue, who = training(request, tenant)
-        options = body.model_dump()
-        _check_before_queueing(vault, tenant, options)
-        job = queue.start(tenant, actor=who, **options)
-        registry.record_audit(who, "train.start", f"{tenant}/{body.adapter}",
-                              {"job": job.id, **options}, tenant=tenant)
+        job = start_training(registry, vault, queue, tenant, body, who)
         return JSONResponse(job.as_json(), status_code=202,
                             headers={"location": f"/tenants/{tenant}/training-jobs/{job.id}"})
 
@@ -148,12 +144,29 @@ def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
     @router.delete("/training-jobs/{job_id}")
     async def cancel_training(tenant: str, job_id: str, request: Request):
         queue, who = training(request, tenant)
-        job = _job_call(queue.cancel, job_id, tenant)
-        registry.record_audit(who, "train.cancel", f"{tenant}/{job.adapter}", {"job": job.id},
-                              tenant=tenant)
-        return job.as_json()
+        return cancel_training_job(registry, queue, tenant, job_id, who).as_json()
 
     return router
+
+
+def start_training(registry: Registry, vault: Vault, jobs: TrainingJobs, tenant: str,
+                   body: TrainBody, who: str):
+    """Check, queue and audit a training job (this API's and the console's)."""
+    options = body.model_dump()
+    _check_before_queueing(vault, tenant, options)
+    job = jobs.start(tenant, actor=who, **options)
+    registry.record_audit(who, "train.start", f"{tenant}/{body.adapter}",
+                          {"job": job.id, **options}, tenant=tenant)
+    return job
+
+
+def cancel_training_job(registry: Registry, jobs: TrainingJobs, tenant: str, job_id: str,
+                        who: str):
+    """Cancel one of the tenant's jobs (another's is a 404) and audit it."""
+    job = _job_call(jobs.cancel, job_id, tenant)
+    registry.record_audit(who, "train.cancel", f"{tenant}/{job.adapter}", {"job": job.id},
+                          tenant=tenant)
+    return job
 
 
 def _check_before_queueing(vault: Vault, tenant: str, options: dict) -> None:

@@ -126,21 +126,22 @@ class ChatShaper(Answer):
                 "usage": total_usage(merged)}
 
 
-def chat_router(serving: Serving) -> APIRouter:
-    router = APIRouter()
-    Tenant = Annotated[Principal, Depends(serving.authenticate)]
-    tokenizer = serving.tokenizer
-    knows_tools = template_knows_tools(tokenizer.chat_template)
+class Chat:
+    """A chat completion for an authenticated tenant principal: the route's, and the console
+    playground's (the same resolution, quotas, metering and streaming)."""
 
-    @router.post("/v1/chat/completions", dependencies=[Depends(serving.has_capacity)])
-    async def chat_completions(body: ChatCompletionRequest, request: Request,
-                               principal: Tenant):
+    def __init__(self, serving: Serving):
+        self.serving, self.tokenizer = serving, serving.tokenizer
+        self.knows_tools = template_knows_tools(self.tokenizer.chat_template)
+
+    async def __call__(self, body: ChatCompletionRequest, request: Request, principal):
+        serving, tokenizer = self.serving, self.tokenizer
         target = serving.resolve(principal, body.model, body.user)
         choice = tool_choice(body)
         try:
             prompt_ids = tokenizer.encode_chat(
-                template_messages(body, knows_tools),
-                tools=template_tools(body) if knows_tools else None)
+                template_messages(body, self.knows_tools),
+                tools=template_tools(body) if self.knows_tools else None)
         except TokenizerError as e:
             raise OpenAIError(400, str(e), param="messages") from None
         grammar = requested_grammar(body)
@@ -161,5 +162,16 @@ def chat_router(serving: Serving) -> APIRouter:
                             logprobs is not None, choice, body)
         return await serving.run(request, principal, target, prompt_ids, params, shaper,
                                  body.stream)
+
+
+def chat_router(serving: Serving) -> APIRouter:
+    router = APIRouter()
+    Tenant = Annotated[Principal, Depends(serving.authenticate)]
+    chat = Chat(serving)
+
+    @router.post("/v1/chat/completions", dependencies=[Depends(serving.has_capacity)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
+                               principal: Tenant):
+        return await chat(body, request, principal)
 
     return router
