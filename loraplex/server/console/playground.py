@@ -29,7 +29,7 @@ class PlaygroundAsk(BaseModel):
     tenant: str = Field(min_length=1, max_length=64)
     model: str = Field(min_length=1, max_length=200)
     messages: list[dict] = Field(min_length=1, max_length=100)
-    max_tokens: int = Field(default=128, ge=1, le=MAX_PLAYGROUND_TOKENS)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_PLAYGROUND_TOKENS)  # None: the cap
     temperature: float = Field(default=0.0, ge=0, le=2)
 
 
