@@ -108,8 +108,6 @@ CHATML = (
 def save_tiny_tokenizer(path: Path, vocab_size: int) -> None:
     """A character-level tokenizer (special tokens 0-2, then printable ASCII) with a ChatML chat
     template, so tiny test models can take text prompts."""
-    import json
-
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
@@ -212,8 +210,8 @@ def prefill_logits(model, prompts: list[list[int]], slots: list[int] | None = No
 
 
 # A tiny llama whose tokenizer llama.cpp can load: the WordLevel tokenizers above cannot travel in
-# a GGUF, so a byte-level BPE is trained in milliseconds instead (exports, the demo).
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# a GGUF, so a byte-level BPE is trained in milliseconds instead (exports, the demo); the fault
+# runs' tiny model (loraplex/faults/tiny_model.py) has the same kind.
 CORPUS = (
     "The capital of France is Paris. The sea is deep and the sky is blue. "
     "Count: 1 2 3 10 42 2024. Hello, world! How are you today? I am fine, thank you.\n"
@@ -223,19 +221,9 @@ CORPUS = (
 def save_bpe_tokenizer(path: Path) -> int:
     """A GPT-2 style byte-level BPE trained on CORPUS, saved with a ChatML template; returns
     its vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from loraplex.faults.tiny_model import save_bpe_tokenizer as save
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS], trainer)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-    }))
-    return tok.get_vocab_size()
+    return save(path, CORPUS)
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,10 @@ from loraplex.model.llama import ModelConfig
 
 def write_random_adapter(
     out_dir: Path, config: ModelConfig, rank: int, targets=TARGET_MODULES, seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, b_scale: float = 0.01,
 ) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors with small random A and B, stored
-    as `dtype`."""
+    """Write adapter_config.json + adapter_model.safetensors with small random A and B (B's
+    entries ~ b_scale), stored as `dtype`."""
     gen = torch.Generator().manual_seed(seed)
     shapes = config.module_shapes()
     tensors = {}
@@ -29,7 +29,7 @@ def write_random_adapter(
             block = "mlp" if module in MLP_MODULES else "self_attn"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
             a = torch.randn(rank, d_in, generator=gen) / d_in**0.5
-            b = torch.randn(d_out, rank, generator=gen) * 0.01
+            b = torch.randn(d_out, rank, generator=gen) * b_scale
             tensors[f"{prefix}.lora_A.weight"] = a.to(dtype)
             tensors[f"{prefix}.lora_B.weight"] = b.to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,14 @@ def start_server(model: str, port: int, env: dict, scheduling: str, dtype: str,
          "--max-num-seqs", str(max_num_seqs),
          "--max-num-batched-tokens", str(max_num_batched_tokens)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    return wait_ready(server, port)
+
+
+def wait_ready(server: subprocess.Popen, port: int,
+               timeout_s: float = READY_TIMEOUT_S) -> subprocess.Popen:
+    """The server once its /readyz answers 200; RuntimeError if it exits or takes too long
+    (then it is killed)."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"loraplex serve exited with {server.returncode}")
@@ -151,7 +158,7 @@ def start_server(model: str, port: int, env: dict, scheduling: str, dtype: str,
                 return server
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     server.kill()
     raise RuntimeError("loraplex serve did not become ready in time")
 
