@@ -67,6 +67,7 @@ class DemoResult:
     answers: dict[str, str] = field(default_factory=dict)  # tenant -> answer
     split_served: dict[str, int] = field(default_factory=dict)  # "v1" -> requests
     split_after_rollback: dict[int, int] = field(default_factory=dict)
+    console_key: str | None = None  # the admin key printed for the web console
     export_path: Path | None = None
     engine_stats: dict = field(default_factory=dict)
 
@@ -108,9 +109,34 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                 else:
                     console.print(f"{tenant}/{ADAPTER}: v1 exists, reused")
         _serve_and_show(registry, model_dir, settings, result)
+        result.console_key = _show_console(registry, home, model_dir)
     finally:
         registry.close()
     return result
+
+
+CONSOLE_KEY_FILE = "console-key-id"  # in the demo's home: the key id the last run printed
+
+
+def _show_console(registry, home: Path, model_dir: Path) -> str:
+    """The web console's URL and an admin key to sign in with (the previous run's is revoked,
+    so reruns do not pile up live admin keys)."""
+    from loraplex.registry import NotFound
+
+    id_file = home / CONSOLE_KEY_FILE
+    if id_file.exists():
+        try:
+            registry.revoke_key(id_file.read_text().strip(), actor=ACTOR)
+        except NotFound:
+            pass
+    key_id, key = registry.create_admin_key(actor=ACTOR)
+    id_file.write_text(key_id)
+    console.rule("[bold]8. the web console")
+    console.print(f"start the server on the demo's home (its tenants, adapters and data):\n"
+                  f"  LORAPLEX_HOME={home} loraplex serve --model {model_dir}")
+    console.print("then open [bold]http://127.0.0.1:8000/console[/] and sign in with the "
+                  f"admin key:\n  {key}")
+    return key
 
 
 def _tenants_and_data(registry, settings: DemoSettings) -> None:

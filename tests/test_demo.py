@@ -33,6 +33,9 @@ def test_demo_runs_then_reruns_reusing_what_exists(settings):
     stats = first.engine_stats
     assert stats["slot_hits"] + stats["slot_misses"] > 0 and len(stats["adapters_in_slots"]) >= 3
 
+    with Registry(settings.home) as registry:  # the console's sign-in key, printed at the end
+        assert registry.authenticate(first.console_key).role == "admin"
+
     second = run_demo(settings)
     assert second.trained == []  # every adapter version exists already
     assert second.export_path == first.export_path
@@ -41,6 +44,8 @@ def test_demo_runs_then_reruns_reusing_what_exists(settings):
             versions = registry.show_adapter(tenant, ADAPTER).versions
             assert len(versions) == (2 if tenant == "shop" else 1)
         assert not [k for t in TENANTS for k in registry.list_keys(t) if k.revoked_at is None]
+        assert registry.authenticate(first.console_key) is None  # replaced by the second's
+        assert registry.authenticate(second.console_key).role == "admin"
         actions = [e.action for e in registry.audit_log(limit=1000)]
         assert actions.count("data.add") == 3 and actions.count("adapter.rollback") == 2
 
