@@ -110,8 +110,10 @@ def create_app(
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):
-        is_upload = request.url.path.startswith(("/admin/", "/tenants/", "/v1/files",
-                                                 "/console/"))
+        path = request.url.path
+        # The console's forms upload adapters and datasets; its playground asks like /v1 does.
+        is_upload = path.startswith(("/admin/", "/tenants/", "/v1/files", "/console/")) \
+            and not path.startswith("/console/playground")
         limit = settings.max_upload_bytes if is_upload else settings.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):

@@ -127,7 +127,7 @@ def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
     async def start_training(tenant: str, body: TrainBody, request: Request):
         """Queue a training job; poll GET .../training-jobs/{id} for its progress."""
         queue, who = training(request, tenant)
-        job = start_training(registry, vault, queue, tenant, body, who)
+        job = queue_training_job(registry, vault, queue, tenant, body, who)
         return JSONResponse(job.as_json(), status_code=202,
                             headers={"location": f"/tenants/{tenant}/training-jobs/{job.id}"})
 
@@ -149,8 +149,8 @@ def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
     return router
 
 
-def start_training(registry: Registry, vault: Vault, jobs: TrainingJobs, tenant: str,
-                   body: TrainBody, who: str):
+def queue_training_job(registry: Registry, vault: Vault, jobs: TrainingJobs, tenant: str,
+                       body: TrainBody, who: str):
     """Check, queue and audit a training job (this API's and the console's)."""
     options = body.model_dump()
     _check_before_queueing(vault, tenant, options)

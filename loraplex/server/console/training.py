@@ -20,7 +20,7 @@ from loraplex.server.console.guard import (
 )
 from loraplex.server.console.sessions import Session
 from loraplex.server.console.tenants import see_other
-from loraplex.server.tenant_data import TrainBody, cancel_training_job, start_training
+from loraplex.server.tenant_data import TrainBody, cancel_training_job, queue_training_job
 from loraplex.train.jobs import FINISHED, RUNNING, TrainingJob
 
 DEFAULTS = TrainBody(dataset="-", adapter="-")  # the form's initial values: the API's defaults
@@ -86,8 +86,8 @@ def training_routes(console: Console) -> APIRouter:
     async def start(request: Request, tenant: str, session: Signed):
         tenant_scope(console, session, tenant)
         form = await checked_form(request, session)
-        start_training(console.registry, console.vault, console.jobs, tenant, train_body(form),
-                       session.actor)
+        queue_training_job(console.registry, console.vault, console.jobs, tenant,
+                           train_body(form), session.actor)
         return see_other(f"{PREFIX}/tenants/{tenant}/training")
 
     @router.post("/{job_id}/cancel")

@@ -102,3 +102,12 @@ def test_model_output_is_streamed_as_data_for_textcontent(console_server):
     assert chunks and all(c["object"] == "chat.completion.chunk" for c in chunks)
     script = client.get("/console/static/playground.js").text
     assert "innerHTML" not in script and "textContent" in script
+
+
+def test_the_playground_has_the_api_body_limit(console_server):
+    """Forms may upload (the upload limit); the playground asks as /v1 does (its limit)."""
+    client, csrf = sign_in(console_server, "acme")
+    huge = {"tenant": "acme", "model": "bot", "messages": [
+        {"role": "user", "content": "x" * (console_server.app.state.settings.max_body_bytes)}]}
+    response = client.post("/console/playground/chat", json=huge, headers={"x-csrf-token": csrf})
+    assert response.status_code == 413
