@@ -3,9 +3,6 @@ found a fault not survived.
 
     python -m loraplex.faults soak [--requests 10000] [--tenants 16] [--concurrency 32]
     python -m loraplex.faults crash [--rounds 3]
-    python -m loraplex.faults disk-full
-    python -m loraplex.faults corruption
-    python -m loraplex.faults fuzz [--examples 2000]
 
 Each run works in a fresh temp dir (kept with --keep, to read its serve.log), on a tiny random
 model built there (seconds); nothing is downloaded.
@@ -31,7 +28,13 @@ def _soak(options, root: Path) -> dict:
     return result
 
 
-KINDS = {"soak": _soak}
+def _crash(options, root: Path) -> dict:
+    from loraplex.faults.crash import run_crash
+
+    return run_crash(root, rounds=options.rounds).as_dict()
+
+
+KINDS = {"soak": _soak, "crash": _crash}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,11 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="soak: clients at once")
     parser.add_argument("--seed", type=int, default=0, help="soak: the run's random choices")
     parser.add_argument("--rounds", type=int, default=3, help="crash: kills of each kind")
-    parser.add_argument("--examples", type=int, default=2000, help="fuzz: inputs per parser")
     parser.add_argument("--keep", action="store_true", help="keep the run's temp dir")
     options = parser.parse_args(argv)
-    if min(options.requests, options.tenants, options.concurrency, options.rounds,
-           options.examples) < 1:
+    if min(options.requests, options.tenants, options.concurrency, options.rounds) < 1:
         parser.error("counts must be at least 1")
     root = Path(tempfile.mkdtemp(prefix=f"loraplex-faults-{options.kind}-"))
     try:

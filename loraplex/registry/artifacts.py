@@ -4,10 +4,12 @@ store_artifact() reads an adapter's two files into memory, lets the caller valid
 (never the source, which could change after the check), has the Sealer encrypt them (the vault
 does: the registry never holds a key, see loraplex/vault/artifacts.py), writes the sealed files
 into a private temp dir, fsyncs it, and only then renames it into place. A final dir therefore
-always holds complete, validated files; a crash leaves at most a temp dir (removed by a later
-push) or a final dir no version points to (harmless, and reused if the same content is pushed
-again). The version row that makes an artifact visible is inserted by the caller after this
-returns. No plaintext of the adapter is written under the home.
+always holds complete, validated files; a crash leaves at most a temp dir (removed when the
+registry is next opened, or by a later push, at a moment no push is in progress: each holds a
+shared flock on `.tmp/.lock`, which dies with its process, even by SIGKILL) or a final dir no
+version points to (harmless, sealed, and reused if the same content is pushed again). The
+version row that makes an artifact visible is inserted by the caller after this returns. No
+plaintext of the adapter is written under the home.
 
 An artifact dir is the tenant's own: two tenants pushing identical bytes get two dirs, each
 sealed under its tenant's key, so shredding one tenant's key never touches the other's copy.
@@ -17,12 +19,12 @@ Homes made before sealing hold clear dirs `artifacts/<sha256>/`; `is_clear` tell
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import stat
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +38,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 ARTIFACTS_DIR = "artifacts"
 TMP_DIR = ".tmp"
-# A temp dir this old belongs to a push that died; a younger one may be a push in progress in
-# another process (the server and the CLI can push at the same time), so it is left alone.
-ABANDONED_AFTER_S = 3600
+PUSH_LOCK_FILE = ".lock"  # in TMP_DIR: shared by pushes in progress, exclusive to sweep
 
 # Given the adapter's files in memory ({name: bytes}); returns {"rank": int, "target_modules":
 # [str, ...]}; raises ValueError with a user-facing message to refuse the adapter.
@@ -106,16 +106,21 @@ def write_sealed(home: Path, relative: str, sealed: Mapping[str, bytes]) -> None
     final = home / relative
     for directory in (artifacts, tmp_root, final.parent):
         directory.mkdir(mode=0o700, exist_ok=True)
-    _remove_abandoned(tmp_root)
-    tmp = Path(tempfile.mkdtemp(prefix="push-", dir=tmp_root))  # mode 0700
+    remove_abandoned(home)
+    lock = os.open(tmp_root / PUSH_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        for name, data in sealed.items():
-            _write(tmp / name, data)
-        _fsync(tmp)
-        _publish(tmp, final)
-        _fsync(final.parent)
+        fcntl.flock(lock, fcntl.LOCK_SH)  # before the temp dir exists: no sweep removes it
+        tmp = Path(tempfile.mkdtemp(prefix="push-", dir=tmp_root))  # mode 0700
+        try:
+            for name, data in sealed.items():
+                _write(tmp / name, data)
+            _fsync(tmp)
+            _publish(tmp, final)
+            _fsync(final.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # already gone when published
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # already gone when published
+        os.close(lock)
 
 
 def _read(src_dir: Path, name: str) -> bytes:
@@ -152,15 +157,23 @@ def _publish(tmp: Path, final: Path) -> None:
             raise
 
 
-def _remove_abandoned(tmp_root: Path) -> None:
-    cutoff = time.time() - ABANDONED_AFTER_S
-    for leftover in tmp_root.iterdir():
+def remove_abandoned(home: Path) -> None:
+    """Delete the temp dirs of pushes that died, when no push is in progress in any process
+    (the server and the CLI may push at the same time): otherwise leave them to a later call."""
+    tmp_root = home / ARTIFACTS_DIR / TMP_DIR
+    if not tmp_root.is_dir():
+        return
+    lock = os.open(tmp_root / PUSH_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
         try:
-            is_abandoned = leftover.stat().st_mtime < cutoff
-        except FileNotFoundError:  # another push removed it first
-            continue
-        if is_abandoned:
-            shutil.rmtree(leftover, ignore_errors=True)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a push is in progress
+        for leftover in tmp_root.iterdir():
+            if leftover.name != PUSH_LOCK_FILE:
+                shutil.rmtree(leftover, ignore_errors=True)
+    finally:
+        os.close(lock)
 
 
 def _fsync(directory: Path) -> None:

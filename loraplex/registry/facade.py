@@ -21,7 +21,7 @@ from pathlib import Path
 
 from loraplex.registry import adapters, audit, deployments, ledger, quotas, stats, tenants
 from loraplex.registry.adapters import Adapter, Version, label, version_by_number
-from loraplex.registry.artifacts import Sealer, Validate, store_artifact
+from loraplex.registry.artifacts import Sealer, Validate, remove_abandoned, store_artifact
 from loraplex.registry.audit import AuditEntry
 from loraplex.registry.db import connect, now, transaction
 from loraplex.registry.deployments import Deployment
@@ -52,6 +52,7 @@ class Registry:
         self.home = Path(home)
         self._conn = connect(self.home)
         self._lock = threading.Lock()
+        remove_abandoned(self.home)  # what pushes killed midway left (artifacts.py)
         self._resolver = Resolver(self.home)
 
     def close(self) -> None:

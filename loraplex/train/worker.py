@@ -10,10 +10,28 @@ job be cancelled with SIGTERM (the trainer then unwinds and registers nothing), 
 crash in training from touching the server.
 """
 
+import ctypes
 import json
+import os
+import signal
 import sys
 import traceback
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """SIGTERM this worker when the server that started it dies (even by SIGKILL), so it never
+    registers a version for a job the restarted server reports as failed; the trainer unwinds
+    on SIGTERM and registers nothing. Linux only; elsewhere the broken stdout pipe stops the
+    worker at its next progress report."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the server died before the call: nobody to work for
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def emit(event: dict) -> None:
@@ -25,6 +43,7 @@ def main() -> int:
     from loraplex.model.pull import PullError
     from loraplex.train import train_adapter
 
+    die_with_parent()
     job = json.loads(sys.stdin.read())
 
     def on_progress(phase: str, step: int, num_steps: int, loss: float | None) -> None:

@@ -29,3 +29,17 @@ def write_private(path: Path, data: bytes) -> None:
         writer.flush()
         os.fsync(writer.fileno())
     os.replace(tmp, path)
+
+
+def sweep_partial_writes(root: Path, kept: set[Path]) -> list[Path]:
+    """Delete what a writer killed midway left under `root`: half-written temp files
+    (`.*.tmp`) and encrypted files (`*.enc`) not in `kept` (written, but their row never
+    committed). Call it holding the vault's write lock: every writer writes only while holding
+    it, so nothing found here can be a write in progress. Returns what was deleted."""
+    removed = []
+    for path in sorted(root.rglob("*")) if root.exists() else []:
+        is_partial = path.name.startswith(".") and path.name.endswith(".tmp")
+        if path.is_file() and (is_partial or (path.suffix == ".enc" and path not in kept)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

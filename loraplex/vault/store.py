@@ -49,7 +49,7 @@ from loraplex.vault.errors import (
     KeyShredded,
     MasterKeyError,
 )
-from loraplex.vault.files import read_at_most, remove_tree, write_private
+from loraplex.vault.files import read_at_most, remove_tree, sweep_partial_writes, write_private
 from loraplex.vault.records import parse_jsonl
 
 VAULT_DIR = "vault"
@@ -145,6 +145,11 @@ class Vault:
         with self._change() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
+            # A write killed midway (SIGKILL, power loss) leaves a temp file, or a dataset
+            # file whose row never committed: swept here, under the write lock.
+            kept = {self._path(_version(row)) for row in conn.execute(
+                "SELECT * FROM dataset_versions")}
+            sweep_partial_writes(self.dir / TENANTS_DIR, kept)
 
     def close(self) -> None:
         with self._lock:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loraplex.registry import CONFIG_FILE, WEIGHTS_FILE, InvalidInput, NotFound, Registry
-from loraplex.registry.artifacts import ABANDONED_AFTER_S, ADAPTER_FILES
+from loraplex.registry.artifacts import ADAPTER_FILES, PUSH_LOCK_FILE
 from loraplex.vault.artifacts import KEY_FILE, SEALED_SUFFIX
 
 from .conftest import fake_validate, write_adapter
@@ -27,7 +27,7 @@ def artifact_dirs(home: Path) -> list[Path]:
 
 
 def temp_dirs(home: Path) -> list[Path]:
-    return sorted((home / "artifacts" / ".tmp").iterdir())
+    return sorted(p for p in (home / "artifacts" / ".tmp").iterdir() if p.name != PUSH_LOCK_FILE)
 
 
 def files_under(root: Path) -> list[Path]:
@@ -183,18 +183,38 @@ def test_source_is_not_a_directory(registry, acme, sealer, tmp_path, make):
                               sealer=sealer)
 
 
-def test_abandoned_temp_dirs_are_removed_by_the_next_push(home, push):
+def test_abandoned_temp_dirs_are_removed_when_no_push_is_in_progress(home, push):
     push(seed=1)
     tmp_root = home / "artifacts" / ".tmp"
-    old, young = tmp_root / "push-old", tmp_root / "push-young"
-    for leftover in (old, young):
-        leftover.mkdir()
-        (leftover / KEY_FILE).write_bytes(b"x")
-    long_ago = time.time() - ABANDONED_AFTER_S - 60
-    os.utime(old, (long_ago, long_ago))
-    push(seed=2)
-    # The young one may be a push in progress in another process: left alone.
-    assert temp_dirs(home) == [young]
+    leftover = tmp_root / "push-dead"
+    leftover.mkdir()
+    (leftover / KEY_FILE).write_bytes(b"x")
+    # A push in progress in another process holds the lock shared: nothing is swept then.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_PUSH_LOCK, str(tmp_root / PUSH_LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        Registry(home).close()
+        assert temp_dirs(home) == [leftover]
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    Registry(home).close()  # opening the registry sweeps (the server does at start)
+    assert temp_dirs(home) == []
+    leftover.mkdir()
+    push(seed=2)  # and so does a push
+    assert temp_dirs(home) == []
+
+
+HOLD_PUSH_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_SH)
+print("held", flush=True)
+time.sleep(60)
+"""
 
 
 # Pushes, then hangs at `stage` so the test can SIGKILL it there:

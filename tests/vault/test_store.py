@@ -222,3 +222,17 @@ def test_audit_entries(vault, home):
         ("data.add", "alice", "acme/faq"),
     ]
     assert entries[2].details["records"] == 2 and entries[1].details["versions"] == ["v1"]
+
+
+def test_a_write_killed_midway_is_swept_at_the_next_open(vault, home):
+    """SIGKILL between writing a dataset file and committing its row leaves the file (or its
+    temp file, if mid-write): the next Vault on the home deletes both, under the write lock."""
+    vault.add("acme", "faq", CHAT, actor="alice")
+    folder = home / "vault" / "tenants" / "acme" / "faq"
+    half_written, uncommitted = folder / ".v2.enc.tmp", folder / "v2.enc"
+    half_written.write_bytes(b"\x00" * 10)
+    uncommitted.write_bytes(b"\x00" * 10)
+    with Vault(home) as reopened:
+        assert sorted(p.name for p in folder.iterdir()) == ["v1.enc"]
+        assert reopened.read_bytes("acme", "faq") == CHAT
+        assert reopened.add("acme", "faq", OTHER, actor="alice").number == 2
