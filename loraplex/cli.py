@@ -70,7 +70,8 @@ def plan(
     model: Annotated[str, typer.Option(
         help="A known model (e.g. llama-3.1-8b, qwen3-8b, gemma-3-27b, phi-4: an unknown name "
         "lists them), a config.json or a checkpoint dir")] = "smollm2-135m",
-    rank: Annotated[int, typer.Option(help="LoRA rank of the adapters")] = 16,
+    rank: Annotated[str, typer.Option(
+        help="LoRA rank of the adapters, or a mix of as many of each, e.g. 8,16,32,64")] = "16",
     targets: Annotated[str, typer.Option(help="all | attn | a comma list, e.g. q_proj,v_proj")] = (
         "all"
     ),
@@ -99,6 +100,7 @@ def plan(
         dtype_bytes,
         format_bytes,
         parse_bytes,
+        parse_ranks,
         plan_capacity,
     )
 
@@ -109,7 +111,7 @@ def plan(
         memory_bytes = parse_bytes(memory)
         host_memory_bytes = None if host_memory is None else parse_bytes(host_memory)
         config = plan_config(model)
-        p = plan_capacity(config, rank=rank, targets=targets, clients=clients,
+        p = plan_capacity(config, rank=parse_ranks(rank), targets=targets, clients=clients,
                           memory_bytes=memory_bytes, dtype_bytes=dtype_bytes(dtype),
                           host_memory_bytes=host_memory_bytes,
                           int8_slots=lora_dtype == "int8", weights=weights)
@@ -124,8 +126,10 @@ def plan(
                   f"{p.num_base_params:,} parameters")
     table.add_row("one adapter", format_bytes(p.bytes_per_adapter),
                   "in the host cache and on disk (its target modules)")
-    table.add_row("one device slot", format_bytes(p.bytes_per_slot),
-                  f"all seven modules at rank {rank}, whatever an adapter targets"
+    table.add_row("one adapter in a slot", format_bytes(p.bytes_per_slot),
+                  f"{'the mean of its ' if len(p.ranks) > 1 else 'its '}pages of "
+                  f"{p.page_rank} rank rows ({format_bytes(p.bytes_per_page)} each) of all "
+                  "seven modules, whatever an adapter targets"
                   + (", int8 with a scale per rank row" if p.int8_slots else ""))
     table.add_row("KV cache per token", format_bytes(p.kv_bytes_per_token),
                   f"2 x {config.num_layers} layers x {config.num_kv_heads} kv heads x "
@@ -138,7 +142,8 @@ def plan(
                   "base model, one slot, one full-context sequence and the reserve")
     table.add_row("adapters resident at most", f"{p.max_resident_adapters:,}",
                   "slots that fit while keeping KV room for one full-context sequence")
-    table.add_row("device slots", format_bytes(p.slot_bytes), f"--max-loras {p.max_loras}")
+    table.add_row("device slots", format_bytes(p.slot_bytes),
+                  f"--max-loras {p.max_loras} --max-lora-pages {p.max_lora_pages}")
     table.add_row("host cache", format_bytes(p.host_cache_bytes),
                   f"--max-cpu-loras {p.max_cpu_loras}")
     table.add_row("KV cache", format_bytes(p.kv_cache_bytes),
@@ -161,9 +166,10 @@ def plan(
     disk_note = (f" The other {on_disk} adapters load from disk on first use." if on_disk > 0
                  else " Every client's adapter stays in the host cache.")
     console.print(
-        f"Run [bold]loraplex serve --dtype {dtype} --max-lora-rank {rank} "
+        f"Run [bold]loraplex serve --dtype {dtype} --max-lora-rank {p.rank} "
         f"{'--lora-dtype int8 ' if p.int8_slots else ''}--max-loras "
-        f"{p.max_loras} --max-cpu-loras {p.max_cpu_loras} --kv-cache {p.kv_cache_bytes}[/]: up "
+        f"{p.max_loras} --max-lora-pages {p.max_lora_pages} --max-cpu-loras "
+        f"{p.max_cpu_loras} --kv-cache {p.kv_cache_bytes}[/]: up "
         f"to {p.max_loras} different adapters share a batch, and {p.max_cpu_loras} stay loaded "
         f"in RAM.{disk_note} The KV cache holds {p.num_full_context_seqs:,} full "
         f"{p.context_len:,}-token conversations at once.",
@@ -362,6 +368,9 @@ def serve(
     max_loras: int = 8,
     max_cpu_loras: int = 64,
     max_lora_rank: int = 16,
+    max_lora_pages: Annotated[int | None, typer.Option(
+        help="Device memory for adapters, in pages of 8 rank rows: an adapter takes those of "
+        "its rank (default: --max-loras adapters of --max-lora-rank; see `loraplex plan`)")] = None,
     lora_dtype: Annotated[str, typer.Option(
         help="Adapter weights in slots: auto (the model's dtype) | int8 (half the bytes of "
         "bf16: faster decode steps with many adapters, see BENCHMARKS.md)")] = "auto",
@@ -421,7 +430,8 @@ def serve(
     try:
         config = EngineConfig(
             model=model, dtype=dtype, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
-            max_lora_rank=max_lora_rank, lora_dtype=lora_dtype, max_num_seqs=max_num_seqs,
+            max_lora_rank=max_lora_rank, max_lora_pages=max_lora_pages, lora_dtype=lora_dtype,
+            max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, scheduling=scheduling,
             max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
             kv_cache_bytes=None if kv_cache is None else parse_bytes(kv_cache))

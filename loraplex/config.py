@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.lora.pages import DEFAULT_PAGE_RANK, pages_for
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_DTYPES = ("auto", "int8")
 SCHEDULING = ("fair", "fcfs")
@@ -29,9 +31,18 @@ class EngineConfig:
     device: str = "auto"
     """'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present)."""
     max_loras: int = 8
-    """Device slots: how many distinct adapters one batch may use."""
+    """Device slots: how many distinct adapters may be resident and share one batch (their
+    memory is max_lora_pages)."""
     max_lora_rank: int = 16
-    """The largest adapter rank accepted; slot buffers are this wide."""
+    """The largest adapter rank accepted."""
+    max_lora_pages: int | None = None
+    """Device memory for adapter weights, in pages of lora_page_rank rank rows of every module
+    at every layer: an adapter takes ceil(rank / lora_page_rank) pages, so a rank-8 adapter
+    takes an eighth of what a rank-64 one does (loraplex/lora/pages.py). Default: max_loras
+    adapters of max_lora_rank, the memory of slots sized for the largest rank; raise max_loras
+    as well to keep more small adapters resident in the same memory (`loraplex plan`)."""
+    lora_page_rank: int = DEFAULT_PAGE_RANK
+    """Rank rows per page: a rank that is not a multiple of it rounds up to the next one."""
     lora_dtype: str = "auto"
     """Adapter weights in slots: 'auto' (the model's dtype) or 'int8' (half the bytes of
     bfloat16, a scale per rank row: decode steps with many adapters run faster; see
@@ -75,8 +86,16 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
         for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs",
-                     "max_num_batched_tokens", "block_size"):
+                     "max_num_batched_tokens", "block_size", "lora_page_rank"):
             positive(name)
+        if self.max_lora_pages is not None:
+            positive("max_lora_pages")
+            if self.max_lora_pages < pages_for(self.max_lora_rank, self.lora_page_rank):
+                raise ConfigError(
+                    f"max_lora_pages={self.max_lora_pages} cannot hold one adapter of "
+                    f"max_lora_rank={self.max_lora_rank} (it takes "
+                    f"{pages_for(self.max_lora_rank, self.lora_page_rank)} pages of "
+                    f"lora_page_rank={self.lora_page_rank})")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ConfigError(f"enable_prefix_caching must be true or false, got "
                               f"{self.enable_prefix_caching!r}")
@@ -104,6 +123,13 @@ class EngineConfig:
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+
+    @property
+    def num_lora_pages(self) -> int:
+        """max_lora_pages, or its default."""
+        if self.max_lora_pages is not None:
+            return self.max_lora_pages
+        return self.max_loras * pages_for(self.max_lora_rank, self.lora_page_rank)
 
     @property
     def torch_dtype(self) -> torch.dtype:

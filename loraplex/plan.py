@@ -4,9 +4,11 @@ Pure arithmetic on a model's shape, so an operator can size a deployment before 
 (no torch here; `loraplex plan` is the command line front). The figures follow what the engine
 actually allocates:
 
-- a device slot holds every targetable module at the slot rank (`AdapterSlots` builds buffers for
-  all seven modules, whatever an adapter targets), so a slot costs more than an attention-only
-  adapter does;
+- an adapter in a device slot takes pages of its own rank (lora/pages.py: its rank rounded up
+  to whole pages of `page_rank` rank rows), each page holding every targetable module
+  (`AdapterSlots` builds buffers for all seven modules, whatever an adapter targets), so a slot
+  costs more than an attention-only adapter does, and a rank-8 adapter an eighth of a rank-64
+  one; a mix of ranks is planned by its mean;
 - the host cache holds each adapter as loaded (`LoRAWeights`: only its target modules);
 - the KV cache is whole blocks of `block_size` tokens (`ModelRunner.kv_bytes_per_block`).
 """
@@ -20,6 +22,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from loraplex.lora.modules import ATTENTION_MODULES, K_PROJ, Q_PROJ, TARGET_MODULES, V_PROJ
+from loraplex.lora.pages import DEFAULT_PAGE_RANK, pages_for
 
 if TYPE_CHECKING:  # a type only: importing it at run time would import torch
     from loraplex.model.llama import ModelConfig
@@ -67,7 +70,8 @@ class CapacityPlan:
     """A deployment sized for a memory budget. Every size is in bytes."""
 
     # what was asked
-    rank: int
+    rank: int  # the largest of ranks (--max-lora-rank)
+    ranks: tuple[int, ...]  # the adapters' ranks, a mix of equally many of each
     targets: tuple[str, ...]
     clients: int
     memory_bytes: int  # device budget: weights, slots, KV cache and runtime overhead
@@ -78,8 +82,10 @@ class CapacityPlan:
     # the model
     num_base_params: int
     base_weight_bytes: int  # in the `weights` format
-    bytes_per_adapter: int  # one adapter as loaded into the host cache (its target modules)
-    bytes_per_slot: int  # one device slot (all seven modules at `rank`, scales if int8)
+    bytes_per_adapter: int  # one adapter as loaded into the host cache (its target modules; mean)
+    bytes_per_slot: int  # one adapter in device slots (its pages; mean over the ranks)
+    bytes_per_page: int  # page_rank rank rows of all seven modules, scales if int8
+    page_rank: int
     kv_bytes_per_token: int
     context_len: int  # tokens of one full-context sequence (the engine's default max_model_len)
     # the budget
@@ -88,7 +94,8 @@ class CapacityPlan:
     min_memory_bytes: int  # the least budget that holds the base, one slot and one sequence
     max_resident_adapters: int  # most slots that fit, keeping KV room for one sequence
     max_loras: int  # recommended device slots
-    slot_bytes: int  # max_loras * bytes_per_slot
+    max_lora_pages: int  # the pages max_loras adapters of the mix take
+    slot_bytes: int  # max_lora_pages * bytes_per_page
     kv_cache_bytes: int  # what is left for the KV cache
     num_kv_tokens: int  # tokens that KV cache holds (whole blocks)
     num_full_context_seqs: int  # full-context sequences it holds at once
@@ -207,6 +214,18 @@ def device_slot_bytes(config: ModelConfig, rank: int, dtype_bytes: int, int8: bo
     return lora_bytes(config, rank, TARGET_MODULES, 1) + scales
 
 
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """'16' or a mix '8,16,32,64' -> the ranks."""
+    try:
+        ranks = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise PlanError(f"rank must be a positive integer or a comma list of them, e.g. "
+                        f"8,16,32,64; got {text!r}") from None
+    for value in ranks:
+        _positive_int("rank", value)
+    return ranks
+
+
 def _positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise PlanError(f"{name} must be a positive integer, got {value!r}")
@@ -215,7 +234,7 @@ def _positive_int(name: str, value: object) -> None:
 def plan_capacity(
     model_config: ModelConfig,
     *,
-    rank: int,
+    rank: int | Sequence[int],
     targets: str | Sequence[str],
     clients: int,
     memory_bytes: int,
@@ -223,8 +242,12 @@ def plan_capacity(
     host_memory_bytes: int | None = None,
     int8_slots: bool = False,
     weights: str = "auto",
+    page_rank: int = DEFAULT_PAGE_RANK,
 ) -> CapacityPlan:
     """Size slots, host cache and KV cache for `clients` adapters in `memory_bytes`.
+
+    `rank`: the adapters' rank, or a mix of ranks (as many adapters of each), sized by what
+    each takes: its pages of `page_rank` rank rows in the slots, its own bytes in the host cache.
 
     `host_memory_bytes` (RAM for the host cache) defaults to `memory_bytes`; `int8_slots`: the
     slots hold int8 adapter weights (the host cache keeps the model's dtype). Raises PlanError
@@ -232,17 +255,25 @@ def plan_capacity(
     `weights`: the base weights' format (WEIGHT_BITS); adapters, slots and KV cache keep the
     model's dtype whatever it is.
     """
-    for name, value in (("rank", rank), ("clients", clients), ("memory_bytes", memory_bytes),
-                        ("dtype_bytes", dtype_bytes)):
+    ranks = tuple(rank) if isinstance(rank, list | tuple) else (rank,)
+    for name, value in (*(("rank", r) for r in ranks), ("clients", clients),
+                        ("memory_bytes", memory_bytes), ("dtype_bytes", dtype_bytes),
+                        ("page_rank", page_rank)):
         _positive_int(name, value)
+    if not ranks:
+        raise PlanError("rank: give at least one")
     host_memory_bytes = memory_bytes if host_memory_bytes is None else host_memory_bytes
     _positive_int("host_memory_bytes", host_memory_bytes)
     targets = parse_targets(targets)
 
     num_base_params = count_base_params(model_config)
     base_bytes = base_weight_bytes(model_config, dtype_bytes, weight_bits(weights))
-    bytes_per_adapter = lora_bytes(model_config, rank, targets, dtype_bytes)
-    bytes_per_slot = device_slot_bytes(model_config, rank, dtype_bytes, int8_slots)
+    bytes_per_adapter = -(-sum(lora_bytes(model_config, r, targets, dtype_bytes)
+                               for r in ranks) // len(ranks))
+    bytes_per_page = device_slot_bytes(model_config, page_rank, dtype_bytes, int8_slots)
+    num_pages = [pages_for(r, page_rank) for r in ranks]
+    bytes_per_slot = -(-sum(num_pages) * bytes_per_page // len(ranks))  # the mix's mean
+    largest_slot = max(num_pages) * bytes_per_page  # the engine keeps room for one
     kv_bytes_per_token = (2 * model_config.num_layers * model_config.num_kv_heads
                           * model_config.head_dim * dtype_bytes)
     context_len = min(model_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
@@ -251,12 +282,12 @@ def plan_capacity(
     one_seq_kv_bytes = -(-context_len // BLOCK_SIZE) * BLOCK_SIZE * kv_bytes_per_token
 
     # The smallest budget whose share after the reserve holds the base, one slot, one sequence.
-    needed = ACTIVATION_RESERVE_BYTES + base_bytes + bytes_per_slot + one_seq_kv_bytes
+    needed = ACTIVATION_RESERVE_BYTES + base_bytes + largest_slot + one_seq_kv_bytes
     min_memory_bytes = -(-needed * 100 // (100 - RESERVE_PERCENT))
     if memory_bytes < min_memory_bytes:
         raise PlanError(
             f"{format_bytes(memory_bytes)} is too little: the base model needs "
-            f"{format_bytes(base_bytes)}, one adapter slot {format_bytes(bytes_per_slot)}, "
+            f"{format_bytes(base_bytes)}, one adapter slot {format_bytes(largest_slot)}, "
             f"one {context_len}-token sequence {format_bytes(one_seq_kv_bytes)} of KV cache, plus "
             f"the runtime reserve ({RESERVE_PERCENT}% + {format_bytes(ACTIVATION_RESERVE_BYTES)}); "
             f"at least {format_bytes(min_memory_bytes)} ({min_memory_bytes} bytes) is needed"
@@ -264,12 +295,16 @@ def plan_capacity(
     reserve_bytes = memory_bytes * RESERVE_PERCENT // 100 + ACTIVATION_RESERVE_BYTES
     available_bytes = memory_bytes - reserve_bytes - base_bytes
 
-    # Both bounds are at least one slot, thanks to the check above.
+    # Both bounds are at least one slot of the largest rank, thanks to the check above.
     kv_floor_bound = available_bytes - one_seq_kv_bytes
     max_resident_adapters = kv_floor_bound // bytes_per_slot
-    share_bound = max(available_bytes * SLOT_SHARE_PERCENT // 100, bytes_per_slot)
-    max_loras = min(MAX_LORAS_CAP, clients, min(share_bound, kv_floor_bound) // bytes_per_slot)
-    slot_bytes = max_loras * bytes_per_slot
+    share_bound = max(available_bytes * SLOT_SHARE_PERCENT // 100, largest_slot)
+    slot_budget = min(share_bound, kv_floor_bound)
+    max_loras = max(1, min(MAX_LORAS_CAP, clients, slot_budget // bytes_per_slot))
+    # The pages of max_loras adapters of the mix, at least one of the largest rank's.
+    max_lora_pages = max(max(num_pages), -(-max_loras * sum(num_pages) // len(ranks)))
+    max_lora_pages = min(max_lora_pages, max(max(num_pages), slot_budget // bytes_per_page))
+    slot_bytes = max_lora_pages * bytes_per_page
     kv_cache_bytes = available_bytes - slot_bytes
     num_kv_tokens = kv_cache_bytes // (kv_bytes_per_token * BLOCK_SIZE) * BLOCK_SIZE
 
@@ -277,10 +312,11 @@ def plan_capacity(
     max_cpu_loras = max(max_loras, min(clients, host_share // bytes_per_adapter))
 
     return CapacityPlan(
-        rank=rank, targets=targets, clients=clients, memory_bytes=memory_bytes,
+        rank=max(ranks), ranks=ranks, targets=targets, clients=clients, memory_bytes=memory_bytes,
         host_memory_bytes=host_memory_bytes, dtype_bytes=dtype_bytes, int8_slots=int8_slots,
         num_base_params=num_base_params, base_weight_bytes=base_bytes, weights=weights,
         bytes_per_adapter=bytes_per_adapter, bytes_per_slot=bytes_per_slot,
+        bytes_per_page=bytes_per_page, page_rank=page_rank, max_lora_pages=max_lora_pages,
         kv_bytes_per_token=kv_bytes_per_token, context_len=context_len,
         reserve_bytes=reserve_bytes, available_bytes=available_bytes,
         min_memory_bytes=min_memory_bytes, max_resident_adapters=max_resident_adapters,

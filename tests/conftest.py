@@ -171,10 +171,12 @@ def make_peft_adapter(
     return peft_model
 
 
-def prefill_logits(model, prompts: list[list[int]], slots: list[int] | None = None) -> list:
+def prefill_logits(model, prompts: list[list[int]], slots: list[int] | None = None,
+                   places: list[tuple[int, int]] | None = None) -> list:
     """Run our LlamaModel once over whole prompts (one flat batch, fresh KV cache) and return
     each prompt's logits at every position: a list of [len(prompt), vocab] float32 tensors.
-    slots[i] is the adapter slot for prompt i (-1: base model)."""
+    slots[i] is the adapter slot for prompt i (-1: base model), its rows at places (the
+    AdapterSlots' places)."""
     from loraplex.lora.ops import AdapterBatch
     from loraplex.model.llama import AttentionMetadata, PrefillChunk
 
@@ -203,7 +205,7 @@ def prefill_logits(model, prompts: list[list[int]], slots: list[int] | None = No
         torch.tensor([i for p in prompts for i in range(len(p))]),
         kv_caches,
         attn,
-        AdapterBatch.build(token_slots, torch.device("cpu")),
+        AdapterBatch.build(token_slots, places or [], torch.device("cpu")),
         torch.arange(num_tokens),
     )
     return list(logits.split([len(p) for p in prompts]))

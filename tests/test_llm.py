@@ -79,7 +79,7 @@ def test_mixed_batch_logits_match_peft(sharp_llama_dir, adapter_dirs):
     for i, d in enumerate(adapter_dirs):
         slots.activate(i, load_adapter(d, num_layers=2, module_shapes=shapes, max_rank=16))
     row_slots = [-1 if a is None else a for a in ROW_ADAPTERS]
-    got = prefill_logits(model, PROMPTS, row_slots)
+    got = prefill_logits(model, PROMPTS, row_slots, slots.places)
     peft = _peft_models(sharp_llama_dir, adapter_dirs)
     for prompt, adapter, logits in zip(PROMPTS, ROW_ADAPTERS, got, strict=True):
         with torch.no_grad():
@@ -127,7 +127,8 @@ def test_mixed_batch_bf16_logits_within_tolerance(sharp_llama_dir, adapter_dirs)
     for i, d in enumerate(adapter_dirs):
         w = load_adapter(d, num_layers=2, module_shapes=shapes, max_rank=16, dtype=torch.bfloat16)
         slots.activate(i, w)
-    got = prefill_logits(model, PROMPTS, [-1 if a is None else a for a in ROW_ADAPTERS])
+    got = prefill_logits(model, PROMPTS, [-1 if a is None else a for a in ROW_ADAPTERS],
+                          slots.places)
     peft = _peft_models(sharp_llama_dir, adapter_dirs)
     ours_sum = peft_sum = 0.0
     for prompt, adapter, logits in zip(PROMPTS, ROW_ADAPTERS, got, strict=True):
@@ -229,7 +230,8 @@ def test_default_model_mixed_batch_logits_fp32_and_bf16(default_model):
         for i, d in enumerate(dirs):
             slots.activate(i, load_adapter(d, num_layers=model.config.num_layers,
                                            module_shapes=shapes, max_rank=16, dtype=dtype))
-        got = prefill_logits(model, prompts, [-1 if a is None else a for a in ROW_ADAPTERS])
+        got = prefill_logits(model, prompts, [-1 if a is None else a for a in ROW_ADAPTERS],
+                             slots.places)
         ours_sum = peft_sum = 0.0
         for row, logits in enumerate(got):
             fp32, bf16 = references[row]

@@ -21,6 +21,7 @@ from loraplex.plan import (
     count_linear_params,
     format_bytes,
     parse_bytes,
+    parse_ranks,
     parse_targets,
     plan_capacity,
 )
@@ -142,6 +143,31 @@ def test_slot_bytes_match_the_engine_slots(dtype, itemsize, targets, int8):
     # A slot holds all seven modules, whatever the adapters target.
     assert plan(rank=8, targets=targets, dtype_bytes=itemsize,
                 int8_slots=int8).bytes_per_slot == slots.num_bytes() // 3
+
+
+def test_a_mix_of_ranks_is_planned_by_the_pages_each_takes():
+    from loraplex.lora.slots import AdapterSlots
+    from loraplex.model.llama import LlamaModel
+
+    with torch.device("meta"):
+        model = LlamaModel(SMOLLM2)
+    slots = AdapterSlots(model, max_loras=3, max_rank=64, num_pages=10)
+    mixed = plan(rank=[8, 16, 32, 64], clients=1000, memory_bytes=4 * GiB)
+    rank64 = plan(rank=64, clients=1000, memory_bytes=4 * GiB)
+    assert mixed.bytes_per_page == rank64.bytes_per_page == slots.bytes_per_page()
+    # 1 + 2 + 4 + 8 pages of 8 rank rows: a mean of 3.75, where rank-max slots take 8 each.
+    assert mixed.bytes_per_slot * 4 == 15 * mixed.bytes_per_page
+    assert mixed.max_resident_adapters == pytest.approx(
+        rank64.max_resident_adapters * 8 / 3.75, rel=0.01)
+    assert mixed.rank == 64 and mixed.max_lora_pages * mixed.bytes_per_page == mixed.slot_bytes
+    assert mixed.max_lora_pages >= mixed.max_loras * 15 // 4
+    # A rank below a page takes a whole page in the slots, and its own bytes in the host cache.
+    small = plan(rank=4)
+    assert small.bytes_per_slot == small.bytes_per_page == plan(rank=8).bytes_per_slot
+    assert small.bytes_per_adapter * 2 == plan(rank=8).bytes_per_adapter
+    assert parse_ranks("8,16,32,64") == (8, 16, 32, 64)
+    with pytest.raises(PlanError, match="comma list"):
+        parse_ranks("8,x")
 
 
 @pytest.mark.parametrize(("dtype", "itemsize"), [("float32", 4), ("float16", 2)])
@@ -362,7 +388,7 @@ def test_cli_plans_the_default_model_without_pulling_it(empty_home):
     result = runner.invoke(app, ["plan", "--model", "smollm2-135m", "--rank", "16",
                                  "--targets", "all", "--clients", "50", "--memory", "24GiB"])
     assert result.exit_code == 0, result.output
-    assert "--max-loras 50 --max-cpu-loras 50" in result.output
+    assert "--max-loras 50 --max-lora-pages 100 --max-cpu-loras 50" in result.output
     assert "18.6 MiB" in result.output and "134,515,008 parameters" in result.output
     assert not (empty_home / "models").exists()  # nothing was pulled
 
@@ -379,12 +405,26 @@ def test_cli_plans_int8_slots(empty_home):
     assert slots[1] > 1.9 * slots[0]  # half the bytes a slot: about twice the slots
 
 
+def test_cli_plans_a_mix_of_ranks_by_their_pages(empty_home):
+    args = ["plan", "--model", "smollm2-135m", "--clients", "1000", "--memory", "4GiB"]
+    rank64 = runner.invoke(app, [*args, "--rank", "64"])
+    mixed = runner.invoke(app, [*args, "--rank", "8,16,32,64"])
+    assert rank64.exit_code == mixed.exit_code == 0, mixed.output
+    assert "--max-lora-rank 64" in mixed.output and "the mean of its pages" in mixed.output
+    pages = [int(re.search(r"--max-lora-pages (\d+)", r.output)[1]) for r in (rank64, mixed)]
+    slots = [int(re.search(r"--max-loras (\d+)", r.output)[1]) for r in (rank64, mixed)]
+    assert pages[0] == 8 * slots[0] and slots[1] >= 2 * slots[0]  # 3.75 pages each, not 8
+    bad = runner.invoke(app, [*args, "--rank", "8,x"])
+    assert bad.exit_code != 0 and "comma list" in bad.output
+
+
 def test_cli_reads_a_checkpoint_dir(empty_home, tmp_path):
     hf_config().save_pretrained(tmp_path / "ckpt")
     result = runner.invoke(app, ["plan", "--model", str(tmp_path / "ckpt"), "--clients", "3",
                                  "--memory", "2GiB", "--dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
-    assert "--dtype bfloat16 --max-lora-rank 16 --max-loras 3 --max-cpu-loras 3" in result.output
+    assert ("--dtype bfloat16 --max-lora-rank 16 --max-loras 3 --max-lora-pages 6 "
+            "--max-cpu-loras 3") in result.output
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -417,5 +457,5 @@ def test_cli_reads_a_config_json(empty_home, tmp_path):
     result = runner.invoke(app, ["plan", "--model", str(tmp_path / "ckpt" / "config.json"),
                                  "--clients", "3", "--memory", "2GiB"])
     assert result.exit_code == 0, result.output
-    assert "--max-loras 3 --max-cpu-loras 3" in result.output
+    assert "--max-loras 3 --max-lora-pages 6 --max-cpu-loras 3" in result.output
     assert "storage on disk" in result.output

@@ -52,7 +52,9 @@ def bench_command(
     ),
     systems: Annotated[str, typer.Option(
         help="Comma list of: loraplex, loraplex-base (no adapters), loraplex-resident (every "
-             "adapter in a slot of its own), loraplex-http, transformers, peft-mixed, "
+             "adapter in a slot of its own), loraplex-rank-max / loraplex-paged (the memory "
+             "of 32 max-rank slots as such slots, or as pages by rank), loraplex-http, "
+             "transformers, peft-mixed, "
              "peft-switch, llama.cpp")] = "loraplex,loraplex-base",
     num_adapters: Annotated[str, typer.Option(
         help="Distinct adapters; a comma list sweeps, e.g. 1,8,32")] = "32",
@@ -71,7 +73,9 @@ def bench_command(
         "16-256"),
     output_len: Annotated[str, typer.Option(
         help="Generated tokens, uniform in LOW-HIGH (exactly, EOS ignored)")] = "16-128",
-    rank: Annotated[int, typer.Option(help="LoRA rank of the random adapters")] = 16,
+    rank: Annotated[str, typer.Option(
+        help="LoRA rank of the random adapters, or a mix, e.g. 8,16,32,64 (adapter i has the "
+             "(i mod 4)-th: every popularity has every rank)")] = "16",
     targets: Annotated[str, typer.Option(help="all | attn | a comma list, e.g. q_proj,v_proj")] = (
         "all"),
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
@@ -112,7 +116,8 @@ def bench_command(
         if "loraplex-base" not in names and any(s.num_adapters == 0 for s in specs):
             err.print("note: with 0 adapters every system runs the base model", highlight=False)
         results = run_benchmark(model, names, specs, repeats=repeats, dtype=dtype, out_dir=out,
-                                rank=rank, targets=modules, isolate=isolate,
+                                rank=parse_int_list("rank", rank), targets=modules,
+                                isolate=isolate,
                                 max_cpu_loras=max_cpu_loras,
                                 log=lambda line: err.print(line, highlight=False))
     except (ValueError, OSError, PullError) as e:  # BenchError, WorkloadError: clear messages

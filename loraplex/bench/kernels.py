@@ -4,10 +4,11 @@ cost, without the rest of the engine.
     python -m loraplex.bench.kernels [--dtype bfloat16] [--lora-dtype auto[,int8]]
                                      [--slots 32] [--repeats 7]
 
-LoRA: random rank-16 slot buffers of 30 layers for the four groups the model calls (q/k/v,
-gate/up, o, down), `slots` adapters, each layer's buffers its own tensors so that a step reads
-them from memory as the engine does; times one decode step (one token per slot) and prefill
-runs of 8, 64 and 200 tokens on one slot, and prints the decode step's read rate. Attention: 32
+LoRA: random page buffers (lora/slots.py's layout) of 30 layers for the four groups the model
+calls (q/k/v, gate/up, o, down) holding `slots` rank-16 adapters one after another, each layer's
+buffers its own tensors so that a step reads them from memory as the engine does; times one
+decode step (one token per slot) and prefill runs of 8, 64 and 200 tokens on one slot, and
+prints the decode step's read rate. Attention: 32
 sequences with contexts of 16-300 tokens on scattered blocks of 16, 30 layers. Medians of
 `repeats`. With `--lora-dtype int8` the adapter weights are int8 with scales
 (lora/quantize.py); with `auto,int8` both, their runs alternating in one process. Used for the
@@ -59,27 +60,37 @@ def lora_dtypes(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def lora_step(layers, segments: list[list[int]], num_tokens: int, dtype):
+def lora_step(layers, segments: list[list[int]], num_tokens: int, dtype, slots: int):
     segments = torch.tensor(segments, dtype=torch.int64)
+    # slot s: B rows [s * RANK, (s + 1) * RANK)
+    places = torch.tensor([[s * RANK, RANK] for s in range(slots)], dtype=torch.int64)
     inputs = {d: torch.randn(num_tokens, d).to(dtype) for d in (HIDDEN, INTERMEDIATE)}
     outputs = [torch.zeros(num_tokens, sum(outs), dtype=dtype) for _, outs in GROUPS]
 
     def step():
         for layer in layers:
             for (a, b, scales), y, (d_in, _) in zip(layer, outputs, GROUPS, strict=True):
-                cpu_kernel.add_lora_segments(y, inputs[d_in], a, b, segments, scales)
+                cpu_kernel.add_lora_segments(y, inputs[d_in], a, b, segments, places,
+                                              scales)
     return step
 
 
 def random_group(slots: int, d_in: int, outs: list[int], dtype, int8: bool):
-    """(A, Bt of each module, scales or None) of one LoRA call's slot buffers."""
-    a = torch.randn(slots, RANK * len(outs), d_in).to(dtype) * 0.05
-    bs = tuple(torch.randn(slots, RANK, o).to(dtype) * 0.05 for o in outs)
+    """(A, Bt of each module, scales or None) of one LoRA call's page buffers, `slots` adapters
+    of rank RANK one after another: adapter s's A rows of module i are at n * s * RANK + i * RANK
+    (n modules), its B rows at s * RANK."""
+    n, rows = len(outs), slots * RANK
+    a = torch.randn(n * rows, d_in).to(dtype) * 0.05
+    bs = tuple(torch.randn(rows, o).to(dtype) * 0.05 for o in outs)
     if not int8:
         return a, bs, None
-    parts = [quantize(a[:, i * RANK:(i + 1) * RANK], b) for i, b in enumerate(bs)]
-    return (torch.cat([p[0] for p in parts], dim=1), tuple(p[1] for p in parts),
-            torch.cat([p[2] for p in parts], dim=1).contiguous())
+    a_q, scales, b_q = torch.empty_like(a, dtype=torch.int8), torch.empty(n * rows), []
+    for i, b in enumerate(bs):
+        a_rows = torch.cat([torch.arange(RANK) + n * s * RANK + i * RANK for s in range(slots)])
+        part_a, part_b, part_scales = quantize(a[a_rows], b)
+        a_q[a_rows], scales[a_rows] = part_a, part_scales
+        b_q.append(part_b)
+    return a_q, tuple(b_q), scales
 
 
 def attention_step(dtype, num_seqs: int = 32):
@@ -126,7 +137,8 @@ def main() -> None:
             for d_in, outs in GROUPS)
 
     def medians(segments: list[list[int]], num_tokens: int) -> dict[str, float]:
-        steps = [lora_step(layers[d], segments, num_tokens, dtype) for d in args.lora_dtype]
+        steps = [lora_step(layers[d], segments, num_tokens, dtype, args.slots)
+                 for d in args.lora_dtype]
         return dict(zip(args.lora_dtype, alternating_medians(steps, args.repeats), strict=True))
 
     decode = medians([[s, s, s + 1] for s in range(args.slots)], args.slots)

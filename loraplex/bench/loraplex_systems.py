@@ -56,7 +56,8 @@ def adapter_rank(adapter_dir: Path) -> int:
 
 def engine_config(model_dir: Path, adapters: list[Path], dtype: str, *, max_batch_size: int,
                   max_loras: int, max_cpu_loras: int | None, max_model_len: int | None,
-                  kv_cache_bytes: int | None, lora_dtype: str = "auto") -> EngineConfig:
+                  kv_cache_bytes: int | None, lora_dtype: str = "auto",
+                  max_lora_pages: int | None = None) -> EngineConfig:
     """The engine's settings for a benchmark: slots as wide as the widest adapter, every adapter
     in the host cache unless max_cpu_loras says otherwise, and (when max_model_len is known) a
     KV cache that holds max_batch_size full sequences, so nothing is preempted for lack of it."""
@@ -73,7 +74,7 @@ def engine_config(model_dir: Path, adapters: list[Path], dtype: str, *, max_batc
         max_cpu_loras=max_cpu_loras or max(max_loras, len(adapters)),
         max_lora_rank=max((adapter_rank(a) for a in adapters), default=DEFAULT_RANK),
         max_num_seqs=max_batch_size, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
-        lora_dtype=lora_dtype,
+        lora_dtype=lora_dtype, max_lora_pages=max_lora_pages,
     )
 
 
@@ -111,6 +112,8 @@ class _Counters:
             "slot_activate_ms_p50": (1e3 * activations[len(activations) // 2]
                                      if activations else None),
             "slot_buffer_bytes": now["slot_buffer_bytes"],
+            "adapters_in_slots": len(now["adapters_in_slots"]),  # at the run's end
+            "slot_compactions": now["slot_compactions"] - self.start.get("slot_compactions", 0),
             **memory_stats(),
         })
         return result
@@ -150,15 +153,21 @@ class LoraplexEngineSystem:
         self.adapters: list[AdapterRequest] = []
         self.outputs: dict[int, list[int]] = {}  # request index -> generated ids (last run)
 
-    def setup(self, model_dir: Path, adapters: list[Path], *, dtype: str) -> None:
-        used = adapters if self.use_adapters else []
+    def engine_config(self, model_dir: Path, used: list[Path], dtype: str) -> EngineConfig:
         max_loras, max_cpu_loras = self.max_loras, self.max_cpu_loras
         if max_loras is None:
             max_loras, max_cpu_loras = max(1, len(used)), max_cpu_loras or RESIDENT_HOST_CACHE
-        self.engine = LLMEngine(engine_config(
+        return engine_config(
             model_dir, used, dtype, max_batch_size=self.max_batch_size, max_loras=max_loras,
             max_cpu_loras=max_cpu_loras, max_model_len=self.max_model_len,
-            kv_cache_bytes=self.kv_cache_bytes, lora_dtype=self.lora_dtype))
+            kv_cache_bytes=self.kv_cache_bytes, lora_dtype=self.lora_dtype)
+
+    def make_engine(self, config: EngineConfig) -> LLMEngine:
+        return LLMEngine(config)
+
+    def setup(self, model_dir: Path, adapters: list[Path], *, dtype: str) -> None:
+        used = adapters if self.use_adapters else []
+        self.engine = self.make_engine(self.engine_config(model_dir, used, dtype))
         self.adapters = [AdapterRequest(i, str(Path(p).resolve())) for i, p in enumerate(used)]
         for adapter in self.adapters:  # into the host cache, and into a slot while one is free
             self.engine.prewarm(adapter)

@@ -27,6 +27,7 @@ from loraplex.bench.loraplex_systems import (
     LoraplexHTTPSystem,
 )
 from loraplex.bench.metrics import summarize
+from loraplex.bench.rank_mix import PagedSlotsSystem, RankMaxSlotsSystem
 from loraplex.bench.system import System
 from loraplex.bench.workload import WorkloadSpec, make_workload
 from loraplex.lora.modules import TARGET_MODULES
@@ -73,6 +74,12 @@ SYSTEMS: dict[str, Callable[[SystemOptions], System]] = {
     "loraplex-resident": lambda o: LoraplexEngineSystem(max_batch_size=o.max_batch_size,
                                                         max_model_len=o.max_model_len,
                                                         max_loras=None),
+    "loraplex-rank-max": lambda o: RankMaxSlotsSystem(max_batch_size=o.max_batch_size,
+                                                      max_model_len=o.max_model_len,
+                                                      max_cpu_loras=o.max_cpu_loras),
+    "loraplex-paged": lambda o: PagedSlotsSystem(max_batch_size=o.max_batch_size,
+                                                 max_model_len=o.max_model_len,
+                                                 max_cpu_loras=o.max_cpu_loras),
     "loraplex-base": lambda o: LoraplexEngineSystem(max_batch_size=o.max_batch_size,
                                                     max_model_len=o.max_model_len,
                                                     use_adapters=False),
@@ -145,7 +152,7 @@ def run_benchmark(
     repeats: int = 3,
     dtype: str = "float32",
     out_dir: Path | None = None,
-    rank: int = 16,
+    rank: int | Sequence[int] = 16,
     targets: Sequence[str] = TARGET_MODULES,
     log: Callable[[str], None] = lambda line: None,
     isolate: bool = False,
@@ -154,7 +161,8 @@ def run_benchmark(
     """Run every system on every workload `repeats` times; returns the results (see report.py
     for their shape) and, when `out_dir` is given, writes the report files there. With
     `isolate`, each system runs in a process of its own (see isolated.py). `max_cpu_loras`
-    bounds loraplex's host cache (default: every adapter stays loaded)."""
+    bounds loraplex's host cache (default: every adapter stays loaded). `rank`: the adapters',
+    or a mix: adapter i has rank[i % len(rank)], so every popularity has every rank."""
     from loraplex.model.loader import read_config
     from loraplex.model.pull import resolve_model
 
@@ -164,7 +172,8 @@ def run_benchmark(
         raise BenchError("no workload given")
     if repeats < 1:
         raise BenchError(f"repeats must be at least 1, got {repeats}")
-    if rank < 1:
+    ranks = [rank] if isinstance(rank, int) else list(rank)
+    if not ranks or min(ranks) < 1:
         raise BenchError(f"rank must be at least 1, got {rank}")
     if max_cpu_loras is not None and max_cpu_loras < 1:
         raise BenchError(f"max_cpu_loras must be at least 1, got {max_cpu_loras}")
@@ -185,7 +194,8 @@ def run_benchmark(
         max_cpu_loras=max_cpu_loras)
     num_adapters = max(s.num_adapters for s in specs)
     results = {
-        "model": model, "dtype": dtype, "repeats": repeats, "rank": rank,
+        "model": model, "dtype": dtype, "repeats": repeats,
+        "rank": ranks[0] if len(ranks) == 1 else ranks,
         "targets": list(targets), "machine": machine_info(dtype), "isolated": isolate,
         "max_cpu_loras": max_cpu_loras,
         "systems": [],
@@ -200,7 +210,8 @@ def run_benchmark(
         # Stored in the run's precision (what a trained adapter would be saved in): 1,000
         # rank-16 all-module adapters are 9.8 GB in bf16, twice that in float32.
         try:
-            adapters = [write_random_adapter(Path(tmp) / f"adapter-{i}", config, rank,
+            adapters = [write_random_adapter(Path(tmp) / f"adapter-{i}", config,
+                                             ranks[i % len(ranks)],
                                              tuple(targets), seed=specs[0].seed * 100_003 + i,
                                              dtype=DTYPES[dtype])
                         for i in range(num_adapters)]

@@ -1,9 +1,11 @@
 """Moves adapters disk -> host cache (a background thread) -> device slot, and keeps score.
 
 The scheduler asks three questions per waiting request: is its adapter loaded yet (`poll`), which
-slot holds it (`slot_of`), and can it get one (`acquire_slot`). A slot is only ever recycled when
-no running sequence uses its adapter; a request that finds no such slot reserves the least
-recently used one, which then admits nobody new until it drains, so no request starves.
+slot holds it (`slot_of`), and can it get one (`acquire_slot`). A slot takes the pages of its
+adapter's rank (lora/pages.py), so making room may take emptying several least recently used
+slots. A slot is only ever emptied when no running sequence uses its adapter; a request whose
+room is busy reserves those slots, which then admit nobody new until they drain, so no request
+starves.
 """
 
 import time
@@ -15,6 +17,7 @@ import torch
 
 from loraplex.engine.sequence import AdapterRequest
 from loraplex.lora.adapter import AdapterError, LoRAWeights, load_adapter
+from loraplex.lora.pages import DEFAULT_PAGE_RANK
 from loraplex.lora.slots import AdapterSlots, HostCache
 from loraplex.model.llama import LlamaModel
 
@@ -30,12 +33,14 @@ class AdapterStats:
 
 class AdapterManager:
     def __init__(self, model: LlamaModel, max_loras: int, max_rank: int, max_cpu_loras: int,
-                 cache_dir: Path | None = None, int8: bool = False):
+                 cache_dir: Path | None = None, int8: bool = False, num_pages: int | None = None,
+                 page_rank: int = DEFAULT_PAGE_RANK):
         self.config = model.config
         self.cache_dir = cache_dir  # where loaded adapters are kept ready to serve, if anywhere
         self.dtype = model.embed_tokens.weight.dtype
         self.max_rank = max_rank
-        self.slots = AdapterSlots(model, max_loras, max_rank, int8=int8)
+        self.slots = AdapterSlots(model, max_loras, max_rank, int8=int8, num_pages=num_pages,
+                                  page_rank=page_rank)
         self.host = HostCache(max_cpu_loras)
         self.stats = AdapterStats()
         self.slot_adapter: list[int | None] = [None] * max_loras  # slot -> adapter id
@@ -132,39 +137,59 @@ class AdapterManager:
     def acquire_slot(
         self, adapter_id: int, in_use: set[int], step: int, may_reserve: bool = True
     ) -> int | None:
-        """Activate a loaded adapter into a free or drained slot; if every candidate is busy,
-        reserve the least recently used one (unless may_reserve is False) and return None."""
+        """Activate a loaded adapter into a slot, in pages of its rank: an empty slot and free
+        pages, else those of the least recently used slots, emptied. If one of those is busy,
+        reserve them all (unless may_reserve is False) and return None."""
         slot = self.slot_of(adapter_id)
         if slot is not None:
             if self.can_admit(adapter_id) is None:
                 return None  # its slot drains for another adapter; it is re-activated later
             self.stats.slot_hits += 1
             return slot
-        mine = [s for s, a in self.reserved.items() if a == adapter_id]
-        if mine:
-            candidates = mine
-        else:
-            candidates = [
-                s for s in range(len(self.slot_adapter))
-                if s not in self.reserved and self.slot_adapter[s] not in self.pinned
-            ]
-            if not candidates:
-                return None
-            candidates = [min(candidates, key=lambda s: (self.slot_adapter[s] is not None,
-                                                          self.slot_last_used[s]))]
-        slot = candidates[0]
-        if self.slot_adapter[slot] in in_use:
-            if may_reserve:
-                self.reserved[slot] = adapter_id  # drain: admit nobody new for the old adapter
+        weights = self.host.get(adapter_id)
+        victims = self._victims(adapter_id, self.slots.pages_for(weights.rank))
+        for s, waiting in list(self.reserved.items()):  # renewed to exactly the victims
+            if waiting == adapter_id and s not in (victims or ()):
+                del self.reserved[s]
+        if victims is None:
             return None
-        self.reserved.pop(slot, None)
+        if any(self.slot_adapter[s] in in_use for s in victims):
+            if may_reserve:  # drain: admit nobody new for their adapters
+                self.reserved.update(dict.fromkeys(victims, adapter_id))
+            return None
         start = time.perf_counter()
-        self.slots.activate(slot, self.host.get(adapter_id))
+        for s in victims:
+            self.reserved.pop(s, None)
+            self.slots.deactivate(s)
+            self.slot_adapter[s] = None
+        slot = victims[0]
+        self.slots.activate(slot, weights)
         self.stats.activate_seconds.append(time.perf_counter() - start)
         self.stats.slot_misses += 1
         self.slot_adapter[slot] = adapter_id
         self.slot_last_used[slot] = step
         return slot
+
+    def _victims(self, adapter_id: int, num_pages: int) -> list[int] | None:
+        """The slots to empty for an adapter of num_pages pages, the one it will take first:
+        an empty slot if any, then those reserved for it, then the least recently used, until
+        the free pages suffice; None when every unpinned slot not reserved for another adapter
+        would not make room."""
+        def order(s: int) -> tuple:
+            return (self.slot_adapter[s] is not None, self.reserved.get(s) != adapter_id,
+                    self.slot_last_used[s])
+
+        candidates = sorted((s for s in range(len(self.slot_adapter))
+                             if self.reserved.get(s, adapter_id) == adapter_id
+                             and self.slot_adapter[s] not in self.pinned), key=order)
+        chosen, free = [], self.slots.pages.num_free
+        for s in candidates:
+            if chosen and free >= num_pages:
+                break
+            if not chosen or self.slot_adapter[s] is not None:  # an empty one adds no pages
+                chosen.append(s)
+                free += self.slots.num_pages_of(s)
+        return chosen if chosen and free >= num_pages else None
 
     def release_reservations(self, waiting_ids: set[int]) -> None:
         """Drop reservations whose requests left the queue (aborted or failed)."""
@@ -177,16 +202,34 @@ class AdapterManager:
 
     # -- pre-warm and pin -----------------------------------------------------------------------
     def pin(self, adapter_id: int) -> None:
-        if len(self.pinned | {adapter_id}) >= len(self.slot_adapter):
+        pinned = self.pinned | {adapter_id}
+        if len(pinned) >= len(self.slot_adapter):
             raise ValueError(
                 f"cannot pin more than {len(self.slot_adapter) - 1} adapters with max_loras="
                 f"{len(self.slot_adapter)}: one slot must stay free for everyone else"
+            )
+        num_pages = sum(self._num_pages(a) for a in pinned)
+        room = self.slots.pages.num_pages - self.slots.pages_for(self.max_rank)
+        if num_pages > room:
+            raise ValueError(
+                f"cannot pin adapter {adapter_id}: the pinned adapters would take {num_pages} of "
+                f"{self.slots.pages.num_pages} slot pages, and an adapter of max_lora_rank="
+                f"{self.max_rank} needs {self.slots.pages_for(self.max_rank)} to stay free for "
+                "everyone else"
             )
         self.pinned.add(adapter_id)
         # Its slot may be draining for another adapter: cancel that, or the pin would not hold.
         self.reserved.pop(self.slot_of(adapter_id), None)
         if adapter_id in self.host:
             self.host.pinned.add(adapter_id)
+
+    def _num_pages(self, adapter_id: int) -> int:
+        """Pages an adapter takes: its slot's, else by its rank if loaded, else the most."""
+        slot = self.slot_of(adapter_id)
+        if slot is not None:
+            return self.slots.num_pages_of(slot)
+        weights = self.host.get(adapter_id)
+        return self.slots.pages_for(weights.rank if weights else self.max_rank)
 
     def unpin(self, adapter_id: int) -> None:
         self.pinned.discard(adapter_id)
@@ -225,4 +268,7 @@ class AdapterManager:
             "slot_misses": self.stats.slot_misses,
             "host_misses": self.stats.host_misses,
             "slot_buffer_bytes": self.slots.num_bytes(),
+            "slot_pages": self.slots.pages.num_pages,
+            "slot_pages_free": self.slots.pages.num_free,
+            "slot_compactions": self.slots.num_compactions,
         }

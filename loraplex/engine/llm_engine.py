@@ -77,7 +77,8 @@ class LLMEngine:
         self.adapters = AdapterManager(
             self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
             cache_dir=adapter_cache_dir() if config.adapter_cache else None,
-            int8=config.lora_dtype == "int8",
+            int8=config.lora_dtype == "int8", num_pages=config.num_lora_pages,
+            page_rank=config.lora_page_rank,
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.blocks, self.adapters)
@@ -224,7 +225,7 @@ class LLMEngine:
             if self.scheduler.has_unfinished():
                 self.adapters.wait_for_loads(timeout=0.05)  # nothing runnable until a load lands
             return [self._output(s) for s in changed]
-        logits, outputs = self.runner.execute(batch)
+        logits, outputs = self.runner.execute(batch, self.adapters.slots.places)
         if not outputs:  # every sequence was mid-prefill: nothing to sample yet
             return [self._output(s) for s in changed]
         sampled = sample(logits, [item.seq for item in outputs], self.generator)

@@ -39,12 +39,13 @@ class ModelRunner:
         itemsize = torch.tensor([], dtype=config.torch_dtype).element_size()
         return 2 * mc.num_layers * config.block_size * mc.num_kv_heads * mc.head_dim * itemsize
 
-    def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-        """Run one step. Returns logits [num_outputs, vocab] and the sequences they belong to:
-        those whose step reached the end of their known tokens (the others are mid-prefill)."""
+    def execute(self, batch: list[ScheduledSeq], slot_places: list[tuple[int, int]]
+                ) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        """Run one step, the adapter slots' rows at `slot_places` (AdapterSlots.places). Returns
+        logits [num_outputs, vocab] and the sequences they belong to: those whose step reached
+        the end of their known tokens (the others are mid-prefill)."""
         # Decode rows (one new token) first, so attention batches them; prefill chunks after.
-        # Decode rows with an adapter lead, by slot: with one sequence per slot, the LoRA op's
-        # pieces (no CPU kernel) then read and write in place (AdapterBatch.pieces_are_tokens).
+        # Decode rows with an adapter lead, by slot (the LoRA op's pieces and kernel groups).
         batch = sorted(batch, key=lambda s: (s.num_tokens != 1, s.seq.slot < 0, s.seq.slot))
         input_ids, positions, slot_mapping, token_slots = [], [], [], []
         logits_indices, outputs = [], []
@@ -94,7 +95,7 @@ class ModelRunner:
             prefills=tuple(prefills),
             decode_lens=lens,
         )
-        adapters = AdapterBatch.build(token_slots, self.device, self.use_lora_kernel)
+        adapters = AdapterBatch.build(token_slots, slot_places, self.device, self.use_lora_kernel)
         logits = self.model(
             as_tensor(input_ids), as_tensor(positions), self.kv_caches, attn, adapters,
             as_tensor(logits_indices),

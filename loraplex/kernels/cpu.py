@@ -64,46 +64,52 @@ def add_lora_segments(
     lora_a: torch.Tensor,
     lora_b: tuple[torch.Tensor, ...],
     segments: torch.Tensor,
+    places: torch.Tensor,
     lora_scales: torch.Tensor | None = None,
 ) -> None:
     """y[t] += the LoRA delta of slot s for every token t in [start, end) of each (s, start,
-    end) in segments, in place (lora/ops.py add_lora's Semantics).
+    end) in segments, reading only slot s's own rows (o, r) = places[s], in place (lora/ops.py
+    add_lora's Semantics).
 
-    Shapes: x [num_tokens, in], y [num_tokens, sum out_i], lora_a [max_loras, n * r, in],
-    lora_b n x [max_loras, r, out_i], segments [m, 3] int64; with int8 lora_a and lora_b,
-    lora_scales [max_loras, n * r] float32.
+    Shapes: x [num_tokens, in], y [num_tokens, sum out_i], lora_a [n * R, in], lora_b n x [R,
+    out_i], segments [m, 3] int64, places [num_slots, 2] int64 (first B row, rank); with int8
+    lora_a and lora_b, lora_scales [n * R] float32.
     """
     if _library() is None:
         raise KernelError("add_lora_segments: the CPU kernel is not available")
-    num_slots, nr, in_features = lora_a.shape
-    dtype, num_modules = x.dtype, len(lora_b)
+    num_modules, dtype = len(lora_b), x.dtype
+    num_rows = lora_b[0].shape[0] if lora_b else 0
+    in_features = lora_a.shape[-1]
     weight_dtype = torch.int8 if lora_scales is not None else dtype
-    rank = nr // num_modules
     matrices, outs = [0, 0, 0], [0, 0, 0]  # up to 3 modules (FUSED_LINEARS)
-    ok = (num_modules <= 3 and lora_a.dtype == weight_dtype and y.dtype == dtype
+    ok = (1 <= num_modules <= 3 and lora_a.dim() == 2 and lora_a.dtype == weight_dtype
+          and lora_a.shape[0] == num_modules * num_rows and y.dtype == dtype
           and x.stride(-1) == 1 and y.stride(-1) == 1 and x.shape[-1] == in_features
           and y.shape[0] == x.shape[0] and lora_a.is_contiguous()
           and segments.dtype == torch.int64 and segments.is_contiguous()
-          and segments.dim() == 2 and segments.shape[1] == 3)
+          and segments.dim() == 2 and segments.shape[1] == 3
+          and places.dtype == torch.int64 and places.is_contiguous() and places.dim() == 2
+          and places.shape[1] == 2)
     if ok and lora_scales is not None:
         ok = (lora_scales.dtype == torch.float32 and lora_scales.is_contiguous()
-              and lora_scales.shape == (num_slots, nr))
+              and lora_scales.shape == (num_modules * num_rows,))
     for i, b in enumerate(lora_b if ok else ()):
-        ok = (b.dtype == weight_dtype and b.is_contiguous() and b.shape[0] == num_slots
-              and b.shape[1] == rank)
+        ok = (b.dtype == weight_dtype and b.is_contiguous() and b.dim() == 2
+              and b.shape[0] == num_rows)
         if not ok:
             break
-        matrices[i], outs[i] = b.data_ptr(), b.shape[2]
+        matrices[i], outs[i] = b.data_ptr(), b.shape[1]
     if not ok or y.shape[-1] != sum(outs):
         raise KernelError("add_lora_segments: tensors of unexpected dtype, shape or layout")
     kernel = "add_lora" if lora_scales is None else "add_lora_int8"
     status = _ENTRY_POINTS[kernel, dtype](
-        segments.shape[0], segments.data_ptr(), x.shape[0], num_slots, x.data_ptr(), x.stride(0),
-        in_features, lora_a.data_ptr(), 0 if lora_scales is None else lora_scales.data_ptr(),
-        rank, num_modules, *matrices, *outs, y.data_ptr(), y.stride(0), torch.get_num_threads(),
+        segments.shape[0], segments.data_ptr(), x.shape[0], places.shape[0], places.data_ptr(),
+        num_rows, x.data_ptr(), x.stride(0), in_features, lora_a.data_ptr(),
+        0 if lora_scales is None else lora_scales.data_ptr(), num_modules, *matrices, *outs,
+        y.data_ptr(), y.stride(0), torch.get_num_threads(),
     )
     if status != 0:
-        raise KernelError("add_lora_segments: a segment's slot or tokens are out of range")
+        raise KernelError("add_lora_segments: a segment's slot, tokens or rows are out of range")
 
 
 def quantize_rows(src: torch.Tensor, dst: torch.Tensor, steps: torch.Tensor) -> None:
@@ -187,9 +193,10 @@ def _library() -> ctypes.CDLL | None:
             entry = getattr(library, name)
             entry.restype = ctypes.c_int
             entry.argtypes = [
-                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # segments
+                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,  # segments, tokens
+                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,  # places, rows
                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # x
-                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # A, scales
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # A, scales, modules
                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # Bt of each module
                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # out of each module
                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,  # y, threads

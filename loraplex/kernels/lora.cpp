@@ -1,11 +1,13 @@
 // loraplex's CPU kernel: the mixed-adapter LoRA op (lora/ops.py, add_lora).
 //
-// Semantics, for each segment (s, start, end) and each token t in [start, end) of it:
-//     h = A[s] @ x[t]                                   n * r values, float32 sums
-//     y[t, columns of module i] += h[i*r:(i+1)*r] @ Bt_i[s]
-// A [num_slots, n * r, in] and Bt_i [num_slots, r, out_i] (B transposed) contiguous; x and y
-// rows at the given strides; y's module columns side by side in module order. With int8
-// weights (lora/quantize.py) h[k] is also multiplied by scales[s, k].
+// Semantics, for each segment (s, start, end) and each token t in [start, end) of it, with
+// (o, r) = places[s] (slot s's first row of Bt and its rank, lora/slots.py):
+//     h = A[n*o : n*o + n*r] @ x[t]                     n * r values, float32 sums
+//     y[t, columns of module i] += h[i*r:(i+1)*r] @ Bt_i[o : o + r]
+// A [n * R, in] and Bt_i [R, out_i] (B transposed) contiguous, R rows in all (the page pool);
+// x and y rows at the given strides; y's module columns side by side in module order. With
+// int8 weights (lora/quantize.py) h[k] is also multiplied by scales[n*o + k]. Each slot has its
+// own rank, so a token reads its adapter's r rows only, never a padding to the largest rank.
 //
 // Why our own loops: a decoding token reads its own adapter's matrices once, so that work is
 // bound by memory traffic, and PyTorch's batched small matmuls move ~8 GB/s here. A prefill
@@ -42,6 +44,8 @@ constexpr int64_t kMaxPairs = 128;    // rows of Bt the bf16 expand takes, in pa
 
 struct Group {
   int64_t slot, first, count;  // tokens first .. first + count - 1, all on slot
+  int64_t rank;                // the slot's
+  int64_t a_row, b_row;        // its first row of A and of each Bt in the weights read
 };
 
 struct Block {
@@ -510,38 +514,40 @@ void expand_rows(const W *bt, int64_t rank, int64_t out, const float *hr, int64_
 // this machine streams), and the group needs no barrier between its shrink and its expand.
 // Int8 Bt is read in 64-column strips over all its rows instead (expand_strips_int8), where
 // that path exists: its sums stay in registers.
+// h holds the group's tokens' sums h_stride apart; the next group's rows may be of another
+// rank, so its prefetch covers the places of this group's rows (those it shares).
 template <int N, typename T, typename W>
-void decode_group(int64_t slot, int64_t next_slot, const Inputs<T> &in, int64_t in_features,
-                  const W *a, const float *scales, int64_t rank, int64_t num_modules,
-                  const W *const *b, const int64_t *outs, float *h, T *y, int64_t y_stride) {
-  const int64_t nr = num_modules * rank;
+void decode_group(const Group &group, const Group &next, const Inputs<T> &in,
+                  int64_t in_features, const W *a, const float *scales, int64_t num_modules,
+                  const W *const *b, const int64_t *outs, float *h, int64_t h_stride, T *y,
+                  int64_t y_stride) {
+  const int64_t rank = group.rank, nr = num_modules * rank;
   constexpr int R = ways_for(N);
-  const W *rows = a + slot * nr * in_features;
-  const float *row_scales = scales ? scales + slot * nr : nullptr;
-  const int64_t ahead = (next_slot - slot) * nr * in_features;
+  const W *rows = a + group.a_row * in_features;
+  const float *row_scales = scales ? scales + group.a_row : nullptr;
+  const int64_t ahead = (next.a_row - group.a_row) * in_features;
   int64_t j = 0;
   for (; j + R <= nr; j += R) {
-    shrink_rows<N, R>(rows + j * in_features, in, in_features, h + j, nr, ahead,
+    shrink_rows<N, R>(rows + j * in_features, in, in_features, h + j, h_stride, ahead,
                       row_scales ? row_scales + j : nullptr);
   }
   for (; j < nr; j++) {
-    shrink_rows<N, 1>(rows + j * in_features, in, in_features, h + j, nr, ahead,
+    shrink_rows<N, 1>(rows + j * in_features, in, in_features, h + j, h_stride, ahead,
                       row_scales ? row_scales + j : nullptr);
   }
   for (int64_t i = 0, column = 0; i < num_modules; column += outs[i], i++) {
-    const int64_t size = rank * outs[i];  // of one slot's Bt
-    const W *bt = b[i] + slot * size;
-    const int64_t bt_ahead = (next_slot - slot) * size;
+    const W *bt = b[i] + group.b_row * outs[i];
+    const int64_t bt_ahead = (next.b_row - group.b_row) * outs[i];
     int64_t done = 0;  // columns expand_strips_int8 took
     if constexpr (kQuantizesInputs<W>) {
 #if defined(__AVX512VNNI__)
-      done = expand_strips_int8<N>(bt, rank, outs[i], h + i * rank, nr, y + column, y_stride,
-                                   bt_ahead);
+      done = expand_strips_int8<N>(bt, rank, outs[i], h + i * rank, h_stride, y + column,
+                                   y_stride, bt_ahead);
 #endif
     }
     if (done < outs[i]) {
-      expand_rows<N>(bt + done, rank, outs[i], h + i * rank, nr, y + column + done, y_stride,
-                     bt_ahead, outs[i] - done);
+      expand_rows<N>(bt + done, rank, outs[i], h + i * rank, h_stride, y + column + done,
+                     y_stride, bt_ahead, outs[i] - done);
     }
   }
 }
@@ -560,29 +566,36 @@ void prefetch_lines(const T *start, int64_t count) {
 // (int8 values are exact in bf16). Each group's slot is renumbered to its place in the copy.
 // Against int16 inputs their shrink would cost an input conversion per token comparable to the
 // rank-16 shrink itself; in T they take the bf16 dot products of the other prefill groups.
+// Copied slot u's rows start at row u * n * max_rank of the copy's A and u * max_rank of its Bt.
 template <typename T>
 struct SlotCopy {
-  std::vector<int64_t> slots;  // place in the copy -> slot
-  std::unique_ptr<T[]> a;      // [copied slots, n * r, in]
-  std::unique_ptr<T[]> b[3];   // [copied slots, r, out_i]
+  std::vector<Group> slots;   // place in the copy -> a group of that slot (its rank and rows)
+  int64_t max_rank = 0;       // of the copied slots
+  std::unique_ptr<T[]> a;     // [copied slots, n * max_rank, in]
+  std::unique_ptr<T[]> b[3];  // [copied slots, max_rank, out_i]
 };
 
 template <typename T>
-SlotCopy<T> plan_slot_copy(std::vector<Group> &groups, int64_t num_slots, int64_t nr,
-                           int64_t in_features, int64_t rank, int64_t num_modules,
-                           const int64_t *outs) {
+SlotCopy<T> plan_slot_copy(std::vector<Group> &groups, int64_t num_slots, int64_t in_features,
+                           int64_t num_modules, const int64_t *outs) {
   SlotCopy<T> copy;
   std::vector<int64_t> place(num_slots, -1);
-  for (Group &group : groups) {
+  for (const Group &group : groups) {
     if (place[group.slot] < 0) {
       place[group.slot] = static_cast<int64_t>(copy.slots.size());
-      copy.slots.push_back(group.slot);
+      copy.slots.push_back(group);
+      copy.max_rank = std::max(copy.max_rank, group.rank);
     }
-    group.slot = place[group.slot];
+  }
+  for (Group &group : groups) {
+    group.a_row = place[group.slot] * num_modules * copy.max_rank;
+    group.b_row = place[group.slot] * copy.max_rank;
   }
   const int64_t copied = static_cast<int64_t>(copy.slots.size());
-  copy.a.reset(new T[copied * nr * in_features]);
-  for (int64_t i = 0; i < num_modules; i++) copy.b[i].reset(new T[copied * rank * outs[i]]);
+  copy.a.reset(new T[copied * num_modules * copy.max_rank * in_features]);
+  for (int64_t i = 0; i < num_modules; i++) {
+    copy.b[i].reset(new T[copied * copy.max_rank * outs[i]]);
+  }
   return copy;
 }
 
@@ -594,46 +607,52 @@ void dequantize_row(const int8_t *row, float scale, int64_t count, T *target) {
 }
 
 // T: the inputs' and outputs' type; W: the adapter weights', T or int8 (then with scales, one per
-// row of A: [num_slots, n * r], the product of that row's scale and its Bt row's).
+// row of A: [n * R], the product of that row's scale and its Bt row's).
 template <typename T, typename W>
 int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
-             int64_t num_slots, const T *x, int64_t x_stride, int64_t in_features, const W *a,
-             const float *scales, int64_t rank, int64_t num_modules, const W *const *b,
-             const int64_t *outs, T *y, int64_t y_stride, int num_threads) {
+             int64_t num_slots, const int64_t *places, int64_t num_rows, const T *x,
+             int64_t x_stride, int64_t in_features, const W *a, const float *scales,
+             int64_t num_modules, const W *const *b, const int64_t *outs, T *y,
+             int64_t y_stride, int num_threads) {
   constexpr bool kInt8 = std::is_same_v<W, int8_t>;
   // Decoding groups (a few tokens) each go whole to one thread when there are enough of them to
   // keep every thread busy; the rest (prefill) are split into row chunks (shrink) and column
   // blocks (expand) across the threads. Int8 decoding groups always go whole: the split work
   // would copy their weights first.
   std::vector<Group> decoding, groups;
+  int64_t max_rank = 0;  // of the slots in use: h's width per token is n * max_rank
   for (int64_t k = 0; k < num_segments; k++) {
     const int64_t slot = segments[3 * k], start = segments[3 * k + 1], end = segments[3 * k + 2];
     if (slot < 0 || slot >= num_slots || start < 0 || end > num_tokens || start >= end) {
       return 1;
     }
+    const int64_t row = places[2 * slot], rank = places[2 * slot + 1];
+    if (row < 0 || rank < 1 || rank > num_rows - row) return 1;
+    max_rank = std::max(max_rank, rank);
     for (int64_t first = start; first < end; first += kGroup) {
       const int64_t count = std::min<int64_t>(kGroup, end - first);
-      (count <= kDecodeTokens ? decoding : groups).push_back({slot, first, count});
+      (count <= kDecodeTokens ? decoding : groups)
+          .push_back({slot, first, count, rank, num_modules * row, row});
     }
   }
   if (!kInt8 && static_cast<int64_t>(decoding.size()) < num_threads) {
     groups.insert(groups.end(), decoding.begin(), decoding.end());
     decoding.clear();
   }
-  const int64_t nr = num_modules * rank;
+  const int64_t h_stride = num_modules * max_rank;
   std::vector<Block> blocks;
   for (int64_t i = 0, column = 0; i < num_modules; column += outs[i], i++) {
     for (int64_t first = 0; first < outs[i]; first += kBlock) {
       blocks.push_back({i, column, first, std::min(first + kBlock, outs[i])});
     }
   }
-  // The weights the split work reads: the slots themselves, or their copy in T.
+  // The weights the split work reads: the slots' rows themselves, or their copy in T.
   const T *split_a = nullptr;
   const T *split_b[3] = {};
   SlotCopy<T> copy;
   if constexpr (kInt8) {
     if (!groups.empty()) {
-      copy = plan_slot_copy<T>(groups, num_slots, nr, in_features, rank, num_modules, outs);
+      copy = plan_slot_copy<T>(groups, num_slots, in_features, num_modules, outs);
       split_a = copy.a.get();
       for (int64_t i = 0; i < num_modules; i++) split_b[i] = copy.b[i].get();
     }
@@ -646,7 +665,7 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
   const int64_t num_groups = static_cast<int64_t>(groups.size());
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
   // Scratch, uninitialised: only the listed tokens' rows are written and read.
-  std::unique_ptr<float[]> h(new float[num_tokens * nr]);  // [num_tokens, n * r]
+  std::unique_ptr<float[]> h(new float[num_tokens * h_stride]);  // [num_tokens, n * max_rank]
   // Copies of the inputs: float32 [num_tokens, in] of every token where the shrink of T or W
   // weights widens them; int16 [num_tokens, in] and their scales [num_tokens] of the decoding
   // tokens where kQuantizesInputs.
@@ -686,16 +705,19 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
       }
     }
     if constexpr (kInt8) {
+      const int64_t copy_rows = num_modules * copy.max_rank;  // of each copied slot
 #pragma omp for collapse(2) schedule(static)
       for (int64_t u = 0; u < num_copied; u++) {
-        for (int64_t k = 0; k < nr; k++) {
-          const int64_t slot = copy.slots[u];
-          dequantize_row(a + (slot * nr + k) * in_features, scales[slot * nr + k], in_features,
-                         copy.a.get() + (u * nr + k) * in_features);
-          if (k < rank) {  // Bt row k of each module
+        for (int64_t k = 0; k < copy_rows; k++) {
+          const Group &source = copy.slots[u];  // its a_row, b_row: the slot's own rows
+          if (k >= num_modules * source.rank) continue;
+          const int64_t row = source.a_row + k;
+          dequantize_row(a + row * in_features, scales[row], in_features,
+                         copy.a.get() + (u * copy_rows + k) * in_features);
+          if (k < source.rank) {  // Bt row k of each module
             for (int64_t m = 0; m < num_modules; m++) {
-              dequantize_row(b[m] + (slot * rank + k) * outs[m], 1.f, outs[m],
-                             copy.b[m].get() + (u * rank + k) * outs[m]);
+              dequantize_row(b[m] + (source.b_row + k) * outs[m], 1.f, outs[m],
+                             copy.b[m].get() + (u * copy.max_rank + k) * outs[m]);
             }
           }
         }
@@ -708,20 +730,20 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
     const int64_t begin = std::min(num_decoding, thread * share);
     const int64_t finish = std::min(num_decoding, begin + share);
     if (begin < finish) {
-      const int64_t slot = decoding[begin].slot;
-      prefetch_lines(a + slot * nr * in_features, nr * in_features);
+      const Group &group = decoding[begin];
+      prefetch_lines(a + group.a_row * in_features, num_modules * group.rank * in_features);
       for (int64_t i = 0; i < num_modules; i++) {
-        prefetch_lines(b[i] + slot * rank * outs[i], rank * outs[i]);
+        prefetch_lines(b[i] + group.b_row * outs[i], group.rank * outs[i]);
       }
     }
     for (int64_t d = begin; d < finish; d++) {
       const Group &group = decoding[d];
-      const int64_t next_slot = d + 1 < finish ? decoding[d + 1].slot : group.slot;
+      const Group &next = d + 1 < finish ? decoding[d + 1] : group;
       auto run = [&](auto n) {
-        decode_group<decltype(n)::value>(
-            group.slot, next_slot, inputs(group.first), in_features, a, scales, rank,
-            num_modules, b, outs, h.get() + group.first * nr, y + group.first * y_stride,
-            y_stride);
+        decode_group<decltype(n)::value>(group, next, inputs(group.first), in_features, a,
+                                         scales, num_modules, b, outs,
+                                         h.get() + group.first * h_stride, h_stride,
+                                         y + group.first * y_stride, y_stride);
       };
       if (group.count == 1) {
         run(std::integral_constant<int, 1>{});
@@ -729,25 +751,28 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
         run(std::integral_constant<int, kDecodeTokens>{});
       }
     }
-    // Shrink: kChains rows of A (fewer at the end) against the group's inputs.
+    // Shrink: kChains rows of A (fewer at the end) against the group's inputs; a group of a
+    // lower rank than the largest skips the chunks past its rows.
 #pragma omp for collapse(2) schedule(static)
     for (int64_t g = 0; g < num_groups; g++) {
-      for (int64_t first = 0; first < nr; first += kChains) {
+      for (int64_t first = 0; first < h_stride; first += kChains) {
         const Group &group = groups[g];
-        const T *rows = split_a + (group.slot * nr + first) * in_features;
+        const int64_t nr = num_modules * group.rank;
+        if (first >= nr) continue;
+        const T *rows = split_a + (group.a_row + first) * in_features;
         const Inputs<T> in = inputs(group.first);
-        float *sums = h.get() + group.first * nr + first;
+        float *sums = h.get() + group.first * h_stride + first;
         with_constant<kGroup>(group.count, [&](auto n) {
           constexpr int N = decltype(n)::value, R = ways_for(N);
           int64_t j = first;
           const int64_t end = std::min(first + kChains, nr);
           for (; j + R <= end; j += R) {  // prefetching the next R rows
             shrink_rows<N, R>(rows + (j - first) * in_features, in, in_features,
-                              sums + (j - first), nr, R * in_features, nullptr);
+                              sums + (j - first), h_stride, R * in_features, nullptr);
           }
           for (; j < end; j++) {
             shrink_rows<N, 1>(rows + (j - first) * in_features, in, in_features,
-                              sums + (j - first), nr, in_features, nullptr);
+                              sums + (j - first), h_stride, in_features, nullptr);
           }
         });
       }
@@ -759,12 +784,12 @@ int add_lora(int64_t num_segments, const int64_t *segments, int64_t num_tokens,
         const Group &group = groups[g];
         const Block &block = blocks[k];
         const int64_t out = outs[block.module];
-        const T *bt = split_b[block.module] + group.slot * rank * out;
-        const float *hr = h.get() + group.first * nr + block.module * rank;
+        const T *bt = split_b[block.module] + group.b_row * out;
+        const float *hr = h.get() + group.first * h_stride + block.module * group.rank;
         T *target = y + group.first * y_stride + block.column;
         with_constant<kGroup>(group.count, [&](auto n) {
-          expand_block<decltype(n)::value>(bt, rank, out, hr, nr, block.first, block.end,
-                                           target, y_stride);
+          expand_block<decltype(n)::value>(bt, group.rank, out, hr, h_stride, block.first,
+                                           block.end, target, y_stride);
         });
       }
     }
@@ -803,23 +828,24 @@ void quantize_rows(const T *src, int64_t outer, int64_t inner, int64_t cols, int
 }  // namespace
 
 // One entry point per (activation dtype, weight dtype). segments: [num_segments, 3] int64 (slot,
-// start, end); b0..b2 and out0..out2: the Bt and width of each of the num_modules (1 to 3)
-// modules; scales: [num_slots, n * r] float32 for int8 weights, else ignored. Returns 0, or 1
-// when a segment is out of range (nothing is written then).
+// start, end); places: [num_slots, 2] int64 (first Bt row, rank) of each slot, inside the
+// num_rows rows of each Bt; b0..b2 and out0..out2: the Bt and width of each of the num_modules
+// (1 to 3) modules; scales: [n * num_rows] float32 for int8 weights, else ignored. Returns 0, or
+// 1 when a segment or a slot's rows are out of range (nothing is written then).
 #define LORAPLEX_ENTRY(NAME, T, W)                                                             \
   extern "C" int NAME(int64_t num_segments, const int64_t *segments, int64_t num_tokens,       \
-                      int64_t num_slots, const void *x, int64_t x_stride, int64_t in_features, \
-                      const void *a, const float *scales, int64_t rank, int64_t num_modules,   \
-                      const void *b0, const void *b1, const void *b2, int64_t out0,            \
-                      int64_t out1, int64_t out2, void *y, int64_t y_stride,                   \
-                      int num_threads) {                                                       \
+                      int64_t num_slots, const int64_t *places, int64_t num_rows,              \
+                      const void *x, int64_t x_stride, int64_t in_features, const void *a,     \
+                      const float *scales, int64_t num_modules, const void *b0,                \
+                      const void *b1, const void *b2, int64_t out0, int64_t out1,              \
+                      int64_t out2, void *y, int64_t y_stride, int num_threads) {              \
     const W *b[3] = {static_cast<const W *>(b0), static_cast<const W *>(b1),                   \
                      static_cast<const W *>(b2)};                                              \
     const int64_t outs[3] = {out0, out1, out2};                                                \
     if (num_modules < 1 || num_modules > 3) return 1;                                          \
-    return add_lora<T, W>(num_segments, segments, num_tokens, num_slots,                      \
+    return add_lora<T, W>(num_segments, segments, num_tokens, num_slots, places, num_rows,    \
                           static_cast<const T *>(x), x_stride, in_features,                   \
-                          static_cast<const W *>(a), scales, rank, num_modules, b, outs,      \
+                          static_cast<const W *>(a), scales, num_modules, b, outs,            \
                           static_cast<T *>(y), y_stride, num_threads);                        \
   }
 

@@ -34,6 +34,8 @@ from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine, RequestError, RequestOutput
 from loraplex.engine.sequence import AdapterRequest, SequenceStatus
 from loraplex.lora.adapter import load_adapter
+from loraplex.lora.modules import FUSED_LINEARS
+from loraplex.lora.pages import pages_for
 from loraplex.sampling_params import SamplingParams
 from tests.conftest import make_peft_adapter, save_tiny_tokenizer, tiny_llama, tiny_llama_config
 
@@ -49,6 +51,10 @@ ADAPTERS = [  # (rank, alpha, targets)
 CORRUPT_ID = 99
 
 MAX_LORAS = 2
+# The state machine's engine: three slots but pages (of 8 rank rows) for three rank-8 adapters
+# only, so a rank-16 adapter may have to empty two slots (memory by rank, lora/pages.py), and
+# the slots' runs fragment and compact.
+MACHINE_LORAS, MACHINE_PAGES, PAGE_RANK = 3, 3, 8
 BLOCK_SIZE = 4
 NUM_BLOCKS = 14
 MAX_MODEL_LEN = 48  # a 40-token prompt can run into it: "length" by context, not max_tokens
@@ -81,12 +87,13 @@ def _assets() -> tuple[Path, list[AdapterRequest], AdapterRequest]:
     return model_dir, adapters, AdapterRequest(CORRUPT_ID, str(corrupt))
 
 
-def _config(model_dir: Path) -> EngineConfig:
+def _config(model_dir: Path, max_loras: int = MAX_LORAS,
+            max_lora_pages: int | None = None) -> EngineConfig:
     return EngineConfig(
-        model=str(model_dir), device="cpu", max_loras=MAX_LORAS, max_cpu_loras=3,
+        model=str(model_dir), device="cpu", max_loras=max_loras, max_cpu_loras=3,
         max_num_seqs=4, max_num_batched_tokens=16, block_size=BLOCK_SIZE,
-        max_model_len=MAX_MODEL_LEN, max_lora_rank=16,
-        kv_cache_bytes=NUM_BLOCKS * _kv_bytes_per_block(),
+        max_model_len=MAX_MODEL_LEN, max_lora_rank=16, max_lora_pages=max_lora_pages,
+        lora_page_rank=PAGE_RANK, kv_cache_bytes=NUM_BLOCKS * _kv_bytes_per_block(),
     )
 
 
@@ -164,9 +171,15 @@ def check_engine(engine: LLMEngine) -> None:
             continue
         assert adapters.slot_adapter[seq.slot] == seq.adapter_id, "an in-use adapter was evicted"
         (layer, name), lora_a = _fingerprint(engine, seq.adapter)
-        path, row = adapters.slots.place[name]
-        in_slot = adapters.slots.a[path][layer, seq.slot, row:row + lora_a.shape[0]]
+        path, index = adapters.slots.place[name]
+        row, rank = adapters.slots.places[seq.slot]
+        start = len(FUSED_LINEARS[path]) * row + index * rank  # the module's A rows
+        in_slot = adapters.slots.a[path][layer, start:start + lora_a.shape[0]]
         assert torch.equal(in_slot, lora_a), "an in-use slot was overwritten"
+    # The slots' pages: no page held twice, free + used = all (lora/pages.py's invariant).
+    runs = sorted(adapters.slots.pages.runs.values())
+    assert all(a + n <= b for (a, n), (b, _) in zip(runs, runs[1:], strict=False))
+    assert adapters.slots.pages.num_free + sum(n for _, n in runs) == adapters.slots.pages.num_pages
 
 
 # Draw the length first: st.lists alone favours short lists, and long prompts are what fill the
@@ -204,7 +217,7 @@ class EngineMachine(RuleBasedStateMachine):
     @initialize()
     def start(self):
         self.model_dir, self.adapters, self.corrupt = _assets()
-        self.engine = LLMEngine(_config(self.model_dir))
+        self.engine = LLMEngine(_config(self.model_dir, MACHINE_LORAS, MACHINE_PAGES))
         assert self.engine.blocks.num_blocks == NUM_BLOCKS
         self.added: dict[str, tuple[int, AdapterRequest | None]] = {}  # id -> (n, adapter)
         self.final: dict[tuple[str, int], RequestOutput] = {}  # (id, index) -> finished output
@@ -265,8 +278,15 @@ class EngineMachine(RuleBasedStateMachine):
             with pytest.raises(ValueError, match=re.escape(adapter.path)):
                 self.engine.prewarm(adapter, pin=pin)
             return
-        if pin and len(self.pinned | {adapter.adapter_id}) >= MAX_LORAS:
+        pinned = self.pinned | {adapter.adapter_id}
+        if pin and len(pinned) >= MACHINE_LORAS:
             with pytest.raises(ValueError, match="cannot pin more than"):
+                self.engine.prewarm(adapter, pin=pin)
+            return
+        # Pinned adapters must leave the pages of a max_lora_rank adapter free.
+        pinned_pages = sum(pages_for(ADAPTERS[i - 1][0], PAGE_RANK) for i in pinned)
+        if pin and pinned_pages + pages_for(16, PAGE_RANK) > MACHINE_PAGES:
+            with pytest.raises(ValueError, match="cannot pin adapter"):
                 self.engine.prewarm(adapter, pin=pin)
             return
         self.engine.prewarm(adapter, pin=pin)

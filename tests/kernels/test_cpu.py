@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from loraplex.kernels import cpu as cpu_kernel
 from loraplex.lora.ops import NO_ADAPTER, AdapterBatch, add_lora, add_lora_reference
-from loraplex.lora.quantize import quantize
+from tests.lora.paged import paged_layer
 
 CPU = torch.device("cpu")
 HAS_COMPILER = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"))
@@ -28,41 +28,32 @@ INT8_TOLERANCES = {torch.float32: {"rtol": 1e-3, "atol": 1e-3},
                    torch.bfloat16: TOLERANCES[torch.bfloat16]}
 
 
-def quantized(lora_a, lora_b):
-    """The int8 slot buffers (A, Bt of each module, scales) of float buffers, as AdapterSlots
-    makes them."""
-    rank = lora_b[0].shape[1]
-    parts = [quantize(lora_a[:, i * rank:(i + 1) * rank], b) for i, b in enumerate(lora_b)]
-    return (torch.cat([p[0] for p in parts], dim=1), tuple(p[1] for p in parts),
-            torch.cat([p[2] for p in parts], dim=1).contiguous())
-
-
-def random_layer(gen, num_tokens, out_sizes, dtype, num_slots=12, rank=8, d_in=40):
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
-
+def random_layer(gen, num_tokens, out_sizes, dtype, ranks, d_in=40, int8=False):
+    """(x, y, places, lora_a, lora_b, scales) of a paged layer with slot s of rank ranks[s]
+    (tests/lora/paged.py: rows no slot owns hold NaN)."""
+    places, lora_a, lora_b, scales = paged_layer(gen, ranks, out_sizes, d_in, torch.float32,
+                                                 int8)
     # x as a view with a row stride wider than its rows, as the model's inputs may be.
-    x = randn(num_tokens, d_in + 3)[:, :d_in]
-    y = randn(num_tokens, sum(out_sizes))
-    # Scaled so that shrink and delta are of size ~1, as in a model.
-    lora_a = randn(num_slots, len(out_sizes) * rank, d_in, scale=d_in ** -0.5)
-    lora_b = tuple(randn(num_slots, rank, out, scale=rank ** -0.5) for out in out_sizes)
-    return x, y, lora_a, lora_b
+    x = torch.randn(num_tokens, d_in + 3, generator=gen).to(dtype)[:, :d_in]
+    y = torch.randn(num_tokens, sum(out_sizes), generator=gen).to(dtype)
+    if not int8:
+        lora_a, lora_b = lora_a.to(dtype), tuple(b.to(dtype) for b in lora_b)
+    return x, y, places, lora_a, lora_b, scales
 
 
 def assert_kernel_matches_reference(token_slots, gen, out_sizes, dtype, rank, d_in, threads=None,
                                     int8=False):
     """add_lora's kernel path on a random layer (with `threads` OpenMP threads, with the
-    weights as int8 if `int8`) against the float32 reference."""
-    x, y, lora_a, lora_b = random_layer(gen, len(token_slots), out_sizes, dtype,
-                                         rank=rank, d_in=d_in)
-    scales = None
-    if int8:
-        lora_a, lora_b, scales = quantized(lora_a.float(), tuple(b.float() for b in lora_b))
+    weights as int8 if `int8`) against the float32 reference; `rank`: every slot's, or a list
+    of each slot's (mixed ranks)."""
+    ranks = rank if isinstance(rank, list) else [rank] * 12
+    x, y, places, lora_a, lora_b, scales = random_layer(gen, len(token_slots), out_sizes, dtype,
+                                                        ranks, d_in, int8)
     want = add_lora_reference(y.float(), x.float(), lora_a.float(),
-                              tuple(b.float() for b in lora_b), torch.tensor(token_slots), scales)
-    batch = AdapterBatch.build(token_slots, CPU, use_kernel=True)
-    assert batch.runs == () and batch.piece_tokens is None  # every token went to the kernel
+                              tuple(b.float() for b in lora_b), torch.tensor(token_slots),
+                              places, scales)
+    batch = AdapterBatch.build(token_slots, places, CPU, use_kernel=True)
+    assert batch.runs == () and batch.pieces == ()  # every token went to the kernel
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
@@ -85,16 +76,20 @@ def assert_kernel_matches_reference(token_slots, gen, out_sizes, dtype, rank, d_
     # and every width of its column loops (8, 4, 2 or 1 vectors at a time, then a tail)
     out_sizes=st.sampled_from([(10,), (10, 6, 6), (7, 7), (300, 20), (32, 48)]),
     d_in=st.sampled_from([40, 64]),  # with and without a tail after the 16-wide loops
-    # rows of A go 8, 4, 2 or 1 at a time by group size: ranks leave partial blocks of rows
-    rank=st.sampled_from([3, 8, 11]),
+    # rows of A go 8, 4, 2 or 1 at a time by group size: ranks leave partial blocks of rows;
+    # a list: each slot its own rank (0: an empty slot, whose tokens add nothing)
+    rank=st.sampled_from([3, 8, 11]) | st.lists(st.sampled_from([0, 1, 5, 8, 16]),
+                                                min_size=12, max_size=12),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     int8=st.booleans(),  # adapter weights in the inputs' dtype, or int8 with scales
 )
 def test_kernel_path_matches_reference(runs, seed, out_sizes, d_in, rank, dtype, int8):
     assert cpu_kernel.is_available(dtype, CPU)
     token_slots = [slot for slot, length in runs for _ in range(length)]
-    if all(s == NO_ADAPTER for s in token_slots):
-        assert AdapterBatch.build(token_slots, CPU, use_kernel=True) is None
+    ranks = rank if isinstance(rank, list) else [rank] * 12
+    if all(s == NO_ADAPTER or ranks[s] == 0 for s in token_slots):
+        assert AdapterBatch.build(token_slots, [(0, r) for r in ranks], CPU,
+                                  use_kernel=True) is None
         return
     assert_kernel_matches_reference(token_slots, torch.Generator().manual_seed(seed), out_sizes,
                                     dtype, rank, d_in, int8=int8)
@@ -110,7 +105,8 @@ def test_kernel_path_matches_reference(runs, seed, out_sizes, d_in, rank, dtype,
     # 2100 columns: more than a decoding task sums at once
     out_sizes=st.sampled_from([(10,), (10, 6, 6), (2100,), (48, 33)]),
     d_in=st.sampled_from([40, 64]),
-    rank=st.sampled_from([3, 8, 11]),  # odd: the last row of B alone
+    rank=st.sampled_from([3, 8, 11])  # odd: the last row of B alone
+    | st.lists(st.sampled_from([1, 8, 16, 32]), min_size=12, max_size=12),  # mixed
     threads=st.sampled_from([1, 2, 3]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     int8=st.booleans(),
@@ -156,35 +152,48 @@ def test_kernel_built_without_bf16_or_int16_dot_products_matches_reference(tmp_p
 
 @needs_compiler
 def test_kernel_segments_are_the_same_slot_stretches():
-    batch = AdapterBatch.build([3, 3, NO_ADAPTER, 0] + [5] * 8 + [3], CPU, use_kernel=True)
+    places = [(0, 8)] * 6
+    batch = AdapterBatch.build([3, 3, NO_ADAPTER, 0] + [5] * 8 + [3], places, CPU,
+                               use_kernel=True)
     assert batch.kernel_segments.tolist() == [[3, 0, 2], [0, 3, 4], [5, 4, 12], [3, 12, 13]]
-    assert AdapterBatch.build([NO_ADAPTER] * 3, CPU, use_kernel=True) is None
+    assert batch.kernel_places.tolist() == [[0, 8]] * 6
+    assert AdapterBatch.build([NO_ADAPTER] * 3, places, CPU, use_kernel=True) is None
 
 
 @needs_compiler
 def test_kernel_refuses_out_of_range_indices_and_bad_layouts_without_writing():
     gen = torch.Generator().manual_seed(0)
-    x, y, lora_a, lora_b = random_layer(gen, 4, (10, 6), torch.float32)
+    x, y, places, lora_a, lora_b, _ = random_layer(gen, 4, (10, 6), torch.float32, [8] * 12)
+    places = torch.tensor(places)
+    num_rows = lora_b[0].shape[0]
     before = y.clone()
     # (slot, start, end): slot 12 of 12, slot -1, past the last token, empty, backwards
     for bad in ([0, 0, 2], [12, 2, 4]), ([-1, 0, 1],), ([1, 2, 5],), ([1, 2, 2],), ([1, 3, 1],):
         with pytest.raises(cpu_kernel.KernelError, match="out of range"):
-            cpu_kernel.add_lora_segments(y, x, lora_a, lora_b, torch.tensor(bad))
-    assert torch.equal(y, before)
+            cpu_kernel.add_lora_segments(y, x, lora_a, lora_b, torch.tensor(bad), places)
     good = torch.tensor([[0, 0, 4]])
+    # A slot's rows past the buffers, before them, or of rank 0.
+    for place in ([num_rows - 7, 8], [-1, 8], [0, 0]):
+        bad_places = places.clone()
+        bad_places[0] = torch.tensor(place)
+        with pytest.raises(cpu_kernel.KernelError, match="out of range"):
+            cpu_kernel.add_lora_segments(y, x, lora_a, lora_b, good, bad_places)
+    assert torch.equal(y, before)
     with pytest.raises(cpu_kernel.KernelError, match="layout"):  # B not transposed
-        cpu_kernel.add_lora_segments(y, x, lora_a, tuple(b.transpose(1, 2) for b in lora_b), good)
+        cpu_kernel.add_lora_segments(y, x, lora_a, tuple(b.T for b in lora_b), good, places)
     with pytest.raises(cpu_kernel.KernelError, match="dtype"):
-        cpu_kernel.add_lora_segments(y.double(), x, lora_a, lora_b, good)
-    a8, b8, scales = quantized(lora_a, lora_b)
+        cpu_kernel.add_lora_segments(y.double(), x, lora_a, lora_b, good, places)
+    with pytest.raises(cpu_kernel.KernelError, match="shape"):  # places not [slots, 2]
+        cpu_kernel.add_lora_segments(y, x, lora_a, lora_b, good, places[:, :1].contiguous())
+    _, _, _, a8, b8, scales = random_layer(gen, 4, (10, 6), torch.float32, [8] * 12, int8=True)
     for bad_weights in ((lora_a, lora_b, scales),  # float weights with scales
-                        (a8, b8, scales[:, :-1]),  # a scale short
+                        (a8, b8, scales[:-1]),  # a scale short
                         (a8, b8, scales.double())):
         with pytest.raises(cpu_kernel.KernelError, match="dtype"):
-            cpu_kernel.add_lora_segments(y, x, bad_weights[0], bad_weights[1], good,
+            cpu_kernel.add_lora_segments(y, x, bad_weights[0], bad_weights[1], good, places,
                                          bad_weights[2])
     with pytest.raises(cpu_kernel.KernelError, match="dtype"):  # int8 weights without scales
-        cpu_kernel.add_lora_segments(y, x, a8, b8, good)
+        cpu_kernel.add_lora_segments(y, x, a8, b8, good, places)
     assert torch.equal(y, before)
     assert not cpu_kernel.is_available(torch.float64, CPU)
     assert not cpu_kernel.is_available(torch.float32, torch.device("meta"))

@@ -117,7 +117,8 @@ def _ours(model_dir, adapter_dirs, dtype):
     for i, d in enumerate(adapter_dirs):
         slots.activate(i, load_adapter(d, num_layers=num_layers, module_shapes=shapes,
                                        max_rank=16, dtype=dtype))
-    return prefill_logits(model, PROMPTS, [-1 if a is None else a for a in ROW_ADAPTERS])
+    return prefill_logits(model, PROMPTS, [-1 if a is None else a for a in ROW_ADAPTERS],
+                          slots.places)
 
 
 def test_mixed_batch_logits_match_peft(family):
