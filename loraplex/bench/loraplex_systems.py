@@ -27,6 +27,7 @@ from loraplex.bench.workload import BenchRequest
 from loraplex.config import DTYPES, ConfigError, EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.sequence import AdapterRequest
+from loraplex.lora.pages import DEFAULT_PAGE_RANK, pages_for
 from loraplex.model.loader import read_config
 from loraplex.sampling_params import SamplingParams
 
@@ -155,12 +156,17 @@ class LoraplexEngineSystem:
 
     def engine_config(self, model_dir: Path, used: list[Path], dtype: str) -> EngineConfig:
         max_loras, max_cpu_loras = self.max_loras, self.max_cpu_loras
+        max_lora_pages = None
         if max_loras is None:
             max_loras, max_cpu_loras = max(1, len(used)), max_cpu_loras or RESIDENT_HOST_CACHE
+            # Every adapter in pages of its own rank: the memory all of them take, not that of
+            # as many slots of the largest rank (with a mix of ranks that would be far more).
+            max_lora_pages = sum(pages_for(adapter_rank(a), DEFAULT_PAGE_RANK) for a in used)
         return engine_config(
             model_dir, used, dtype, max_batch_size=self.max_batch_size, max_loras=max_loras,
             max_cpu_loras=max_cpu_loras, max_model_len=self.max_model_len,
-            kv_cache_bytes=self.kv_cache_bytes, lora_dtype=self.lora_dtype)
+            kv_cache_bytes=self.kv_cache_bytes, lora_dtype=self.lora_dtype,
+            max_lora_pages=max_lora_pages or None)
 
     def make_engine(self, config: EngineConfig) -> LLMEngine:
         return LLMEngine(config)
