@@ -6,6 +6,9 @@ from pathlib import Path
 HOME_ENV = "LORAPLEX_HOME"
 ADAPTER_CACHE_ENV = "LORAPLEX_ADAPTER_CACHE"  # where engines keep the serving cache; default below
 ADAPTER_CACHE_DIR = "cache/adapters"  # under the loraplex home
+# GGUF exports made for download (export/jobs.py), <home>/exports/<tenant>/: here, not in export/,
+# so that the vault can delete a tenant's with the rest of its data.
+EXPORTS_DIR = "exports"
 
 
 def loraplex_home() -> Path:

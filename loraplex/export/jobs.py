@@ -4,6 +4,8 @@ An export is minutes of CPU for a real model, so a click queues it and the page 
 to <home>/exports/<tenant>/<job id>/ (the GGUF and its Modelfile), where the console serves
 them for download. Job states live in this process's memory, as training jobs' do: a restart
 forgets them (the files stay; `loraplex export gguf` writes the same files from the CLI).
+Exports are the tenant's model in clear, so the folder is private (0700) and crypto-shredding
+the tenant deletes it (Vault.delete_tenant_vault); a job of a shredded tenant is forgotten.
 """
 
 import logging
@@ -18,11 +20,11 @@ from loraplex.export.errors import ExportError
 from loraplex.export.gguf import DTYPES
 from loraplex.export.modelfile import modelfile_path
 from loraplex.export.version import export_version
+from loraplex.home import EXPORTS_DIR
 from loraplex.model.pull import PullError, resolve_model
 from loraplex.registry import Registry
 from loraplex.vault.artifacts import ArtifactSealer
 
-EXPORTS_DIR = "exports"
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,10 @@ class ExportJobs:
         if job.state != SUCCEEDED:
             raise ExportNotFound(f"export {job_id!r} is {job.state}, not ready")
         gguf_path = self._folder(job) / job.gguf_name
-        return gguf_path if kind == "gguf" else modelfile_path(gguf_path)
+        path = gguf_path if kind == "gguf" else modelfile_path(gguf_path)
+        if not path.is_file():  # the tenant was shredded, or someone removed the files
+            raise ExportNotFound(f"export {job_id!r} has no {kind} file any more")
+        return path
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -106,7 +111,10 @@ class ExportJobs:
         kind = "lora" if job.adapter_only else "merged"
         out = self._folder(job) / f"{job.tenant}-{job.adapter}-{job.version}-{kind}.gguf"
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
+            # 0700: the files are the tenant's model in clear (the home may be shared).
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (self.dir / job.tenant).mkdir(mode=0o700, exist_ok=True)
+            out.parent.mkdir(mode=0o700)
             result = export_version(self.sealer, resolve_model(self.model), job.tenant, version,
                                     out, job.dtype, adapter_only=job.adapter_only)
         except (ValueError, OSError, PullError) as e:  # each carries a clear message

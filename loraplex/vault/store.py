@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from loraplex.home import adapter_cache_dir
+from loraplex.home import EXPORTS_DIR, adapter_cache_dir
 from loraplex.registry import Registry
 from loraplex.registry.artifacts import ARTIFACTS_DIR
 from loraplex.registry.db import now, transaction
@@ -261,8 +261,9 @@ class Vault:
 
     def delete_tenant_vault(self, tenant: str, *, actor: str) -> None:
         """Crypto-shred all the tenant's data: destroy its data key, then its files and index,
-        its adapter artifacts (sealed under that key: vault/artifacts.py) and its entries in
-        the serving cache (the engine's packed, plain form of its adapters).
+        its adapter artifacts (sealed under that key: vault/artifacts.py), its entries in the
+        serving cache (the engine's packed, plain form of its adapters) and its GGUF exports
+        (plain copies of its models, export/jobs.py).
 
         The key goes first, in its own transaction: once that commits, every ciphertext of the
         tenant is unreadable, wherever copies of it remain, even if what follows is interrupted
@@ -277,6 +278,7 @@ class Vault:
             remove_tree(self.dir / TENANTS_DIR / tenant)
         remove_tree(self.home / ARTIFACTS_DIR / tenant)
         remove_tree(adapter_cache_dir(self.home) / tenant)
+        remove_tree(self.home / EXPORTS_DIR / tenant)
 
     def wrap_key(self, tenant: str, key: bytes, purpose: bytes) -> bytes:
         """`key` wrapped by the tenant's data key (made on first use), bound to `purpose`: how

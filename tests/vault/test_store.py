@@ -192,11 +192,16 @@ def test_delete_tenant_vault_crypto_shreds(vault, home):
     wrapped_key = vault._conn.execute(
         "SELECT wrapped_key FROM data_keys WHERE tenant = 'acme'").fetchone()[0]
     assert wrapped_key in index.read_bytes()
+    for tenant in ("acme", "globex"):  # GGUF exports: plain copies of a tenant's models
+        (home / "exports" / tenant / "export-1").mkdir(parents=True)
+        (home / "exports" / tenant / "export-1" / "model.gguf").write_bytes(b"GGUF")
 
     vault.delete_tenant_vault("acme", actor="operator")
 
     assert vault.list("acme") == []
     assert not (home / "vault" / "tenants" / "acme").exists()
+    assert not (home / "exports" / "acme").exists()
+    assert (home / "exports" / "globex" / "export-1" / "model.gguf").read_bytes() == b"GGUF"
     # The wrapped key is gone from every file, not just unlinked from the index.
     for path in files_under(home):
         assert wrapped_key not in path.read_bytes(), path
