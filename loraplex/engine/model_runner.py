@@ -5,6 +5,7 @@ import torch
 from loraplex.config import EngineConfig
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.kernels import cpu as cpu_kernel
+from loraplex.kernels import fused_stages
 from loraplex.lora.ops import AdapterBatch
 from loraplex.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
 
@@ -26,6 +27,7 @@ class ModelRunner:
         mc = model.config
         self.use_attention_kernel = cpu_kernel.attention_is_available(
             config.torch_dtype, self.device, mc.num_heads, mc.num_kv_heads, mc.head_dim)
+        model.use_fused_stages(fused_stages.is_available(config.torch_dtype, self.device))
         # One tensor per layer: [keys/values, every token row of every block, kv heads, head dim]
         self.kv_caches = [
             torch.zeros(2, num_blocks * self.block_size, mc.num_kv_heads, mc.head_dim,

@@ -1,6 +1,6 @@
 """Builds and calls loraplex's CPU kernels (float32, bfloat16): lora.cpp, the mixed-adapter LoRA
-op (adapter weights in the same dtype, or int8 with scales), and decode_attention.cpp, decode
-attention over the paged KV cache.
+op (adapter weights in the same dtype, or int8 with scales), decode_attention.cpp, decode
+attention over the paged KV cache, and fused_stages.cpp (called by kernels/fused_stages.py).
 
 The sources are compiled together once per machine with the system's C++ compiler (a few
 seconds) into `$LORAPLEX_KERNEL_CACHE`, default `<loraplex home>/cache/kernels`, keyed by the
@@ -29,7 +29,8 @@ import torch
 from loraplex.home import loraplex_home
 
 KERNEL_DIR = Path(__file__).parent
-SOURCES = [KERNEL_DIR / "lora.cpp", KERNEL_DIR / "decode_attention.cpp"]
+SOURCES = [KERNEL_DIR / "lora.cpp", KERNEL_DIR / "decode_attention.cpp",
+           KERNEL_DIR / "fused_stages.cpp"]
 HEADERS = [KERNEL_DIR / "vectors.h"]
 KERNEL_ENV = "LORAPLEX_CPU_KERNEL"  # "0": never build or use the kernel
 CACHE_ENV = "LORAPLEX_KERNEL_CACHE"
@@ -169,6 +170,12 @@ def decode_attention(
         raise KernelError("decode_attention: a length or cache row is out of range")
     if status != 0:
         raise KernelError("decode_attention: a head size or grouping it is not built for")
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (built now if needed), or None where they cannot be: for other
+    kernel modules' entry points (kernels/fused_stages.py)."""
+    return _library()
 
 
 @functools.cache

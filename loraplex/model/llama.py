@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.kernels import cpu as cpu_kernel
+from loraplex.kernels import fused_stages
 from loraplex.lora.modules import (
     DOWN_PROJ,
     FUSED_LINEARS,
@@ -145,14 +146,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.unit_offset = unit_offset  # Gemma: scale by (1 + weight), all in float32
+        self.fused = False  # kernels/fused_stages.py instead of PyTorch ops (use_fused_stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the model dtype, as the reference implementations do
-        # (one fused op: at batch 1 a step is mostly per-op overhead).
+        if self.fused:
+            return fused_stages.rms_norm(x, self.weight, self.eps, self.unit_offset)
+        # Normalise in float32 whatever the model dtype, as the reference implementations do.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.unit_offset:
             return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + h, this norm of x + h): the residual stream taking a sublayer's output h and
+        the next sublayer's input. The fused kernel adds into x in place (x is the residual
+        stream's own tensor, made by the previous add)."""
+        if self.fused:
+            return x, fused_stages.rms_norm(x, self.weight, self.eps, self.unit_offset, add=h)
+        x = x + h
+        return x, self(x)
 
 
 def make_norm(config: ModelConfig, dim: int | None = None) -> RMSNorm:
@@ -193,6 +205,7 @@ class Attention(nn.Module):
         self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.fused = False  # kernels/fused_stages.py instead of PyTorch ops (use_fused_stages)
         shapes = config.module_shapes()
         # q, k and v read the same input: one matmul (and one LoRA shrink) for all three.
         self.qkv_sizes = config.fused_out_features("self_attn.qkv_proj")
@@ -211,16 +224,9 @@ class Attention(nn.Module):
         n = x.shape[0]
         q_size, k_size, _ = self.qkv_sizes
         qkv = self.qkv_proj(x, adapters)  # [num_tokens, q_size + 2 * k_size]
-        # q and k are side by side: rotate both heads at once.
-        qk = qkv[:, : q_size + k_size].reshape(n, self.num_heads + self.num_kv_heads, -1)
-        if self.q_norm is not None:  # Qwen3, Gemma 3: each query and key head normalised first
-            h = self.num_heads
-            qk = torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1)
-        qk = qk * cos[:, None] + rotate_half(qk) * sin[:, None]
+        qk = self._rope_and_cache(qkv, cos, sin, kv_cache, attn.slot_mapping)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, q_size + k_size:].reshape(n, self.num_kv_heads, self.head_dim)
-        kv_cache[0].index_copy_(0, attn.slot_mapping, k)
-        kv_cache[1].index_copy_(0, attn.slot_mapping, v)
 
         out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
         nd = attn.num_decode_tokens
@@ -246,6 +252,29 @@ class Attention(nn.Module):
                 o = self._sdpa(q[None, rows], keys, values, mask)
             out[rows] = o[0]
         return self.o_proj(out.view(n, -1), adapters)
+
+    def _rope_and_cache(self, qkv, cos, sin, kv_cache, slot_mapping) -> torch.Tensor:
+        """The queries and keys of qkv, rotated [num_tokens, heads + kv_heads, head_dim]; keys
+        and values written to the KV cache at slot_mapping [num_tokens]."""
+        q_norm, k_norm = self.q_norm, self.k_norm
+        if self.fused and q_norm is None:
+            return fused_stages.rope_kv(qkv, cos, sin, self.num_heads, self.num_kv_heads,
+                                        None, None, 0.0, False, kv_cache, slot_mapping)
+        if self.fused:  # the two head norms share eps and offset (make_norm)
+            return fused_stages.rope_kv(qkv, cos, sin, self.num_heads, self.num_kv_heads,
+                                        q_norm.weight, k_norm.weight, q_norm.eps,
+                                        q_norm.unit_offset, kv_cache, slot_mapping)
+        n, q_size, k_size = qkv.shape[0], self.qkv_sizes[0], self.qkv_sizes[1]
+        # q and k are side by side: rotate both heads at once.
+        qk = qkv[:, : q_size + k_size].reshape(n, self.num_heads + self.num_kv_heads, -1)
+        if q_norm is not None:  # Qwen3, Gemma 3: each query and key head normalised first
+            h = self.num_heads
+            qk = torch.cat((q_norm(qk[:, :h]), k_norm(qk[:, h:])), dim=1)
+        qk = qk * cos[:, None] + rotate_half(qk) * sin[:, None]
+        kv_cache[0].index_copy_(0, slot_mapping, qk[:, self.num_heads:])
+        v = qkv[:, q_size + k_size:].reshape(n, self.num_kv_heads, self.head_dim)
+        kv_cache[1].index_copy_(0, slot_mapping, v)
+        return qk
 
     def _decode_matmul(self, q, k, v, mask):
         """One query per sequence as two batched matmuls: q [nd, heads, dim], k/v [nd, ctx,
@@ -287,11 +316,17 @@ class MLP(nn.Module):
         # gate and up read the same input: one matmul (and one LoRA shrink) for both.
         self.gate_up_proj = Linear(shapes[GATE_PROJ][0], 2 * config.intermediate_size)
         self.down_proj = Linear(*shapes[DOWN_PROJ])
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.hidden_act = config.hidden_act
+        self.fused = False  # kernels/fused_stages.py instead of PyTorch ops (use_fused_stages)
 
     def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, adapters).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up, adapters)
+        gate_up = self.gate_up_proj(x, adapters)  # [num_tokens, 2 * intermediate]
+        if self.fused:
+            h = fused_stages.gated_act(gate_up, self.hidden_act)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = ACTIVATIONS[self.hidden_act](gate) * up
+        return self.down_proj(h, adapters)
 
 
 class DecoderLayer(nn.Module):
@@ -312,11 +347,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, kv_cache, attn, adapters):
         h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn, adapters)
         if not self.sandwich_norms:
-            x = x + h
-            return x + self.mlp(self.post_attention_layernorm(x), adapters)
-        x = x + self.post_attention_layernorm(h)
-        h = self.mlp(self.pre_feedforward_layernorm(x), adapters)
-        return x + self.post_feedforward_layernorm(h)
+            x, h = self.post_attention_layernorm.add_and_norm(x, h)
+            return x + self.mlp(h, adapters)
+        x, h = self.pre_feedforward_layernorm.add_and_norm(x, self.post_attention_layernorm(h))
+        return x + self.post_feedforward_layernorm(self.mlp(h, adapters))
 
 
 class LlamaModel(nn.Module):
@@ -337,6 +371,15 @@ class LlamaModel(nn.Module):
         if config.rope_local_theta:  # Gemma 3's sliding-window layers
             self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True),
                                  persistent=False)
+
+    def use_fused_stages(self, enabled: bool) -> None:
+        """Run the small stages between the matmuls (norms, RoPE and the KV cache write, the
+        gated activation) as kernels/fused_stages.py's kernels, or as the PyTorch reference
+        ops: the same results (tests/kernels/test_fused_stages.py), a few dozen fewer ops per
+        layer. Only where fused_stages.is_available for the weights' dtype and device."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm | Attention | MLP):
+                module.fused = enabled
 
     def init_rope(self, device: torch.device) -> None:
         """(Re)compute the RoPE buffers, e.g. after building on "meta", which holds no data."""
