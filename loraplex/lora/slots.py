@@ -122,7 +122,7 @@ class AdapterSlots:
             self.pages.free(slot)
         self.places[slot] = (0, 0)
 
-    def _page_views(self, first: int, count: int) -> list[torch.Tensor]:
+    def page_views(self, first: int, count: int) -> list[torch.Tensor]:
         """Every buffer's part for pages [first, first + count), [num_layers, rows, ...]."""
         rows = slice(first * self.page_rank, (first + count) * self.page_rank)
         views = []
@@ -136,15 +136,15 @@ class AdapterSlots:
         return views
 
     def _zero(self, first: int, count: int) -> None:
-        for view in self._page_views(first, count):
+        for view in self.page_views(first, count):
             view.zero_()
 
     def _compact(self) -> None:
         """Slide every run to the front (PagePool.compact), moving the adapters' weights with
         them, and zero what is left behind: free pages hold zeros, no stale copy."""
         for move in self.pages.compact():
-            sources = self._page_views(move.source, move.count)
-            targets = self._page_views(move.target, move.count)
+            sources = self.page_views(move.source, move.count)
+            targets = self.page_views(move.target, move.count)
             for source, target in zip(sources, targets, strict=True):
                 target.copy_(source.clone())  # a move may overlap its own source
             self.places[move.owner] = (move.target * self.page_rank, self.places[move.owner][1])

@@ -26,7 +26,7 @@ from loraplex.sampling_params import SamplingParams
 from loraplex.server.app import ServerSettings, create_app
 from loraplex.validation import adapter_validator
 
-MAX_ATTEMPTS = 3  # a request whose replica died before it streamed anything is sent again
+MAX_ATTEMPTS = 3  # a request whose replica died before its client saw anything is sent again
 RETRY_DELAY_S = 0.5  # time for Serve's routers to drop the dead replica
 STATS_TIMEOUT_S = 10.0
 
@@ -59,18 +59,21 @@ class RemoteEngine:
     async def generate(self, prompt: list[int], params: SamplingParams,
                        adapter: AdapterRequest | None = None, *, fairness_key: str = "",
                        fairness_weight: float = 1.0) -> AsyncIterator[StreamDelta]:
-        """AsyncEngine.generate on a replica. If the replica dies before the first delta, the
-        request goes to another one (nobody saw a token yet); after it, every unfinished
+        """AsyncEngine.generate on a replica. If the replica dies before the client could have
+        seen anything (no text, no logprobs, no finished completion: tokens that decode to no
+        text yet send no chunk), the request goes to another one; after that, every unfinished
         completion ends with an engine error, as a failed local engine would end it."""
         handle = self._handle(adapter).options(stream=True)
-        last: dict[int, StreamDelta] = {}  # completion index -> its latest delta
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            last: dict[int, StreamDelta] = {}  # completion index -> its latest delta
+            seen = False  # whether a delta the HTTP app turns into a chunk went out
             stream = handle.generate.remote(prompt, params, adapter, fairness_key,
                                             fairness_weight)
             is_done = False
             try:
                 async for delta in stream:
                     last[delta.index] = delta
+                    seen = seen or bool(delta.text or delta.logprobs or delta.finished)
                     yield delta
                 is_done = True
                 return
@@ -81,7 +84,7 @@ class RemoteEngine:
                     raise ValueError(str(cause)) from None
                 if not isinstance(cause, RayActorError):
                     failure = f"{type(cause).__name__}: {cause}"
-                elif not last and attempt < MAX_ATTEMPTS:
+                elif not seen and attempt < MAX_ATTEMPTS:
                     await asyncio.sleep(RETRY_DELAY_S)
                     continue
                 else:

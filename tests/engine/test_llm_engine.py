@@ -205,12 +205,12 @@ def test_evicting_an_adapter_ends_its_requests_and_zeroes_its_slot(sharp_llama_d
     while len(engine.scheduler.running) < 2:
         engine.step()
     engine.step()
-    slot = engine.adapters.slot_of(0)
+    first, count = engine.adapters.slots.pages.runs[engine.adapters.slot_of(0)]
     outs = engine.evict_adapters({0})
     assert [(o.request_id, o.finish_reason, o.error_kind) for o in outs] == [
         ("doomed", "error", "request")]
     assert engine.adapters.slot_of(0) is None and 0 not in engine.adapters.host
-    assert all(not buffer[:, slot].any() for buffer in engine.adapters.slots.buffers())
+    assert all(not view.any() for view in engine.adapters.slots.page_views(first, count))
     # The other adapter's request goes on and still gives the tokens it gives alone.
     kept = None
     while engine.has_unfinished():

@@ -158,8 +158,10 @@ def test_losing_a_replica_loses_no_request_that_had_not_started_streaming(ray_se
     max_tokens = 100
     extra = dict(max_tokens=max_tokens, extra_body={"ignore_eos": True})
 
+    errors = []  # why the failed ones failed, for the assertion's message
+
     async def streamed(tenant) -> tuple[str | None, bool]:
-        """(the text, or None if the request failed; whether any token had arrived)."""
+        """(the text, or None if the request failed; whether any text had arrived)."""
         text = ""
         try:
             async with openai.AsyncOpenAI(base_url=f"{ray_service.url}/v1", max_retries=0,
@@ -169,7 +171,8 @@ def test_losing_a_replica_loses_no_request_that_had_not_started_streaming(ray_se
                     if chunk.choices:
                         text += chunk.choices[0].delta.content or ""
             return text, True
-        except openai.APIError:
+        except openai.APIError as e:
+            errors.append(f"{tenant} after {len(text)} chars: {e}")
             return None, bool(text)
 
     async def a_replica_with_queued_requests() -> dict:
@@ -195,7 +198,7 @@ def test_losing_a_replica_loses_no_request_that_had_not_started_streaming(ray_se
             for t in TENANTS}
     outcomes = list(zip([t for _ in range(3) for t in TENANTS], results, strict=True))
     failed = [started for _, (text, started) in outcomes if text is None]
-    assert all(failed)  # only requests that had started streaming may fail
+    assert all(failed), errors  # only requests that had started streaming may fail
     assert len(failed) <= ENGINE["max_num_seqs"]  # at most the victim's running batch
     assert all(text == want[t] for t, (text, _) in outcomes if text is not None)
 
