@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.export.jobs import ExportJobs
@@ -116,6 +117,13 @@ def create_app(
                       else StorageFull(f"{request.method} {request.url.path}"))
         error = OpenAIError(507, message, "server_error", code=STORAGE_FULL_CODE)
         return JSONResponse(error.body(), status_code=507)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request, exc: HTTPException):
+        """FastAPI's own refusals (no such route, a method the route lacks, a body it cannot
+        parse, such as JSON nested too deeply) in the same shape as every other error."""
+        error = OpenAIError(exc.status_code, str(exc.detail))
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, exc: RequestValidationError):
