@@ -15,6 +15,7 @@ setting promotes fine-tuned versions).
 
 from __future__ import annotations
 
+import copy
 import logging
 import secrets
 import threading
@@ -101,9 +102,10 @@ class FineTuning:
         job["method"]["supervised"]["hyperparameters"] = job["hyperparameters"]
         self.store.add_job(principal.tenant_id, job, actor=actor)
         self._event(job, f"Validating training file: {request.training_file}")
+        created = copy.deepcopy(job)  # the answer: the validator thread goes on changing `job`
         self._validator.submit(self._validate_and_queue, principal.tenant_id, tenant, job,
                                init_adapter, actor)
-        return job
+        return created
 
     def get(self, tenant_id: int, job_id: str) -> dict:
         job = self.store.get_job(tenant_id, job_id)
