@@ -11,7 +11,6 @@ nothing behind (see trainer.py).
 """
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -22,8 +21,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled")
@@ -200,10 +197,7 @@ class TrainingJobs:
         finished = event["event"] == "finished"  # the job's last event: forget its listener
         listener = (self._listeners.pop if finished else self._listeners.get)(job.id, None)
         if listener is not None:
-            try:
-                listener(job, event)
-            except Exception:  # the listener's own failure must not stop the queue's thread
-                log.exception("training job %s: its listener failed on %s", job.id, event)
+            listener(job, event)
 
     def _spawn(self, job: TrainingJob) -> subprocess.Popen:
         request = {"home": str(self.home), "tenant": job.tenant, "dataset": job.dataset,
