@@ -46,6 +46,12 @@ class StreamDelta:
     completion_tokens: int
     queue_seconds: float | None  # from arrival to first admission; None while queued
 
+    @property
+    def shows_anything(self) -> bool:
+        """Whether a client is shown something of it: text, logprobs or the completion's end
+        (tokens whose text is still incomplete show nothing yet)."""
+        return bool(self.text or self.logprobs or self.finished)
+
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):

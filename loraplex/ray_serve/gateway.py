@@ -59,10 +59,10 @@ class RemoteEngine:
     async def generate(self, prompt: list[int], params: SamplingParams,
                        adapter: AdapterRequest | None = None, *, fairness_key: str = "",
                        fairness_weight: float = 1.0) -> AsyncIterator[StreamDelta]:
-        """AsyncEngine.generate on a replica. If the replica dies before the client could have
-        seen anything (no text, no logprobs, no finished completion: tokens that decode to no
-        text yet send no chunk), the request goes to another one; after that, every unfinished
-        completion ends with an engine error, as a failed local engine would end it."""
+        """AsyncEngine.generate on a replica. If the replica dies before the client was shown
+        anything (StreamDelta.shows_anything), the request goes to another one; after that,
+        every unfinished completion ends with an engine error, as a failed local engine would
+        end it."""
         handle = self._handle(adapter).options(stream=True)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             last: dict[int, StreamDelta] = {}  # completion index -> its latest delta
@@ -73,7 +73,7 @@ class RemoteEngine:
             try:
                 async for delta in stream:
                     last[delta.index] = delta
-                    seen = seen or bool(delta.text or delta.logprobs or delta.finished)
+                    seen = seen or delta.shows_anything
                     yield delta
                 is_done = True
                 return

@@ -97,7 +97,7 @@ class ChatShaper(Answer):
         return {"content": delta.text}, []
 
     def _delta_chunk(self, delta: StreamDelta) -> dict | None:
-        if not delta.text and not delta.finished and not delta.logprobs:
+        if not delta.shows_anything:
             return None
         message, calls = self._message_delta(delta)
         if message.get("content") or message.get("tool_calls") or delta.finished \
