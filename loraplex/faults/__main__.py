@@ -3,6 +3,7 @@ found a fault not survived.
 
     python -m loraplex.faults soak [--requests 10000] [--tenants 16] [--concurrency 32]
     python -m loraplex.faults crash [--rounds 3]
+    python -m loraplex.faults fuzz [--examples 1000] [--seed 0] [--targets chat_completions,...]
 
 Each run works in a fresh temp dir (kept with --keep, to read its serve.log), on a tiny random
 model built there (seconds); nothing is downloaded.
@@ -34,7 +35,14 @@ def _crash(options, root: Path) -> dict:
     return run_crash(root, rounds=options.rounds).as_dict()
 
 
-KINDS = {"soak": _soak, "crash": _crash}
+def _fuzz(options, root: Path) -> dict:
+    from loraplex.faults.fuzz import run_fuzz
+
+    targets = tuple(options.targets.split(",")) if options.targets else None
+    return run_fuzz(root, options.examples, options.seed, targets=targets).as_dict()
+
+
+KINDS = {"soak": _soak, "crash": _crash, "fuzz": _fuzz}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,15 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=10_000, help="soak: requests in all")
     parser.add_argument("--tenants", type=int, default=16, help="soak: tenants")
     parser.add_argument("--concurrency", type=int, default=32, help="soak: clients at once")
-    parser.add_argument("--seed", type=int, default=0, help="soak: the run's random choices")
+    parser.add_argument("--seed", type=int, default=0, help="soak, fuzz: the run's random choices")
+    parser.add_argument("--examples", type=int, default=1000, help="fuzz: inputs per target")
+    parser.add_argument("--targets", default="", help="fuzz: only these targets (comma-separated)")
     parser.add_argument("--rounds", type=int, default=3, help="crash: kills of each kind")
     parser.add_argument("--keep", action="store_true", help="keep the run's temp dir")
     options = parser.parse_args(argv)
-    if min(options.requests, options.tenants, options.concurrency, options.rounds) < 1:
+    if min(options.requests, options.tenants, options.concurrency, options.rounds,
+           options.examples) < 1:
         parser.error("counts must be at least 1")
     root = Path(tempfile.mkdtemp(prefix=f"loraplex-faults-{options.kind}-"))
     try:
         result = KINDS[options.kind](options, root)
+    except ValueError as e:  # an option the run itself refused, e.g. an unknown fuzz target
+        parser.error(str(e))
     finally:
         if options.keep:
             print(f"kept {root}", file=sys.stderr)

@@ -48,6 +48,14 @@ _UNSUPPORTED_OPTIONS = {
     "layer_replication": "layer replication is not supported",
     "target_parameters": "LoRA on raw parameters is not supported",
 }
+# The dtypes an adapter's matrices may have: what PEFT saves, and what torch can sum and scale on
+# every device (float8 has no CPU sum; it is not a PEFT training dtype either).
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# rank_pattern / alpha_pattern keys are regexes (as in PEFT). Backtracking over nested or many
+# quantifiers can take forever on a module path, so a tenant's key may hold at most this many
+# quantifiers, none on a group, and this many characters.
+MAX_PATTERN_QUANTIFIERS = 1
+MAX_PATTERN_KEY_CHARS = 256
 
 
 class AdapterError(ValueError):
@@ -147,6 +155,9 @@ def _load(
         scaling = alpha / math.sqrt(rank) if config["use_rslora"] else alpha / rank
         # Fold the scaling in float32 so a bf16 result is rounded once, not twice.
         b_scaled = (b.float() * scaling).to(dtype)
+        if not _is_finite(b_scaled) or not _is_finite(a.to(dtype)):
+            raise _error(path, f"{where}: lora_A or lora_B times the scaling ({scaling:g}) "
+                               f"overflows {dtype}; lower lora_alpha or the weights")
         for part, b_part in zip(parts, b_scaled.split(out_sizes), strict=True):
             if (layer, part) in weights:
                 raise _error(path, f"{where}: layer {layer}'s {part} is adapted twice (by a "
@@ -164,6 +175,8 @@ def _check_pair(path: Path, config: dict, where: str, module_key: str, a: torch.
     in_features, out_features = shape
     name = where.rsplit(".", 1)[-1]
     rank = a.shape[0]
+    if rank < 1:
+        raise _error(path, f"lora_A for {where} has shape {tuple(a.shape)}: rank 0")
     if a.shape[1] != in_features:
         raise _error(
             path,
@@ -240,6 +253,8 @@ def _read_config(path: Path, files: Mapping[str, bytes] | None) -> dict:
         config = json.loads(text.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _error(path, f"{CONFIG_FILE} is not valid JSON ({e})") from e
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise _error(path, f"{CONFIG_FILE} is nested too deeply") from None
     if not isinstance(config, dict):
         raise _error(path, f"{CONFIG_FILE} must hold a JSON object")
     if config.get("peft_type") != "LORA":
@@ -254,7 +269,11 @@ def _read_config(path: Path, files: Mapping[str, bytes] | None) -> dict:
     if config.get("bias", "none") != "none":
         raise _error(path, f"{CONFIG_FILE} sets bias={config['bias']!r}: only 'none' is supported")
     targets = config.get("target_modules") or []
-    for target in [targets] if isinstance(targets, str) else targets:
+    targets = [targets] if isinstance(targets, str) else targets
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise _error(path, f"{CONFIG_FILE} has an invalid target_modules: {targets!r} (a "
+                           "module name, a regex or a list of names)")
+    for target in targets:
         if "embed_tokens" in target or "lm_head" in target:
             raise _error(
                 path,
@@ -268,17 +287,27 @@ def _read_config(path: Path, files: Mapping[str, bytes] | None) -> dict:
             f"{CONFIG_FILE} needs a positive r and a numeric lora_alpha, got "
             f"r={r!r}, lora_alpha={alpha!r}",
         )
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool | None):  # a string "false" is truthy: refuse, not guess
+        raise _error(path, f"{CONFIG_FILE} has use_rslora={use_rslora!r}: true or false")
     return {
         "r": r,
         "lora_alpha": alpha,
-        "use_rslora": bool(config.get("use_rslora")),
+        "use_rslora": bool(use_rslora),
         "rank_pattern": _compile_pattern(path, "rank_pattern", config.get("rank_pattern")),
         "alpha_pattern": _compile_pattern(path, "alpha_pattern", config.get("alpha_pattern")),
     }
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float (Python's json reads NaN and Infinity)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_finite(tensor: torch.Tensor) -> bool:
+    # A sum is non-finite whenever any element is NaN/Inf, and costs a tenth of an element-wise
+    # check; the exact check only runs to rule out a (huge-value) overflow of the sum.
+    return bool(torch.isfinite(tensor.sum()) or torch.isfinite(tensor).all())
 
 
 def _compile_pattern(path: Path, field: str, pattern: object) -> list[tuple[re.Pattern, float]]:
@@ -287,11 +316,32 @@ def _compile_pattern(path: Path, field: str, pattern: object) -> list[tuple[re.P
         return []
     if not isinstance(pattern, dict) or not all(_is_number(v) for v in pattern.values()):
         raise _error(path, f"{CONFIG_FILE} has an invalid {field}: {pattern!r}")
+    for key in pattern:
+        if len(key) > MAX_PATTERN_KEY_CHARS or not _has_few_quantifiers(key):
+            raise _error(path, f"{CONFIG_FILE} has a {field} key too complex to match safely: "
+                               f"{key[:80]!r} (at most {MAX_PATTERN_QUANTIFIERS} quantifier, "
+                               f"none on a group, up to {MAX_PATTERN_KEY_CHARS} characters)")
     try:
         # PEFT (peft.utils.other.get_pattern_key): a key matches the end of the module path.
         return [(re.compile(rf"(.*\.)?({key})$"), value) for key, value in pattern.items()]
     except re.error as e:
         raise _error(path, f"{CONFIG_FILE} has an invalid {field} key ({e})") from e
+
+
+def _has_few_quantifiers(key: str) -> bool:
+    """At most MAX_PATTERN_QUANTIFIERS unescaped *, +, ? or {, none right after a group's ")".
+    A "?" opening a group's options ("(?:", "(?P<") is no quantifier."""
+    quantifiers, i = 0, 0
+    while i < len(key):
+        if key[i] == "\\":
+            i += 2
+            continue
+        if key[i] in "*+?{" and not (key[i] == "?" and i > 0 and key[i - 1] == "("):
+            if i > 0 and key[i - 1] == ")":
+                return False
+            quantifiers += 1
+        i += 1
+    return quantifiers <= MAX_PATTERN_QUANTIFIERS
 
 
 def _pattern_value(
@@ -313,6 +363,8 @@ def _read_tensors(path: Path, files: Mapping[str, bytes] | None) -> dict[str, to
             return load_safetensors_bytes(files[WEIGHTS_FILE])
         except (SafetensorError, ValueError) as e:
             raise _error(path, f"{WEIGHTS_FILE} is corrupt or truncated ({e})") from e
+        except KeyError as e:  # a dtype safetensors knows but torch has no type for
+            raise _unknown_dtype(path, e) from None
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         if (path / PICKLE_WEIGHTS_FILE).exists():
@@ -329,6 +381,13 @@ def _read_tensors(path: Path, files: Mapping[str, bytes] | None) -> dict[str, to
             return {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as e:
         raise _error(path, f"{WEIGHTS_FILE} is corrupt or truncated ({e})") from e
+    except KeyError as e:
+        raise _unknown_dtype(path, e) from None
+
+
+def _unknown_dtype(path: Path, error: KeyError) -> AdapterError:
+    return _error(path, f"{WEIGHTS_FILE} holds a tensor of dtype {error.args[0]!r}, which has no "
+                        "torch type here; save the adapter in F32, F16 or BF16")
 
 
 def _pair_tensors(
@@ -368,15 +427,13 @@ def _pair_tensors(
                 f"{WEIGHTS_FILE} tensor {key} is for layer {layer} "
                 f"but the base model has num_layers={num_layers}",
             )
-        if tensor.dim() != 2 or not tensor.is_floating_point():
+        if tensor.dim() != 2 or tensor.dtype not in _FLOAT_DTYPES:
             raise _error(
                 path,
-                f"{WEIGHTS_FILE} tensor {key} must be a 2-D float matrix, "
-                f"got shape {tuple(tensor.shape)} {tensor.dtype}",
+                f"{WEIGHTS_FILE} tensor {key} must be a 2-D float matrix (F16, BF16, F32 or "
+                f"F64), got shape {tuple(tensor.shape)} {tensor.dtype}",
             )
-        # A sum is non-finite whenever any element is NaN/Inf, and costs a tenth of an
-        # element-wise check; the exact check only runs to rule out a (huge-value) overflow.
-        if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+        if not _is_finite(tensor):
             raise _error(path, f"{WEIGHTS_FILE} tensor {key} contains NaN or Inf")
         pair = found.setdefault((layer, name), {})
         if which in pair:

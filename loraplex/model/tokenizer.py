@@ -62,6 +62,11 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON's \ud800-style escapes can spell half a character
+            raise TokenizerError("the text holds a lone surrogate escape (\\ud800-\\udfff), "
+                                 "not text") from None
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -52,6 +52,10 @@ class Sealer(Protocol):
         """The files to store in the artifact dir ({file name: bytes}) for these plain ones."""
         ...
 
+    def is_intact(self, tenant: str, directory: Path) -> bool:
+        """Whether the artifact dir's files decrypt to the content its name says."""
+        ...
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -86,7 +90,8 @@ def store_artifact(home: Path, tenant: str, src_dir: Path, validate: Validate | 
             raise InvalidInput(str(error)) from error
         rank, target_modules = int(info["rank"]), tuple(info["target_modules"])
     relative = artifact_path(tenant, sha256)
-    write_sealed(home, relative, sealer.seal(tenant, sha256, files))
+    write_sealed(home, relative, sealer.seal(tenant, sha256, files),
+                 is_intact=lambda final: sealer.is_intact(tenant, final))
     size_bytes = sum(len(data) for data in files.values())
     return Artifact(sha256, relative, size_bytes, rank, target_modules)
 
@@ -99,8 +104,11 @@ def manifest_sha256(files: Mapping[str, bytes]) -> str:
     return hashlib.sha256(manifest.encode()).hexdigest()
 
 
-def write_sealed(home: Path, relative: str, sealed: Mapping[str, bytes]) -> None:
-    """Publish the sealed files as the artifact dir `relative` (a no-op if it exists)."""
+def write_sealed(home: Path, relative: str, sealed: Mapping[str, bytes],
+                 is_intact: Callable[[Path], bool] | None = None) -> None:
+    """Publish the sealed files as the artifact dir `relative`: a no-op if it exists, unless
+    `is_intact(dir)` says the existing one is damaged (then the new files replace it, so that
+    pushing the same adapter again repairs a corrupted artifact)."""
     artifacts = home / ARTIFACTS_DIR
     tmp_root = artifacts / TMP_DIR
     final = home / relative
@@ -115,7 +123,7 @@ def write_sealed(home: Path, relative: str, sealed: Mapping[str, bytes]) -> None
             for name, data in sealed.items():
                 _write(tmp / name, data)
             _fsync(tmp)
-            _publish(tmp, final)
+            _publish(tmp, final, is_intact)
             _fsync(final.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # already gone when published
@@ -146,15 +154,29 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(writer.fileno())
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def _publish(tmp: Path, final: Path, is_intact: Callable[[Path], bool] | None) -> None:
     try:
         os.replace(tmp, final)
+        return
     except OSError:
         # A non-empty final dir already exists: the same content was pushed before by this
         # tenant (or is being pushed right now by another process); it seals the same
-        # plaintext under the tenant's key, keep it.
+        # plaintext under the tenant's key, keep it, unless it no longer decrypts.
         if not final.is_dir():
             raise
+    if is_intact is None or is_intact(final):
+        return
+    # Damaged on disk: moved aside into the temp root (swept like a dead push's dir if this
+    # one dies here), the new copy renamed into its place. Another push of the same content
+    # may win the rename: its copy is as good as ours.
+    damaged = Path(tempfile.mkdtemp(prefix="damaged-", dir=tmp.parent))
+    os.replace(final, damaged / final.name)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+    shutil.rmtree(damaged, ignore_errors=True)
 
 
 def remove_abandoned(home: Path) -> None:

@@ -46,7 +46,10 @@ def transaction(conn: sqlite3.Connection, *, write: bool = True) -> Iterator[Non
     try:
         yield
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite rolls back by itself after some failures (SQLITE_FULL: a full disk); a second
+        # ROLLBACK would then replace that error with "no transaction is active".
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
 

@@ -6,11 +6,13 @@ Every failure is an OpenAI-style error body with the right status; one tenant's 
 never reaches the engine, and one tenant cannot tell another's adapters from missing ones.
 """
 
+import sqlite3
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.export.jobs import ExportJobs
@@ -32,6 +34,8 @@ from loraplex.server.routes.models import models_router
 from loraplex.server.routes.webhooks import webhooks_router
 from loraplex.server.serving import VERSION_HEADER, ServerSettings, Serving
 from loraplex.server.tenant_data import tenant_data_router
+from loraplex.storage import CODE as STORAGE_FULL_CODE
+from loraplex.storage import StorageFull, is_storage_full
 from loraplex.train.fine_tuning import FineTuning
 from loraplex.train.jobs import TrainingJobs
 from loraplex.vault import Vault
@@ -101,6 +105,25 @@ def create_app(
     async def _registry_error(_request, exc: RegistryError):
         status = {NotFound: 404, AlreadyExists: 409, InvalidInput: 400}.get(type(exc), 400)
         return JSONResponse(OpenAIError(status, str(exc)).body(), status_code=status)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _storage_full(request: Request, exc: Exception):
+        """A full disk under the home is a 507 naming it (the request was fine: retry once
+        there is room); any other I/O failure stays a server error."""
+        if not is_storage_full(exc):
+            raise exc
+        message = str(exc if isinstance(exc, StorageFull)
+                      else StorageFull(f"{request.method} {request.url.path}"))
+        error = OpenAIError(507, message, "server_error", code=STORAGE_FULL_CODE)
+        return JSONResponse(error.body(), status_code=507)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request, exc: HTTPException):
+        """FastAPI's own refusals (no such route, a method the route lacks, a body it cannot
+        parse, such as JSON nested too deeply) in the same shape as every other error."""
+        error = OpenAIError(exc.status_code, str(exc.detail))
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, exc: RequestValidationError):

@@ -15,6 +15,8 @@ def _schema_text(schema, param: str) -> str:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
             raise OpenAIError(400, f"{param}: not valid JSON: {e}", param=param) from None
+        except RecursionError:  # json's parser recurses once per nesting level
+            raise OpenAIError(400, f"{param}: nested too deeply", param=param) from None
     if not isinstance(schema, dict):
         raise OpenAIError(400, f"{param}: a JSON schema must be an object", param=param)
     return json.dumps(schema)

@@ -16,6 +16,7 @@ setting promotes fine-tuned versions).
 from __future__ import annotations
 
 import copy
+import logging
 import secrets
 import threading
 import time
@@ -26,6 +27,7 @@ from loraplex.registry import NotFound, Registry
 from loraplex.registry.fine_tuning import FineTuningStore
 from loraplex.registry.resolver import split_pinned
 from loraplex.registry.tenants import Principal, check_name
+from loraplex.storage import is_storage_full
 from loraplex.train.jobs import CANCELLED, FAILED, SUCCEEDED, TrainingJob, TrainingJobs
 from loraplex.vault import DatasetNotFound, Vault, VaultError
 from loraplex.webhooks import WebhookSender
@@ -35,6 +37,8 @@ AUTO_EPOCHS = 3
 MAX_AUTO_BATCH_SIZE = 8
 UNFINISHED = ("validating_files", "queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
+FULL_DISK_RETRY_S = 1.0  # how often a finished job's outcome is saved again while the disk is full
+log = logging.getLogger(__name__)
 
 
 class FineTuningError(ValueError):
@@ -174,7 +178,19 @@ class FineTuning:
         elif kind == "checkpoint":
             self._checkpoint(job, event)
         elif kind == "finished":
-            self._finished(tenant_id, job, training)
+            # Its outcome must be saved (a job left "running" would wait for a restart): while
+            # the disk is full, retried on this thread; no other job could store a version now.
+            while True:
+                try:
+                    self._finished(tenant_id, job, training)
+                    return
+                except Exception as e:
+                    if not is_storage_full(e) or self.jobs.is_closed:
+                        raise
+                    log.warning("fine-tuning job %s: cannot save its outcome yet: %s",
+                                job["id"], e)
+                    time.sleep(FULL_DISK_RETRY_S)
+                    job = self.store.get_job(tenant_id, job_id)
 
     def _checkpoint(self, job: dict, event: dict) -> None:
         step = event["step"]
@@ -256,10 +272,16 @@ class FineTuning:
 
     def _event(self, job: dict, message: str, kind: str = "message", data: dict | None = None,
                *, level: str = "info") -> None:
-        self.store.add_event(job["id"], {
-            "id": f"ftevent-{secrets.token_hex(12)}", "object": "fine_tuning.job.event",
-            "created_at": int(time.time()), "level": level, "message": message,
-            "data": data or {}, "type": kind})
+        try:
+            self.store.add_event(job["id"], {
+                "id": f"ftevent-{secrets.token_hex(12)}", "object": "fine_tuning.job.event",
+                "created_at": int(time.time()), "level": level, "message": message,
+                "data": data or {}, "type": kind})
+        except Exception as e:
+            if not is_storage_full(e):
+                raise
+            # An event is a log line: on a full disk it is lost, the job's state is not.
+            log.warning("fine-tuning job %s: event %r not saved: %s", job["id"], message, e)
 
     def _recover(self) -> None:
         """After a restart: running jobs failed with a reason, waiting ones queued again."""

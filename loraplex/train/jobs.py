@@ -11,6 +11,7 @@ nothing behind (see trainer.py).
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled")
@@ -197,7 +200,10 @@ class TrainingJobs:
         finished = event["event"] == "finished"  # the job's last event: forget its listener
         listener = (self._listeners.pop if finished else self._listeners.get)(job.id, None)
         if listener is not None:
-            listener(job, event)
+            try:
+                listener(job, event)
+            except Exception:  # the listener's own failure must not stop the queue's thread
+                log.exception("training job %s: its listener failed on %s", job.id, event)
 
     def _spawn(self, job: TrainingJob) -> subprocess.Popen:
         request = {"home": str(self.home), "tenant": job.tenant, "dataset": job.dataset,

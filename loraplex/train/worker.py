@@ -41,6 +41,7 @@ def emit(event: dict) -> None:
 
 def main() -> int:
     from loraplex.model.pull import PullError
+    from loraplex.storage import full_disk_as
     from loraplex.train import train_adapter
 
     die_with_parent()
@@ -55,8 +56,11 @@ def main() -> int:
               "eval_loss": eval_loss})
 
     try:
-        version = train_adapter(Path(job.pop("home")), job.pop("tenant"), **job, progress=False,
-                                on_progress=on_progress, on_checkpoint=on_checkpoint)
+        # Storing the new version may find no room (a file, the registry's commit): say so.
+        with full_disk_as("storing the trained adapter"):
+            version = train_adapter(Path(job.pop("home")), job.pop("tenant"), **job,
+                                    progress=False, on_progress=on_progress,
+                                    on_checkpoint=on_checkpoint)
     except (ValueError, OSError, PullError) as e:  # each carries a clear message
         emit({"event": "error", "message": str(e)})
         return 1

@@ -39,7 +39,7 @@ from loraplex.registry.artifacts import (
     write_sealed,
 )
 from loraplex.vault import crypto
-from loraplex.vault.errors import IntegrityError
+from loraplex.vault.errors import IntegrityError, VaultError
 from loraplex.vault.store import Vault
 
 KEY_FILE = "key.sealed"
@@ -82,6 +82,14 @@ class ArtifactSealer:
         for name, data in files.items():
             sealed[name + SEALED_SUFFIX] = crypto.encrypt(key, data, _aad(tenant, sha256, name))
         return sealed
+
+    def is_intact(self, tenant: str, directory: Path) -> bool:
+        """Whether the artifact dir decrypts to the content its name (its sha256) says."""
+        try:
+            files = self.reader(tenant, directory)()
+        except (VaultError, OSError):
+            return False
+        return manifest_sha256(files) == Path(directory).name
 
     def reader(self, tenant: str, directory: str | Path) -> SealedArtifact:
         """What reads the tenant's artifact at `directory` (absolute), decrypting in memory."""

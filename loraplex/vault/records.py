@@ -42,6 +42,8 @@ def parse_jsonl(data: bytes) -> list[dict]:
             check_record(record)
         except json.JSONDecodeError as e:
             errors.append(f"line {number}: invalid JSON: {e.msg} (column {e.colno})")
+        except RecursionError:  # json's parser recurses once per nesting level
+            errors.append(f"line {number}: invalid JSON: nested too deeply")
         except ValueError as e:
             errors.append(f"line {number}: {e}")
         else:
@@ -112,6 +114,11 @@ def _check_text(value: object, where: str) -> None:
         raise ValueError(f"{where} must be a string, got {_type_name(value)}")
     if not value.strip():
         raise ValueError(f"{where} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's \ud800-style escapes can spell half a character
+        raise ValueError(f"{where} holds a lone surrogate escape (\\ud800-\\udfff), "
+                         "not text") from None
 
 
 def _type_name(value: object) -> str:

@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -147,9 +147,7 @@ class Vault:
                 conn.execute(statement)
             # A write killed midway (SIGKILL, power loss) leaves a temp file, or a dataset
             # file whose row never committed: swept here, under the write lock.
-            kept = {self._path(_version(row)) for row in conn.execute(
-                "SELECT * FROM dataset_versions")}
-            sweep_partial_writes(self.dir / TENANTS_DIR, kept)
+            self._sweep(conn)
 
     def close(self) -> None:
         with self._lock:
@@ -309,8 +307,23 @@ class Vault:
 
     @contextmanager
     def _change(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, transaction(self._conn):
-            yield self._conn
+        with self._lock:
+            try:
+                with transaction(self._conn):
+                    yield self._conn
+            except BaseException:
+                # A write that failed (a full disk) may have left its temp file, or a dataset
+                # file whose row did not commit: gone now, not at the next start. Never in
+                # place of the error itself (the next start sweeps what this one cannot).
+                with suppress(sqlite3.Error, OSError):
+                    self._sweep(self._conn)
+                raise
+
+    def _sweep(self, conn: sqlite3.Connection) -> None:
+        """Delete partial writes (see sweep_partial_writes); call with the write lock held."""
+        kept = {self._path(_version(row)) for row in conn.execute(
+            "SELECT * FROM dataset_versions")}
+        sweep_partial_writes(self.dir / TENANTS_DIR, kept)
 
     def _check_upload(self, tenant: str, data: bytes) -> list[dict]:
         """The upload's records, once the tenant exists and the data is a valid dataset."""

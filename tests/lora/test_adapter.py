@@ -448,3 +448,58 @@ def test_files_from_memory_are_checked_like_files(adapter, shapes, changes, word
                      read_files=lambda: files)
     assert str(refused.value).startswith("adapter upload: ")
     assert all(word in str(refused.value) for word in words)
+
+
+# --- refusals found by fuzzing (loraplex/faults/fuzz_adapters.py): each was an unexpected
+# exception (a 500 on upload), a hang, or an adapter served silently wrong ---
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"target_modules": 5}, "invalid target_modules"),  # was a TypeError
+    ({"target_modules": [1, 2]}, "invalid target_modules"),
+    ({"lora_alpha": float("nan")}, "numeric lora_alpha"),  # was served: every delta NaN
+    ({"r": float("inf")}, "positive r"),
+    ({"use_rslora": "false"}, "use_rslora"),  # was read as true
+    ({"rank_pattern": {"(.|.)*!": 4}}, "too complex"),  # was a hang (regex backtracking)
+    ({"alpha_pattern": {"(a+)+$": 4}}, "too complex"),
+    ({"lora_alpha": 1e308}, "overflows"),  # was served: every delta Inf
+], ids=repr)
+def test_refuses_config_found_by_fuzzing(adapter, shapes, changes, words):
+    edit_config(adapter, **changes)
+    refusal(adapter, shapes, words)
+
+
+def test_pattern_keys_with_one_quantifier_still_work(adapter, shapes):
+    edit_config(adapter, rank_pattern={r"layers\.\d+\.self_attn.q_proj": 4, "(?:k|v)_proj": 4})
+    assert load(adapter, shapes).rank == 4
+
+
+def test_refuses_deeply_nested_config(adapter, shapes):
+    (adapter / "adapter_config.json").write_bytes(b"[" * 100_000)  # was a RecursionError
+    refusal(adapter, shapes, "nested too deeply")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_refuses_float8_tensor(adapter, shapes, dtype):  # was a NotImplementedError (sum)
+    edit_tensors(adapter, lambda tensors: tensors.update({Q0_A: tensors[Q0_A].to(dtype)}))
+    refusal(adapter, shapes, Q0_A, "float")
+
+
+def test_refuses_rank_zero(adapter, shapes):  # was a ZeroDivisionError (the scaling)
+    edit_config(adapter, rank_pattern={"q_proj": 0})
+    edit_tensors(adapter, lambda tensors: tensors.update({
+        Q0_A: tensors[Q0_A][:0], Q0_B: tensors[Q0_B][:, :0]}))
+    refusal(adapter, shapes, "rank 0")
+
+
+def test_refuses_dtype_without_a_torch_type(adapter, shapes):  # was a KeyError
+    header = json.dumps({Q0_A: {"dtype": "F8_E8M0", "shape": [4, 64],
+                                "data_offsets": [0, 256]}}).encode()
+    header += b" " * (-len(header) % 8)
+    data = len(header).to_bytes(8, "little") + header + bytes(256)
+    (adapter / "adapter_model.safetensors").write_bytes(data)
+    refusal(adapter, shapes, "float8_e8m0")  # from a file, torch has the type: not a float we use
+    files = {name: (adapter / name).read_bytes()
+             for name in ("adapter_config.json", "adapter_model.safetensors")}
+    with pytest.raises(AdapterError, match="dtype 'F8_E8M0', which has no torch type"):
+        load(adapter, shapes, read_files=lambda: files)  # from bytes, safetensors.torch has none

@@ -100,7 +100,7 @@ def test_each_dtype_and_each_edit_of_the_files_has_its_own_entry(adapter, shapes
     assert len(entries(cache)) == 3
 
 
-@pytest.mark.parametrize("damage", ["garbage", "nan", "wrong shape"])
+@pytest.mark.parametrize("damage", ["garbage", "nan", "wrong shape", "flipped value"])
 def test_a_damaged_entry_is_ignored_and_rewritten(adapter, shapes, tmp_path, damage):
     cache = tmp_path / "cache"
     want = load(adapter, shapes, cache)
@@ -115,6 +115,8 @@ def test_a_damaged_entry_is_ignored_and_rewritten(adapter, shapes, tmp_path, dam
             metadata = f.metadata()
         if damage == "nan":
             tensors["v_proj.lora_a"][0, 0, 0] = float("nan")
+        elif damage == "flipped value":  # passes every shape check: the checksum must catch it
+            tensors["v_proj.lora_a"][0, 0, 0] += 1.0
         else:
             tensors["v_proj.lora_a"] = tensors["v_proj.lora_a"][:, :, :-1].contiguous()
         save_file(tensors, entry, metadata=metadata)

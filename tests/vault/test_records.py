@@ -61,3 +61,13 @@ def test_empty_file():
 def test_invalid_utf8_names_the_line():
     with pytest.raises(InvalidDataset, match="line 3: not valid UTF-8"):
         parse_jsonl(CHAT + b'{"prompt": "\xff"}\n')
+
+
+def test_deep_nesting_is_a_line_error():  # was a RecursionError (found by fuzzing)
+    with pytest.raises(InvalidDataset, match="line 2: invalid JSON: nested too deeply"):
+        parse_jsonl(CHAT.splitlines()[0] + b"\n" + b"[" * 100_000 + b"\n")
+
+
+def test_lone_surrogate_is_refused():  # accepted, then a TypeError in training's tokenizer
+    with pytest.raises(InvalidDataset, match="line 1: prompt holds a lone surrogate"):
+        parse_jsonl(b'{"prompt": "a\\ud800", "completion": "b"}\n')

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from loraplex.engine.async_engine import StreamDelta
+from loraplex.model.tokenizer import TokenizerError
 from loraplex.registry.tenants import Principal
 from loraplex.server.protocol import CompletionRequest, OpenAIError, new_id, now
 from loraplex.server.responses import (
@@ -56,7 +57,10 @@ def completions_router(serving: Serving) -> APIRouter:
                           principal: Tenant):
         target = serving.resolve(principal, body.model, body.user)
         if isinstance(body.prompt, str):
-            prompt_ids = tokenizer.encode(body.prompt)
+            try:
+                prompt_ids = tokenizer.encode(body.prompt)
+            except TokenizerError as e:
+                raise OpenAIError(400, str(e), param="prompt") from None
         else:
             if not all(0 <= t < tokenizer.vocab_size for t in body.prompt):
                 raise OpenAIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})",
