@@ -13,11 +13,25 @@ from starlette.datastructures import UploadFile
 from loraplex.registry import InvalidInput, Registry
 from loraplex.registry.tenants import DEFAULT_ROTATION_OVERLAP_S, MAX_ROTATION_OVERLAP_S
 from loraplex.server.auth import Authenticator
+from loraplex.server.openapi import linked
 from loraplex.server.prewarm import prewarm_serving, warm_before_traffic, warm_or_log
 from loraplex.server.protocol import OpenAIError
 from loraplex.vault.artifacts import ArtifactSealer
 
 UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# A created tenant's name, a created (or rotated-in) key's id: what the schema's links pass on.
+TENANT_LINKS = linked(200, {"tenant": "$response.body#/name"},
+                      "POST /admin/tenants/{tenant}/keys", "GET /admin/tenants/{tenant}/quota",
+                      "PATCH /admin/tenants/{tenant}/quota", "GET /admin/tenants/{tenant}/adapters",
+                      "DELETE /admin/tenants/{tenant}/vault")
+KEY_LINKS = linked(200, {"key_id": "$response.body#/key_id"},
+                   "DELETE /admin/keys/{key_id}", "POST /admin/keys/{key_id}/rotate")
+# After a change to an adapter's split, the operations on the same adapter.
+ADAPTER_LINKS = linked(200, {"tenant": "$request.path.tenant", "name": "$request.path.name"},
+                       *(f"{method} /admin/tenants/{{tenant}}/adapters/{{name}}{operation}"
+                         for method, operation in (("GET", ""), ("GET", "/stats"),
+                                                   ("POST", "/promote"), ("POST", "/rollback"),
+                                                   ("PUT", "/split"), ("POST", "/prewarm"))))
 
 
 class TenantBody(BaseModel):
@@ -26,7 +40,8 @@ class TenantBody(BaseModel):
 
 
 class PromoteBody(BaseModel):
-    version: int = Field(ge=1)
+    # strict: JSON true is not version 1 (pydantic's lax mode would promote v1 for it).
+    version: int = Field(ge=1, strict=True)
 
 
 class QuotaBody(BaseModel):
@@ -78,7 +93,7 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
     def actor(request: Request) -> str:
         return f"admin-key:{auth.admin(request).key_id}"
 
-    @router.post("/tenants")
+    @router.post("/tenants", responses=TENANT_LINKS)
     async def create_tenant(body: TenantBody, request: Request):
         who = actor(request)
         tenant = registry.create_tenant(body.name, actor=who)
@@ -91,7 +106,7 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
         actor(request)
         return {"tenants": [asdict(t) for t in registry.list_tenants()]}
 
-    @router.post("/tenants/{tenant}/keys")
+    @router.post("/tenants/{tenant}/keys", responses=KEY_LINKS)
     async def create_key(tenant: str, request: Request):
         key_id, key = registry.create_key(tenant, actor=actor(request))
         return {"key_id": key_id, "key": key, "note": "shown once; store it now"}
@@ -101,7 +116,7 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
         registry.revoke_key(key_id, actor=actor(request))
         return {"revoked": key_id}
 
-    @router.post("/keys/{key_id}/rotate")
+    @router.post("/keys/{key_id}/rotate", responses=KEY_LINKS)
     async def rotate_key(key_id: str, request: Request, body: RotateBody | None = None):
         """A tenant's or an admin key: the new key now, the old one expires after the overlap."""
         overlap = (body or RotateBody()).overlap_seconds
@@ -141,17 +156,17 @@ def admin_router(registry: Registry, engine, ledger, sealer: ArtifactSealer,
         actor(request)
         return _adapter_json(registry.show_adapter(tenant, name))
 
-    @router.post("/tenants/{tenant}/adapters/{name}/promote")
+    @router.post("/tenants/{tenant}/adapters/{name}/promote", responses=ADAPTER_LINKS)
     async def promote(tenant: str, name: str, body: PromoteBody, request: Request):
         await warm(tenant, name, [body.version])  # before any traffic moves to it
         split = registry.promote(tenant, name, body.version, actor=actor(request))
         return {"split": _split_json(split)}
 
-    @router.post("/tenants/{tenant}/adapters/{name}/rollback")
+    @router.post("/tenants/{tenant}/adapters/{name}/rollback", responses=ADAPTER_LINKS)
     async def rollback(tenant: str, name: str, request: Request):
         return {"split": _split_json(registry.rollback(tenant, name, actor=actor(request)))}
 
-    @router.put("/tenants/{tenant}/adapters/{name}/split")
+    @router.put("/tenants/{tenant}/adapters/{name}/split", responses=ADAPTER_LINKS)
     async def split(tenant: str, name: str, body: SplitBody, request: Request):
         who = actor(request)
         parsed = parse_split(body.split)

@@ -24,6 +24,7 @@ from loraplex.server.auth import Authenticator, FailedAuthThrottle
 from loraplex.server.console import Console, mount_console
 from loraplex.server.console.sessions import SessionStore
 from loraplex.server.metrics import Metrics
+from loraplex.server.openapi import ERROR_RESPONSES
 from loraplex.server.prewarm import prewarm_at_start
 from loraplex.server.protocol import OpenAIError
 from loraplex.server.routes.chat import Chat, chat_router
@@ -93,7 +94,8 @@ def create_app(
         store.close()
         vault.close()
 
-    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
+                  responses=ERROR_RESPONSES)
     app.state.engine, app.state.registry, app.state.settings = engine, registry, settings
     app.state.metrics = metrics
 

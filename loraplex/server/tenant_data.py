@@ -17,9 +17,14 @@ from loraplex.registry import Registry
 from loraplex.registry.fine_tuning import FineTuningStore
 from loraplex.server.admin import RotateBody, rotated_json, usage_report
 from loraplex.server.auth import Authenticator
+from loraplex.server.openapi import linked
 from loraplex.server.protocol import OpenAIError
 from loraplex.train.jobs import JobNotFound, TrainingJobs
 from loraplex.vault import DatasetNotFound, MasterKeyError, Vault, VaultError
+
+JOB_LINKS = linked(202, {"tenant": "$request.path.tenant", "job_id": "$response.body#/id"},
+                   "GET /tenants/{tenant}/training-jobs/{job_id}",
+                   "DELETE /tenants/{tenant}/training-jobs/{job_id}")
 
 
 class TrainBody(BaseModel):
@@ -123,7 +128,7 @@ def tenant_data_router(registry: Registry, vault: Vault, jobs: TrainingJobs,
         versions = await asyncio.to_thread(_vault_call, vault.remove, tenant, name, actor=who)
         return {"deleted": name, "versions": [v.label for v in versions]}
 
-    @router.post("/training-jobs", status_code=202)
+    @router.post("/training-jobs", status_code=202, responses=JOB_LINKS)
     async def start_training(tenant: str, body: TrainBody, request: Request):
         """Queue a training job; poll GET .../training-jobs/{id} for its progress."""
         queue, who = training(request, tenant)
@@ -155,8 +160,14 @@ def queue_training_job(registry: Registry, vault: Vault, jobs: TrainingJobs, ten
     options = body.model_dump()
     _check_before_queueing(vault, tenant, options)
     job = jobs.start(tenant, actor=who, **options)
-    registry.record_audit(who, "train.start", f"{tenant}/{body.adapter}",
-                          {"job": job.id, **options}, tenant=tenant)
+    try:
+        registry.record_audit(who, "train.start", f"{tenant}/{body.adapter}",
+                              {"job": job.id, **options}, tenant=tenant)
+    except Exception:
+        # Its client is told the job was refused (a full disk: 507): it must not run, and
+        # unaudited. Cancelling is race-free: a job is queued, or running with its worker.
+        jobs.cancel(job.id)
+        raise
     return job
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from loraplex.registry import InvalidInput
 from loraplex.registry.fine_tuning import FineTuningStore
 from loraplex.registry.tenants import Principal
+from loraplex.server.openapi import linked
 from loraplex.server.protocol import OpenAIError, refuse_unknown_query
 from loraplex.server.serving import Serving
 from loraplex.train.fine_tuning import FineTuning, FineTuningError, JobRequest
@@ -79,13 +80,19 @@ class CreateJob(_Strict):
                           self.seed, self.metadata)
 
 
+JOB_LINKS = linked(200, {"job_id": "$response.body#/id"}, "GET /v1/fine_tuning/jobs/{job_id}",
+                   "POST /v1/fine_tuning/jobs/{job_id}/cancel",
+                   "GET /v1/fine_tuning/jobs/{job_id}/events",
+                   "GET /v1/fine_tuning/jobs/{job_id}/checkpoints")
+
+
 def fine_tuning_router(serving: Serving, fine_tuning: FineTuning,
                        store: FineTuningStore) -> APIRouter:
     router = APIRouter(prefix="/v1/fine_tuning/jobs")
     Tenant = Annotated[Principal, Depends(serving.authenticate)]
     Limit = Annotated[int, Query(ge=1, le=100)]
 
-    @router.post("")
+    @router.post("", responses=JOB_LINKS)
     async def create(body: CreateJob, principal: Tenant):
         return await asyncio.to_thread(_call, fine_tuning.create, principal, body.to_request(),
                                        actor=f"key:{principal.key_id}")
