@@ -28,7 +28,9 @@ class AdapterStats:
     slot_misses: int = 0  # it had to be activated into a slot
     host_misses: int = 0  # it had to be read from disk
     load_seconds: list[float] = field(default_factory=list)  # disk -> host, per load
+    load_seconds_total: float = 0.0
     activate_seconds: list[float] = field(default_factory=list)  # host -> slot, per activation
+    activate_seconds_total: float = 0.0  # the sums: a reader of snapshots takes their deltas
 
 
 class AdapterManager:
@@ -69,6 +71,7 @@ class AdapterManager:
             cache_scope=adapter.cache_scope,
         )
         self.stats.load_seconds.append(time.perf_counter() - start)
+        self.stats.load_seconds_total += self.stats.load_seconds[-1]
         return weights
 
     def poll(self, adapter: AdapterRequest) -> str | None:
@@ -165,6 +168,7 @@ class AdapterManager:
         slot = victims[0]
         self.slots.activate(slot, weights)
         self.stats.activate_seconds.append(time.perf_counter() - start)
+        self.stats.activate_seconds_total += self.stats.activate_seconds[-1]
         self.stats.slot_misses += 1
         self.slot_adapter[slot] = adapter_id
         self.slot_last_used[slot] = step
@@ -267,6 +271,8 @@ class AdapterManager:
             "slot_hits": self.stats.slot_hits,
             "slot_misses": self.stats.slot_misses,
             "host_misses": self.stats.host_misses,
+            "host_load_ms_total": 1e3 * self.stats.load_seconds_total,
+            "slot_activate_ms_total": 1e3 * self.stats.activate_seconds_total,
             "slot_buffer_bytes": self.slots.num_bytes(),
             "slot_pages": self.slots.pages.num_pages,
             "slot_pages_free": self.slots.pages.num_free,
