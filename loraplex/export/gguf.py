@@ -17,6 +17,7 @@ or untouched.
 import errno
 import os
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -323,7 +324,11 @@ def _write(writer: gguf.GGUFWriter, out_path: Path, modelfile: str) -> ExportRes
             ) from None
         raise ExportError(f"cannot write {out_path}: {e}") from None
     finally:
-        writer.close()  # a no-op after a successful close; frees the file after a failure
+        # A no-op after a successful close; after a failure it frees the file, and its flush
+        # of what is still buffered fails again on a full disk: that must not skip the clean-up
+        # below nor replace the error above (the file is closed even when the flush fails).
+        with suppress(OSError):
+            writer.close()
         for temp in temps:
             temp.unlink(missing_ok=True)  # gone already once renamed
     return ExportResult(out_path, modelfile_path(out_path), out_path.stat().st_size)

@@ -3,6 +3,8 @@ found a fault not survived.
 
     python -m loraplex.faults soak [--requests 10000] [--tenants 16] [--concurrency 32]
     python -m loraplex.faults crash [--rounds 3]
+    python -m loraplex.faults disk-full [--rounds 3]   (as root: it mounts a small tmpfs)
+    python -m loraplex.faults corrupt [--rounds 3]
     python -m loraplex.faults fuzz [--examples 1000] [--seed 0] [--targets chat_completions,...]
 
 Each run works in a fresh temp dir (kept with --keep, to read its serve.log), on a tiny random
@@ -42,7 +44,20 @@ def _fuzz(options, root: Path) -> dict:
     return run_fuzz(root, options.examples, options.seed, targets=targets).as_dict()
 
 
-KINDS = {"soak": _soak, "crash": _crash, "fuzz": _fuzz}
+def _disk_full(options, root: Path) -> dict:
+    from loraplex.faults.disk_full import run_disk_full
+
+    return run_disk_full(root, rounds=options.rounds).as_dict()
+
+
+def _corrupt(options, root: Path) -> dict:
+    from loraplex.faults.corruption import run_corruption
+
+    return run_corruption(root, rounds=options.rounds).as_dict()
+
+
+KINDS = {"soak": _soak, "crash": _crash, "fuzz": _fuzz, "disk-full": _disk_full,
+         "corrupt": _corrupt}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="soak, fuzz: the run's random choices")
     parser.add_argument("--examples", type=int, default=1000, help="fuzz: inputs per target")
     parser.add_argument("--targets", default="", help="fuzz: only these targets (comma-separated)")
-    parser.add_argument("--rounds", type=int, default=3, help="crash: kills of each kind")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="crash: kills of each kind; disk-full, corrupt: rounds")
     parser.add_argument("--keep", action="store_true", help="keep the run's temp dir")
     options = parser.parse_args(argv)
     if min(options.requests, options.tenants, options.concurrency, options.rounds,
