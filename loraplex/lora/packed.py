@@ -137,8 +137,11 @@ def read_packed(
                 return None
             layer_ranks = {module: tuple(ranks)
                            for module, ranks in json.loads(metadata["layer_ranks"]).items()}
-            modules = {module: (f.get_tensor(f"{module}.lora_a"),
-                                f.get_tensor(f"{module}.lora_b_t"))
+            # Copies, not views of the memory-mapped file: the host cache keeps them after the
+            # checksum below, and a view would serve whatever the disk holds later (a file cut
+            # short under it is a SIGBUS that kills the server).
+            modules = {module: (f.get_tensor(f"{module}.lora_a").clone(),
+                                f.get_tensor(f"{module}.lora_b_t").clone())
                        for module in layer_ranks}
     except FileNotFoundError:
         return None  # not cached yet: the usual case

@@ -188,3 +188,21 @@ def test_entries_are_private_and_scoped_to_their_owner(adapter, shapes, tmp_path
     os.utime(entry, ns=(0, 0))
     load(adapter, shapes, cache)
     assert not entry.exists() and len(entries(cache)) == 1
+
+
+def test_a_loaded_entry_does_not_change_with_its_file(adapter, shapes, tmp_path):
+    """The host cache keeps what was read, long after the checksum was checked: it must be a
+    copy, not a view of the file (a view served whatever the disk later held, and a file cut
+    short under it killed the server with SIGBUS when the slot was filled)."""
+    cache = tmp_path / "cache"
+    load(adapter, shapes, cache)
+    cached = load(adapter, shapes, cache)
+    want = {m: (a.clone(), b.clone()) for m, (a, b) in cached.modules.items()}
+    [entry] = entries(cache)
+    size = entry.stat().st_size
+    with open(entry, "r+b") as f:  # in place, as a disk fault would: same inode, same size
+        f.seek(size // 2)
+        f.write(b"\xff" * (size - size // 2))
+    for module, (a, b) in want.items():
+        assert torch.equal(cached.modules[module][0], a)
+        assert torch.equal(cached.modules[module][1], b)
