@@ -6,6 +6,7 @@ found a fault not survived.
     python -m loraplex.faults disk-full [--rounds 3]   (as root: it mounts a small tmpfs)
     python -m loraplex.faults corrupt [--rounds 3]
     python -m loraplex.faults fuzz [--examples 1000] [--seed 0] [--targets chat_completions,...]
+    python -m loraplex.faults stateful [--examples 1000] [--seed 0]
 
 Each run works in a fresh temp dir (kept with --keep, to read its serve.log), on a tiny random
 model built there (seconds); nothing is downloaded.
@@ -44,6 +45,12 @@ def _fuzz(options, root: Path) -> dict:
     return run_fuzz(root, options.examples, options.seed, targets=targets).as_dict()
 
 
+def _stateful(options, root: Path) -> dict:
+    from loraplex.faults.api_stateful import run_stateful
+
+    return run_stateful(root, options.examples, options.seed).as_dict()
+
+
 def _disk_full(options, root: Path) -> dict:
     from loraplex.faults.disk_full import run_disk_full
 
@@ -56,8 +63,8 @@ def _corrupt(options, root: Path) -> dict:
     return run_corruption(root, rounds=options.rounds).as_dict()
 
 
-KINDS = {"soak": _soak, "crash": _crash, "fuzz": _fuzz, "disk-full": _disk_full,
-         "corrupt": _corrupt}
+KINDS = {"soak": _soak, "crash": _crash, "fuzz": _fuzz, "stateful": _stateful,
+         "disk-full": _disk_full, "corrupt": _corrupt}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=10_000, help="soak: requests in all")
     parser.add_argument("--tenants", type=int, default=16, help="soak: tenants")
     parser.add_argument("--concurrency", type=int, default=32, help="soak: clients at once")
-    parser.add_argument("--seed", type=int, default=0, help="soak, fuzz: the run's random choices")
-    parser.add_argument("--examples", type=int, default=1000, help="fuzz: inputs per target")
+    parser.add_argument("--seed", type=int, default=0, help="the run's random choices")
+    parser.add_argument("--examples", type=int, default=1000,
+                        help="fuzz: inputs per target; stateful: scenarios")
     parser.add_argument("--targets", default="", help="fuzz: only these targets (comma-separated)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="crash: kills of each kind; disk-full, corrupt: rounds")
