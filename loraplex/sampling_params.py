@@ -44,12 +44,17 @@ class GrammarSpec:
                f"at most {MAX_GRAMMAR_BYTES} bytes", f"{size} bytes")
 
 
+# Below this a temperature is greedy: dividing logits by, say, 1e-117 overflows them to inf, and
+# the softmax of infs is NaN, so the draw picked any token, one the grammar's mask forbids too.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
     """Independent completions of the same prompt."""
     temperature: float = 1.0
-    """0 means greedy."""
+    """0 (or anything below GREEDY_BELOW_TEMPERATURE) means greedy."""
     top_p: float = 1.0
     """Keep the smallest set of tokens whose probability adds up to top_p."""
     top_k: int = -1
@@ -120,7 +125,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:

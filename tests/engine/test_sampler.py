@@ -54,6 +54,16 @@ def test_sampling_follows_the_distribution():
     assert all(abs(f - p) < 0.03 for f, p in zip(freq, [0.7, 0.2, 0.1], strict=True))
 
 
+@pytest.mark.parametrize("temperature", [5.6e-117, 1e-30, 1e-6])
+def test_a_temperature_too_small_to_divide_by_is_greedy(temperature):
+    """logits / 5.6e-117 overflow to inf and their softmax is NaN: the draw took any token (the
+    fuzzer found one a JSON grammar's mask had forbidden). Such a temperature means greedy."""
+    logits = torch.tensor([[-3.0, 4.0, -float("inf"), 1.0]] * 64)
+    seqs = [seq(SamplingParams(temperature=temperature), seed=i) for i in range(64)]
+    assert all(s.params.is_greedy for s in seqs)
+    assert {t.token_id for t in sample(logits, seqs, torch.Generator())} == {1}
+
+
 def test_logprobs_are_the_models_with_sorted_top_alternatives():
     logits = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
     [tok] = sample(logits, [seq(SamplingParams(temperature=0, logprobs=3))], torch.Generator())
