@@ -4,15 +4,19 @@ in-process, on the same shape, alternating.
 HTTP: `loraplex serve` in its own process; GuideLLM (`pip install guidellm`, its own process
 and ideally its own venv: `--guidellm PATH`) sends streaming chat completions of synthetic
 prompts (`--prompt-tokens`, default 128) asking for `--output-tokens` (64, ignore_eos) with
-N concurrent streams (`--concurrency 1,8,32`), `--requests` of them in all per level. In-process:
+N concurrent streams (`--concurrency 1,8,32`), `--requests` of them in all per level. With
+`--client light` a small asyncio client (httpx, in a process of its own) sends instead the very
+prompts the in-process path gets: on 2 cores the load generator's own CPU counts against the
+server, and GuideLLM's is not small. In-process:
 an AsyncEngine in this process (the server stopped) gets the same requests (synthetic text of
 the same length through the same chat template, the same adapter, temperature 1 as GuideLLM's
 requests leave it) from the same number of concurrent tasks, in a fresh process each round.
 Reported per level: output tokens per second (all output tokens from the first request sent to
 the last one finished) and TTFT p50, each path's median over `--rounds`, and HTTP / in-process.
 
-    python -m loraplex.bench.http_path [--guidellm guidellm] [--concurrency 1,8,32]
-        [--requests 8,32,64] [--rounds 2] [--model smollm2-135m] [--dtype float32]
+    python -m loraplex.bench.http_path [--client guidellm|light] [--guidellm guidellm]
+        [--concurrency 1,8,32] [--requests 8,32,64] [--rounds 2] [--model smollm2-135m]
+        [--dtype float32]
 
 Threads: the server and the in-process engine both run torch's default (one OpenMP thread per
 core); GuideLLM's process and this one mostly wait on sockets.
@@ -30,11 +34,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 from loraplex.bench.fairness import free_port, setup_tenants, start_server, stop_server
 from loraplex.config import EngineConfig
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.home import HOME_ENV
 from loraplex.model.pull import resolve_model
+from loraplex.model.tokenizer import Tokenizer
 from loraplex.registry import Registry
 from loraplex.sampling_params import SamplingParams
 from loraplex.server.serving import adapter_request
@@ -63,21 +70,76 @@ def _guidellm(guidellm: str, url: str, key: str, model_dir: Path, streams: int,
     done = requests["successful"]
     span = max(r["request_end_time"] for r in done) - min(r["request_start_time"] for r in done)
     ttft = metrics["time_to_first_token_ms"]["successful"]["percentiles"]["p50"] / 1000
-    return {"output_tok_s": sum(r["output_tokens"] for r in done) / span, "ttft_p50": ttft}
+    output_tokens = sum(r["output_tokens"] for r in done)
+    return {"output_tok_s": output_tokens / span, "ttft_p50": ttft,
+            "output_tokens": output_tokens}
 
 
-def _prompts(tokenizer, count: int, prompt_tokens: int, seed: int) -> list[list[int]]:
-    """Chat prompts whose user text is `prompt_tokens` tokens of random words, as GuideLLM's
-    synthetic data is, through the model's chat template as the server applies it."""
+def _texts(tokenizer, count: int, prompt_tokens: int, seed: int) -> list[str]:
+    """User messages of `prompt_tokens` tokens of random words, as GuideLLM's synthetic data."""
     rng = random.Random(seed)
-    words = [w for w in (tokenizer.decode([t]).strip() for t in range(1000, 6000)) if w.isalpha()]
-    prompts = []
+    # Words from the middle of the vocabulary (past the bytes and merges of the first 1,000;
+    # a small test vocabulary's first tokens do).
+    first = 1000 if tokenizer.vocab_size > 6000 else 0
+    words = [w for w in (tokenizer.decode([t]).strip()
+                         for t in range(first, min(6000, tokenizer.vocab_size))) if w.isalpha()]
+    texts = []
     for _ in range(count):
         ids = tokenizer.encode(" ".join(rng.choice(words) for _ in range(prompt_tokens * 2)),
                                add_special_tokens=False)[:prompt_tokens]
-        prompts.append(tokenizer.encode_chat([{"role": "user",
-                                               "content": tokenizer.decode(ids)}]))
-    return prompts
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+def _prompts(tokenizer, count: int, prompt_tokens: int, seed: int) -> list[list[int]]:
+    """The _texts through the model's chat template, as the server applies it."""
+    return [tokenizer.encode_chat([{"role": "user", "content": text}])
+            for text in _texts(tokenizer, count, prompt_tokens, seed)]
+
+
+async def _light(url: str, key: str, texts: list[str], streams: int, output_tokens: int) -> dict:
+    """`texts` as streaming chat completions from `streams` concurrent tasks (each sends its
+    next one when its last finished, as GuideLLM's concurrent profile); output tokens/s over
+    the requests' span and TTFT p50 (s), the first token being the first chunk with content."""
+    body = {"model": ADAPTER, "max_tokens": output_tokens, "temperature": 1.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    pending, ttfts, tokens = list(texts), [], 0
+
+    async def client(http: httpx.AsyncClient):
+        nonlocal tokens
+        while pending:
+            text, start, first = pending.pop(), time.perf_counter(), None
+            async with http.stream("POST", "/v1/chat/completions", headers={
+                    "Authorization": f"Bearer {key}"}, json=body | {"messages": [
+                        {"role": "user", "content": text}]}) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if first is None and any(c["delta"].get("content")
+                                             for c in chunk["choices"]):
+                        first = time.perf_counter() - start
+                    if chunk.get("usage") and not chunk["choices"]:
+                        tokens += chunk["usage"]["completion_tokens"]
+            ttfts.append(first)
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=600,
+                                 limits=httpx.Limits(max_connections=streams)) as http:
+        await asyncio.gather(*(client(http) for _ in range(streams)))
+    return {"output_tok_s": tokens / (time.perf_counter() - start),
+            "ttft_p50": statistics.median(ttfts), "output_tokens": tokens}
+
+
+def _light_in_own_process(url: str, key: str, texts: list[str], streams: int,
+                          output_tokens: int) -> dict:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_light_sync, (url, key, texts, streams, output_tokens))
+
+
+def _light_sync(*args) -> dict:
+    return asyncio.run(_light(*args))
 
 
 async def _in_process(engine: AsyncEngine, adapter, prompts: list[list[int]],
@@ -101,14 +163,23 @@ async def _in_process(engine: AsyncEngine, adapter, prompts: list[list[int]],
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(streams)))
     return {"output_tok_s": tokens / (time.perf_counter() - start),
-            "ttft_p50": statistics.median(ttfts)}
+            "ttft_p50": statistics.median(ttfts), "output_tokens": tokens}
 
 
-def _http_round(options, env: dict, key: str, model_dir: Path, levels, tmp: Path) -> dict:
+def _http_round(options, env: dict, key: str, model_dir: Path, levels, tmp: Path,
+                seed: int) -> dict:
     port = free_port()
     server = start_server(options.model, port, env, "fair", options.dtype, 64, 512)
     try:
         url = f"http://127.0.0.1:{port}"
+        if options.client == "light":
+            tokenizer = Tokenizer(model_dir)
+            texts = {streams: _texts(tokenizer, count, options.prompt_tokens, seed)
+                     for streams, count in levels}
+            _light_in_own_process(url, key, texts[levels[0][0]][:1], 1, 4)  # warm-up
+            return {streams: _light_in_own_process(url, key, texts[streams], streams,
+                                                   options.output_tokens)
+                    for streams, _ in levels}
         _guidellm(options.guidellm, url, key, model_dir, 1, 1, options.prompt_tokens, 4,
                   tmp / "warmup.json")
         return {streams: _guidellm(options.guidellm, url, key, model_dir, streams, count,
@@ -146,6 +217,8 @@ def _in_fresh_process(options, home: Path, levels, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--client", choices=("guidellm", "light"), default="guidellm",
+                        help="the HTTP load generator: GuideLLM, or a small client of ours")
     parser.add_argument("--guidellm", default="guidellm", help="GuideLLM's executable")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="float32")
@@ -170,7 +243,7 @@ def main() -> None:
         for round_ in range(options.rounds):
             order = ["http", "in-process"] if round_ % 2 == 0 else ["in-process", "http"]
             for path in order:
-                result = (_http_round(options, env, keys[TENANT], model_dir, levels, home)
+                result = (_http_round(options, env, keys[TENANT], model_dir, levels, home, round_)
                           if path == "http" else _in_fresh_process(options, home, levels, round_))
                 runs[path].append(result)
                 print(json.dumps({"round": round_, "path": path, **{
