@@ -133,8 +133,10 @@ def add_lora(
     lora_b: tuple[torch.Tensor, ...],
     batch: AdapterBatch,
     lora_scales: torch.Tensor | None = None,
+    kernel: cpu_kernel.LoraKernel | None = None,
 ) -> torch.Tensor:
-    """Add each token's LoRA delta to the base layer's output, in place, and return y.
+    """Add each token's LoRA delta to the base layer's output, in place, and return y;
+    `kernel`: the CPU kernel already bound to these buffers (a layer's, kernels/cpu.py).
 
     Semantics (s = the slot of token t as given to AdapterBatch.build, (o, r) = places[s], n =
     len(lora_b), module i's output columns follow module i-1's; with int8 weights, h is
@@ -147,6 +149,10 @@ def add_lora(
     Shapes: x [num_tokens, in], y [num_tokens, sum out_i], lora_a [n * R, in], lora_b n x [R,
     out_i], lora_scales [n * R].
     """
+    if batch.kernel_segments is not None:  # then runs and pieces are empty (build)
+        kernel = kernel or cpu_kernel.LoraKernel(lora_a, lora_b, lora_scales)
+        kernel(y, x, batch.kernel_segments, batch.kernel_places)
+        return y
     n = len(lora_b)
     outs = [b.shape[1] for b in lora_b]
 
@@ -164,9 +170,6 @@ def add_lora(
             y[start:end, column:column + outs[i]].addmm_(shrunk[:, i * r:(i + 1) * r],
                                                          weights(b[row:row + r]))
             column += outs[i]
-    if batch.kernel_segments is not None:
-        cpu_kernel.add_lora_segments(y, x, lora_a, lora_b, batch.kernel_segments,
-                                     batch.kernel_places, lora_scales)
     for pieces in batch.pieces:
         _add_pieces(y, x, lora_a, lora_b, pieces, lora_scales)
     return y

@@ -68,9 +68,9 @@ class AdapterSlots:
                 self.place[module] = (path, i)
             for layer_index, layer in enumerate(model.layers):
                 linear = layer.get_submodule(path)
-                linear.lora_a = self.a[path][layer_index]
-                linear.lora_b = tuple(self.b[module][layer_index] for module in modules)
-                linear.lora_scales = self.scales[path][layer_index] if int8 else None
+                linear.attach_lora(self.a[path][layer_index],
+                                   tuple(self.b[module][layer_index] for module in modules),
+                                   self.scales[path][layer_index] if int8 else None)
 
     def buffers(self) -> list[torch.Tensor]:
         return [*self.a.values(), *self.b.values(), *self.scales.values()]

@@ -188,11 +188,23 @@ class Linear(nn.Module):
         self.lora_a: torch.Tensor | None = None  # [max_loras, modules * max_rank, in_features]
         self.lora_b: tuple[torch.Tensor, ...] = ()  # per module [max_loras, max_rank, out_i]
         self.lora_scales: torch.Tensor | None = None  # int8 weights: [max_loras, modules * r]
+        self.lora_kernel: cpu_kernel.LoraKernel | None = None  # the CPU kernel bound to them
+
+    def attach_lora(self, lora_a: torch.Tensor, lora_b: tuple[torch.Tensor, ...],
+                    lora_scales: torch.Tensor | None) -> None:
+        """Take these slot buffers (lora/slots.py), and bind the CPU kernel to them where it
+        runs, so a step's call checks only its own inputs."""
+        self.lora_a, self.lora_b, self.lora_scales = lora_a, lora_b, lora_scales
+        self.lora_kernel = None
+        dtype = lora_b[0].dtype if lora_scales is None else self.weight.dtype
+        if cpu_kernel.is_available(dtype, lora_a.device):
+            self.lora_kernel = cpu_kernel.LoraKernel(lora_a, lora_b, lora_scales)
 
     def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if adapters is not None and self.lora_a is not None:
-            y = add_lora(y, x, self.lora_a, self.lora_b, adapters, self.lora_scales)
+            y = add_lora(y, x, self.lora_a, self.lora_b, adapters, self.lora_scales,
+                         self.lora_kernel)
         return y
 
 

@@ -199,6 +199,29 @@ def test_kernel_refuses_out_of_range_indices_and_bad_layouts_without_writing():
     assert not cpu_kernel.is_available(torch.float32, torch.device("meta"))
 
 
+@needs_compiler
+def test_a_bound_kernel_checks_each_calls_inputs_against_its_buffers():
+    """LoraKernel checks the slot buffers once; every call still checks its own x, y and
+    segments against them (a layer's kernel is bound at attach, lora/slots.py)."""
+    gen = torch.Generator().manual_seed(1)
+    x, y, places, lora_a, lora_b, _ = random_layer(gen, 4, (10, 6), torch.float32, [8] * 12)
+    places, good = torch.tensor(places), torch.tensor([[0, 0, 2], [3, 2, 4]])
+    kernel = cpu_kernel.LoraKernel(lora_a, lora_b)
+    got = y.clone()
+    kernel(got, x, good, places)
+    want = y.clone()
+    cpu_kernel.add_lora_segments(want, x, lora_a, lora_b, good, places)
+    assert torch.equal(got, want) and not torch.equal(got, y)
+    for bad_y, bad_x in ((y, x.to(torch.bfloat16)),  # not the buffers' dtype
+                         (y, torch.randn(4, 41)),  # not their in_features
+                         (y[:, :-1], x),  # not their out_features
+                         (y[:3], x)):  # not a row of y per token
+        with pytest.raises(cpu_kernel.KernelError, match="dtype, shape or layout"):
+            kernel(bad_y.clone(), bad_x, good, places)
+    with pytest.raises(cpu_kernel.KernelError, match="layout"):  # segments not int64
+        kernel(y.clone(), x, good.int(), places)
+
+
 def random_cache(gen, lens, num_kv_heads, head_dim, dtype, block_size=4):
     """A layer's KV cache [2, rows, kv_heads, head_dim] with each sequence's blocks scattered
     over it in random order, and the rows of every sequence's tokens [num_seqs, width]."""
