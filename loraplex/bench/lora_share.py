@@ -38,10 +38,10 @@ def lora_op_timed(engine, seconds: dict[str, float], skip: bool):
     real_op, real_step = llama.add_lora, engine.step
     kind = "decode"
 
-    def op(y, x, lora_a, lora_b, batch, lora_scales=None):
+    def op(y, x, lora_a, lora_b, batch, lora_scales=None, kernel=None):
         start = time.perf_counter()
         if not skip:
-            real_op(y, x, lora_a, lora_b, batch, lora_scales)
+            real_op(y, x, lora_a, lora_b, batch, lora_scales, kernel)
         seconds[kind] += time.perf_counter() - start
         return y
 
