@@ -7,7 +7,6 @@ LoRA adapter from stacked slot buffers (see loraplex/lora/ops.py). The base weig
 modified by adapters.
 """
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,6 +27,7 @@ from loraplex.lora.modules import (
     V_PROJ,
 )
 from loraplex.lora.ops import AdapterBatch, add_lora
+from loraplex.model.rope import cos_sin, rope_inv_freq, rotate_half
 
 
 @dataclass(frozen=True)
@@ -112,34 +112,6 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None = None
 
 
-def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
-    """RoPE inverse frequencies [head_dim // 2], with linear or llama3 scaling when configured;
-    `local`: those of Gemma 3's sliding-window layers (their own base, never scaled)."""
-    dim = config.head_dim
-    theta = config.rope_local_theta if local else config.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = None if local else config.rope_scaling
-    if scaling is None:
-        return inv_freq.float()
-    if scaling["rope_type"] == "linear":
-        return (inv_freq / scaling["factor"]).float()
-    # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
-    factor = scaling["factor"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_len = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(is_medium, blended, scaled).float()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
@@ -195,10 +167,9 @@ class Linear(nn.Module):
         """Take these slot buffers (lora/slots.py), and bind the CPU kernel to them where it
         runs, so a step's call checks only its own inputs."""
         self.lora_a, self.lora_b, self.lora_scales = lora_a, lora_b, lora_scales
-        self.lora_kernel = None
         dtype = lora_b[0].dtype if lora_scales is None else self.weight.dtype
-        if cpu_kernel.is_available(dtype, lora_a.device):
-            self.lora_kernel = cpu_kernel.LoraKernel(lora_a, lora_b, lora_scales)
+        self.lora_kernel = (cpu_kernel.LoraKernel(lora_a, lora_b, lora_scales)
+                            if cpu_kernel.is_available(dtype, lora_a.device) else None)
 
     def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -413,19 +384,11 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.config.scale_embeddings:  # Gemma: by sqrt(hidden_size), rounded to the dtype
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
-        rope = _cos_sin(positions, self.inv_freq, x.dtype)
+        rope = cos_sin(positions, self.inv_freq, x.dtype)
         local = rope
         if self.config.rope_local_theta:
-            local = _cos_sin(positions, self.inv_freq_local, x.dtype)
+            local = cos_sin(positions, self.inv_freq_local, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, *(local if layer.is_sliding else rope), kv_cache, attn, adapters)
         x = self.norm(x[logits_indices])
         return self.lm_head(x).float()
-
-
-def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [num_tokens, head_dim]: computed in float32 for every token once, shared by all
-    layers (of one RoPE base)."""
-    angles = positions[:, None].float() * inv_freq[None, :]  # [num_tokens, head_dim/2]
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
