@@ -16,7 +16,12 @@ the last one finished) and TTFT p50, each path's median over `--rounds`, and HTT
 
     python -m loraplex.bench.http_path [--client guidellm|light] [--guidellm guidellm]
         [--concurrency 1,8,32] [--requests 8,32,64] [--rounds 2] [--model smollm2-135m]
-        [--dtype float32]
+        [--dtype float32] [--llama-cpp]
+
+With `--llama-cpp`, each round also runs llama.cpp (bench/peers.py LlamaCppSystem: the base and
+the same adapter through our GGUF exporter, at the same precision, in a fresh process) on the
+1-client level's prompts, one at a time, the in-process path's token ids: the issue's "one
+client over HTTP against llama.cpp", side by side.
 
 Threads: the server and the in-process engine both run torch's default (one OpenMP thread per
 core); GuideLLM's process and this one mostly wait on sockets.
@@ -207,12 +212,39 @@ def _in_process_round(options, home: Path, levels, seed: int) -> dict:
         engine.shutdown()
 
 
-def _in_fresh_process(options, home: Path, levels, seed: int) -> dict:
-    """_in_process_round in a process of its own: a second engine thread in one process gets a
-    second OpenMP thread team, and both then run several times slower (engine/adapter_manager.py
-    says how much), so each round's engine is its process's first."""
+def _llama_cpp_round(options, home: Path, levels, seed: int) -> dict:
+    """llama.cpp on the 1-client level's prompts (their chat-templated token ids), one at a time,
+    with the tenant's adapter; the same figures as the other paths."""
+    from loraplex.bench.peers import LlamaCppSystem
+    from loraplex.bench.workload import BenchRequest
+
+    model_dir = resolve_model(options.model)
+    prompts = _prompts(Tokenizer(model_dir), dict(levels)[1], options.prompt_tokens, seed)
+    system = LlamaCppSystem()
+    system.setup(model_dir, [home / "src" / TENANT], dtype=options.dtype)
+    try:
+        requests = [BenchRequest(i, 0.0, 0, tuple(p), options.output_tokens)
+                    for i, p in enumerate(prompts)]
+        start = time.perf_counter()
+        records = system.run(requests)
+        elapsed = time.perf_counter() - start
+    finally:
+        system.close()
+    if errors := [r.error for r in records if r.error]:
+        raise RuntimeError(f"llama.cpp failed: {errors[0]}")
+    return {1: {"output_tok_s": sum(r.output_tokens for r in records) / elapsed,
+                # from each request's own start: one client sends the next when one ends
+                "ttft_p50": statistics.median(r.token_times_s[0] - r.start_s for r in records),
+                "output_tokens": sum(r.output_tokens for r in records)}}
+
+
+def _in_fresh_process(round_function, options, home: Path, levels, seed: int) -> dict:
+    """An in-process round in a process of its own: a second engine thread in one process gets
+    a second OpenMP thread team, and both then run several times slower
+    (engine/adapter_manager.py says how much), so each round's engine is its process's first;
+    llama.cpp brings an OpenMP runtime of its own."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_in_process_round, (options, home, levels, seed))
+        return pool.apply(round_function, (options, home, levels, seed))
 
 
 def main() -> None:
@@ -227,9 +259,13 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="also llama.cpp on the 1-client level (needs llama-cpp-python)")
     options = parser.parse_args()
     levels = list(zip([int(c) for c in options.concurrency.split(",")],
                       [int(n) for n in options.requests.split(",")], strict=True))
+    if options.llama_cpp and 1 not in dict(levels):
+        parser.error("--llama-cpp compares the 1-client level: include 1 in --concurrency")
     with tempfile.TemporaryDirectory(prefix="loraplex-http-") as tmp:
         home = Path(tmp)
         keys, _ = setup_tenants(home, options.model, [TENANT])
@@ -239,12 +275,17 @@ def main() -> None:
         os.environ.update({k: env[k] for k in ("LORAPLEX_ADAPTER_CACHE",
                                                "LORAPLEX_KERNEL_CACHE")})
         model_dir = resolve_model(options.model)
-        runs = {"http": [], "in-process": []}
+        runs = {"http": [], "in-process": [], **({"llama.cpp": []} if options.llama_cpp else {})}
         for round_ in range(options.rounds):
-            order = ["http", "in-process"] if round_ % 2 == 0 else ["in-process", "http"]
+            order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
             for path in order:
-                result = (_http_round(options, env, keys[TENANT], model_dir, levels, home, round_)
-                          if path == "http" else _in_fresh_process(options, home, levels, round_))
+                if path == "http":
+                    result = _http_round(options, env, keys[TENANT], model_dir, levels, home,
+                                         round_)
+                else:
+                    result = _in_fresh_process(
+                        _in_process_round if path == "in-process" else _llama_cpp_round,
+                        options, home, levels, round_)
                 runs[path].append(result)
                 print(json.dumps({"round": round_, "path": path, **{
                     str(c): r for c, r in result.items()}}), flush=True)
@@ -259,6 +300,14 @@ def main() -> None:
               f"{http['output_tok_s'] / local['output_tok_s']:6.2f} "
               f"{http['ttft_p50']:11.2f} s {local['ttft_p50']:14.2f} s "
               f"{http['ttft_p50'] / local['ttft_p50']:6.2f}")
+    if options.llama_cpp:
+        peer = statistics.median(r[1]["output_tok_s"] for r in runs["llama.cpp"])
+        http = statistics.median(r[1]["output_tok_s"] for r in runs["http"])
+        local = statistics.median(r[1]["output_tok_s"] for r in runs["in-process"])
+        by_round = ", ".join(f"{h[1]['output_tok_s'] / p[1]['output_tok_s']:.2f}"
+                             for h, p in zip(runs["http"], runs["llama.cpp"], strict=True))
+        print(f"\n1 client: llama.cpp {peer:.1f} tok/s; HTTP / llama.cpp {http / peer:.2f} "
+              f"(by round {by_round}); in-process / llama.cpp {local / peer:.2f}")
 
 
 if __name__ == "__main__":

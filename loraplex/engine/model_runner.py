@@ -5,7 +5,7 @@ import torch
 from loraplex.config import EngineConfig
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.kernels import cpu as cpu_kernel
-from loraplex.kernels import fused_stages
+from loraplex.kernels import decode_layers, fused_stages
 from loraplex.lora.ops import AdapterBatch
 from loraplex.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
 
@@ -34,6 +34,11 @@ class ModelRunner:
                         dtype=config.torch_dtype, device=self.device)
             for _ in range(mc.num_layers)
         ]
+        # Decode-only steps as one C++ call (kernels/decode_layers.py), built at the first such
+        # step: by then the engine has attached the adapter slots it points to.
+        self.use_layers_kernel = decode_layers.takes_model(model, config.torch_dtype,
+                                                           self.device)
+        self.layers_kernel: decode_layers.DecodeLayers | None = None
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaModel, config: EngineConfig) -> int:
@@ -98,9 +103,11 @@ class ModelRunner:
             decode_lens=lens,
         )
         adapters = AdapterBatch.build(token_slots, slot_places, self.device, self.use_lora_kernel)
+        if self.use_layers_kernel and self.layers_kernel is None and not prefills:
+            self.layers_kernel = decode_layers.DecodeLayers(self.model, self.kv_caches)
         logits = self.model(
             as_tensor(input_ids), as_tensor(positions), self.kv_caches, attn, adapters,
-            as_tensor(logits_indices),
+            as_tensor(logits_indices), self.layers_kernel,
         )
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens

@@ -1,6 +1,7 @@
 """Builds and calls loraplex's CPU kernels (float32, bfloat16): lora.cpp, the mixed-adapter LoRA
 op (adapter weights in the same dtype, or int8 with scales), decode_attention.cpp, decode
-attention over the paged KV cache, and fused_stages.cpp (called by kernels/fused_stages.py).
+attention over the paged KV cache, fused_stages.cpp (called by kernels/fused_stages.py),
+linear_rows.cpp (kernels/linear_rows.py) and decode_layers.cpp (kernels/decode_layers.py).
 
 The sources are compiled together once per machine with the system's C++ compiler (a few
 seconds) into `$LORAPLEX_KERNEL_CACHE`, default `<loraplex home>/cache/kernels`, keyed by the
@@ -30,7 +31,8 @@ from loraplex.home import loraplex_home
 
 KERNEL_DIR = Path(__file__).parent
 SOURCES = [KERNEL_DIR / "lora.cpp", KERNEL_DIR / "decode_attention.cpp",
-           KERNEL_DIR / "fused_stages.cpp"]
+           KERNEL_DIR / "fused_stages.cpp", KERNEL_DIR / "linear_rows.cpp",
+           KERNEL_DIR / "decode_layers.cpp"]
 HEADERS = [KERNEL_DIR / "vectors.h"]
 KERNEL_ENV = "LORAPLEX_CPU_KERNEL"  # "0": never build or use the kernel
 CACHE_ENV = "LORAPLEX_KERNEL_CACHE"
@@ -198,10 +200,22 @@ def decode_attention(
         raise KernelError("decode_attention: a head size or grouping it is not built for")
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels (built now if needed), or None where they cannot be: for other
-    kernel modules' entry points (kernels/fused_stages.py)."""
-    return _library()
+def entry_point(kernel: str, dtype: torch.dtype, restype, argtypes: tuple) -> Callable[..., int]:
+    """The C function `<kernel>_<f32|bf16>` typed with restype and argtypes, for the kernel
+    modules beside this one."""
+    library = _library()
+    if library is None or dtype not in _DTYPE_SUFFIXES:
+        raise KernelError(f"{kernel}: the CPU kernel is not available for {dtype}")
+    return _typed_entry(library, f"{kernel}_{_DTYPE_SUFFIXES[dtype]}", restype, argtypes)
+
+
+@functools.cache
+def _typed_entry(library: ctypes.CDLL, name: str, restype, argtypes: tuple):
+    """Keyed by the library too: a rebuilt library (another build's flags, in the tests) has
+    its own entry points."""
+    entry = getattr(library, name)
+    entry.restype, entry.argtypes = restype, list(argtypes)
+    return entry
 
 
 @functools.cache

@@ -7,7 +7,6 @@ uses them when `is_available`, its PyTorch reference path otherwise.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
@@ -100,11 +99,6 @@ _SIGNATURES = {  # kernel -> (restype, argtypes)
 }
 
 
-@functools.cache
 def _entry(kernel: str, dtype: torch.dtype):
-    library = cpu_kernel.library()
-    if library is None or dtype not in _SUFFIXES:
-        raise KernelError(f"{kernel}: the CPU kernel is not available for {dtype}")
-    entry = getattr(library, f"{kernel}_{_SUFFIXES[dtype]}")
-    entry.restype, entry.argtypes = _SIGNATURES[kernel]
-    return entry
+    restype, argtypes = _SIGNATURES[kernel]
+    return cpu_kernel.entry_point(kernel, dtype, restype, tuple(argtypes))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.kernels import cpu as cpu_kernel
-from loraplex.kernels import fused_stages
+from loraplex.kernels import decode_layers, fused_stages, linear_rows
 from loraplex.lora.modules import (
     DOWN_PROJ,
     FUSED_LINEARS,
@@ -161,6 +161,7 @@ class Linear(nn.Module):
         self.lora_b: tuple[torch.Tensor, ...] = ()  # per module [max_loras, max_rank, out_i]
         self.lora_scales: torch.Tensor | None = None  # int8 weights: [max_loras, modules * r]
         self.lora_kernel: cpu_kernel.LoraKernel | None = None  # the CPU kernel bound to them
+        self.fused = False  # kernels/linear_rows.py for a few rows (use_fused_stages)
 
     def attach_lora(self, lora_a: torch.Tensor, lora_b: tuple[torch.Tensor, ...],
                     lora_scales: torch.Tensor | None) -> None:
@@ -172,7 +173,10 @@ class Linear(nn.Module):
                             if cpu_kernel.is_available(dtype, lora_a.device) else None)
 
     def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.fused and linear_rows.takes(x):
+            y = linear_rows.linear(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if adapters is not None and self.lora_a is not None:
             y = add_lora(y, x, self.lora_a, self.lora_b, adapters, self.lora_scales,
                          self.lora_kernel)
@@ -350,6 +354,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.fused = False  # the LM head by kernels/linear_rows.py (use_fused_stages)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         if config.rope_local_theta:  # Gemma 3's sliding-window layers
             self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True),
@@ -357,11 +362,13 @@ class LlamaModel(nn.Module):
 
     def use_fused_stages(self, enabled: bool) -> None:
         """Run the small stages between the matmuls (norms, RoPE and the KV cache write, the
-        gated activation) as kernels/fused_stages.py's kernels, or as the PyTorch reference
-        ops: the same results (tests/kernels/test_fused_stages.py), a few dozen fewer ops per
-        layer. Only where fused_stages.is_available for the weights' dtype and device."""
+        gated activation) as kernels/fused_stages.py's kernels, and the matmuls of a few rows
+        as kernels/linear_rows.py's, or as the PyTorch reference ops: the same results to
+        rounding (tests/kernels/), a few dozen fewer ops per layer. Only where
+        fused_stages.is_available for the weights' dtype and device."""
+        self.fused = enabled
         for module in self.modules():
-            if isinstance(module, RMSNorm | Attention | MLP):
+            if isinstance(module, RMSNorm | Attention | MLP | Linear):
                 module.fused = enabled
 
     def init_rope(self, device: torch.device) -> None:
@@ -379,8 +386,11 @@ class LlamaModel(nn.Module):
         attn: AttentionMetadata,
         adapters: AdapterBatch | None,
         logits_indices: torch.Tensor,  # [num_outputs] which tokens need next-token logits
+        layers_kernel: decode_layers.DecodeLayers | None = None,
     ) -> torch.Tensor:
-        """Returns float32 logits [num_outputs, vocab_size]."""
+        """Returns float32 logits [num_outputs, vocab_size]. With `layers_kernel` (built for
+        this model and these kv_caches), a decode-only step it takes runs its layers as one
+        C++ call on the fused path (use_fused_stages)."""
         x = self.embed_tokens(input_ids)
         if self.config.scale_embeddings:  # Gemma: by sqrt(hidden_size), rounded to the dtype
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
@@ -388,7 +398,13 @@ class LlamaModel(nn.Module):
         local = rope
         if self.config.rope_local_theta:
             local = cos_sin(positions, self.inv_freq_local, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, *(local if layer.is_sliding else rope), kv_cache, attn, adapters)
+        if (self.fused and layers_kernel is not None
+                and decode_layers.takes_step(x, attn, adapters)):
+            x = layers_kernel(x, *rope, attn, adapters)  # no sliding layers (takes_model)
+        else:
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                x = layer(x, *(local if layer.is_sliding else rope), kv_cache, attn, adapters)
         x = self.norm(x[logits_indices])
+        if self.fused and linear_rows.takes(x):
+            return linear_rows.linear(x, self.lm_head.weight).float()
         return self.lm_head(x).float()
