@@ -34,8 +34,13 @@ from loraplex.model.pull import PullError, resolve_model
 @contextlib.contextmanager
 def lora_op_timed(engine, seconds: dict[str, float], skip: bool):
     """While inside: every LoRA op call of the model adds its time to seconds["prefill"] or
-    seconds["decode"] (by the step it runs in), and does nothing at all when `skip`."""
+    seconds["decode"] (by the step it runs in), and does nothing at all when `skip`. Decode
+    steps then run layer by layer from Python: the one-call step (kernels/decode_layers.py)
+    has no Python op to time or skip."""
     real_op, real_step = llama.add_lora, engine.step
+    runner = engine.runner
+    real_layers = runner.use_layers_kernel, runner.layers_kernel
+    runner.use_layers_kernel, runner.layers_kernel = False, None
     kind = "decode"
 
     def op(y, x, lora_a, lora_b, batch, lora_scales=None, kernel=None):
@@ -58,6 +63,7 @@ def lora_op_timed(engine, seconds: dict[str, float], skip: bool):
         yield
     finally:
         llama.add_lora, engine.step = real_op, real_step
+        runner.use_layers_kernel, runner.layers_kernel = real_layers
 
 
 def main() -> None:

@@ -32,8 +32,9 @@ def test_lora_share_reports_every_run_and_restores_the_op(lora_dtype, tiny_llama
 def test_a_skipped_op_returns_y_untouched_and_its_time_goes_to_its_kind_of_step():
     seconds = {"prefill": 0.0, "decode": 0.0}
 
-    class Engine:  # the two things lora_op_timed touches
+    class Engine:  # the three things lora_op_timed touches
         scheduler = type("S", (), {"waiting": [], "running": []})()
+        runner = type("R", (), {"use_layers_kernel": True, "layers_kernel": "built"})()
 
         def step(self):
             return llama.add_lora("y", "x", None, None, None)
@@ -41,6 +42,8 @@ def test_a_skipped_op_returns_y_untouched_and_its_time_goes_to_its_kind_of_step(
     engine = Engine()
     with lora_share.lora_op_timed(engine, seconds, skip=True):
         assert engine.step() == "y"  # skipped: y comes back unchanged
+        assert not engine.runner.use_layers_kernel  # decode steps layer by layer meanwhile
+    assert (engine.runner.use_layers_kernel, engine.runner.layers_kernel) == (True, "built")
     assert seconds["decode"] > 0 and seconds["prefill"] == 0  # nothing waiting or prefilling
 
 
