@@ -112,9 +112,11 @@ class LoraKernel:
         self.in_features, self.out_features = lora_a.shape[-1], sum(outs)
         self.kernel = "add_lora" if lora_scales is None else "add_lora_int8"
         self._tensors = (lora_a, *lora_b, lora_scales)  # kept alive while their pointers are
-        self._weights = (num_rows, lora_a.data_ptr(),
-                         0 if lora_scales is None else lora_scales.data_ptr(), num_modules,
-                         *matrices, *outs)
+        # The kernel's weight arguments in its order: rows, A, scales, modules, 3 Bt, 3 outs
+        # (also the LoRA fields of a layer's row in kernels/decode_layers.py)
+        self.weights = (num_rows, lora_a.data_ptr(),
+                        0 if lora_scales is None else lora_scales.data_ptr(), num_modules,
+                        *matrices, *outs)
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, segments: torch.Tensor,
                  places: torch.Tensor) -> None:
@@ -130,7 +132,7 @@ class LoraKernel:
         entry = _ENTRY_POINTS.get((self.kernel, dtype))
         if not ok or entry is None:
             raise KernelError("add_lora_segments: tensors of unexpected dtype, shape or layout")
-        num_rows, a, scales, num_modules, *per_module = self._weights
+        num_rows, a, scales, num_modules, *per_module = self.weights
         status = entry(
             segments.shape[0], segments.data_ptr(), x.shape[0], places.shape[0],
             places.data_ptr(), num_rows, x.data_ptr(), x.stride(0), self.in_features, a,

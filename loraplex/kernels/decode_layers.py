@@ -100,7 +100,7 @@ class DecodeLayers:
             return [0] * len(LORA_FIELDS)
         if kernel is None or kernel.dtype not in (None, self.dtype):
             raise KernelError("decode_layers: a layer's LoRA slots have no CPU kernel bound")
-        num_rows, a, scales, num_modules, *per_module = kernel._weights
+        num_rows, a, scales, num_modules, *per_module = kernel.weights
         return [LORA_KINDS[kernel.kernel], num_rows, a, scales, num_modules, *per_module]
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn,
