@@ -56,14 +56,18 @@ TENANT, ADAPTER = "t0", "bot"
 
 
 def _guidellm(guidellm: str, url: str, key: str, model_dir: Path, streams: int,
-              num_requests: int, prompt_tokens: int, output_tokens: int, out: Path) -> dict:
-    """One GuideLLM level: its output tokens/s and TTFT p50 (s)."""
+              num_requests: int, prompt_tokens: int, output_tokens: int, out: Path,
+              seed: int) -> dict:
+    """One GuideLLM level: its output tokens/s and TTFT p50 (s). Its synthetic prompts come from
+    `seed` (GuideLLM's default is the same for every run: a level would repeat the prompts of
+    the last one, found in the prefix cache)."""
     command = [
         guidellm, "run", "--backend", f"kind=openai_http,target={url},model={ADAPTER},"
         f"api_key={key}", "--profile", f"kind=concurrent,streams={streams}",
         "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},"
         f"output_tokens={output_tokens}", "--tokenizer", f"kind=hf_auto,model={model_dir}",
         "--constraint", f"kind=max_requests,count={num_requests}",
+        "--seed", f"kind=static,value={seed}",
         "--output", f"kind=json,path={out}", "--disable-console"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     benchmark = json.loads(out.read_text())["benchmarks"][0]
@@ -80,8 +84,10 @@ def _guidellm(guidellm: str, url: str, key: str, model_dir: Path, streams: int,
             "output_tokens": output_tokens}
 
 
-def _texts(tokenizer, count: int, prompt_tokens: int, seed: int) -> list[str]:
-    """User messages of `prompt_tokens` tokens of random words, as GuideLLM's synthetic data."""
+def _texts(tokenizer, count: int, prompt_tokens: int, seed: str) -> list[str]:
+    """User messages of `prompt_tokens` tokens of random words, as GuideLLM's synthetic data.
+    Each level of a round has its own `seed` (_seed): a level repeating the last one's prompts
+    would find them in the prefix cache."""
     rng = random.Random(seed)
     # Words from the middle of the vocabulary (past the bytes and merges of the first 1,000;
     # a small test vocabulary's first tokens do).
@@ -96,7 +102,13 @@ def _texts(tokenizer, count: int, prompt_tokens: int, seed: int) -> list[str]:
     return texts
 
 
-def _prompts(tokenizer, count: int, prompt_tokens: int, seed: int) -> list[list[int]]:
+def _seed(round_: int, streams: int) -> str:
+    """The prompts' seed of one level of one round (0 streams: the warm-up), the same on every
+    path."""
+    return f"{round_}-{streams}"
+
+
+def _prompts(tokenizer, count: int, prompt_tokens: int, seed: str) -> list[list[int]]:
     """The _texts through the model's chat template, as the server applies it."""
     return [tokenizer.encode_chat([{"role": "user", "content": text}])
             for text in _texts(tokenizer, count, prompt_tokens, seed)]
@@ -150,14 +162,22 @@ def _light_sync(*args) -> dict:
 
 
 async def _in_process(engine: AsyncEngine, adapter, prompts: list[list[int]],
-                      streams: int, output_tokens: int) -> dict:
-    """The same requests from `streams` concurrent tasks; output tokens/s and TTFT p50 (s)."""
+                      streams: int, output_tokens: int, reaction_s: float) -> dict:
+    """The same requests from `streams` concurrent tasks, each sending its next request
+    `reaction_s` after its last one ended (0: at once, which no client over a network can);
+    output tokens/s and TTFT p50 (s), TTFT from the request's sending."""
     params = SamplingParams(max_tokens=output_tokens, temperature=1.0, ignore_eos=True)
     pending, ttfts, tokens = list(prompts), [], 0
 
     async def client():
         nonlocal tokens
+        first_request = True
         while pending:
+            if not first_request and reaction_s:
+                await asyncio.sleep(reaction_s)
+            first_request = False
+            if not pending:
+                break
             prompt, start, first = pending.pop(), time.perf_counter(), None
             async for delta in engine.generate(prompt, params, adapter, fairness_key=TENANT):
                 if delta.error:
@@ -181,17 +201,19 @@ def _http_round(options, env: dict, key: str, model_dir: Path, levels, tmp: Path
         url = f"http://127.0.0.1:{port}"
         if options.client == "light":
             tokenizer = Tokenizer(model_dir)
-            texts = {streams: _texts(tokenizer, count, options.prompt_tokens, seed)
-                     for streams, count in levels}
-            _light_in_own_process(url, key, texts[levels[0][0]][:1], 1, 4)  # warm-up
+            texts = {streams: _texts(tokenizer, count, options.prompt_tokens,
+                                     _seed(seed, streams)) for streams, count in levels}
+            warm_up = _texts(tokenizer, 1, options.prompt_tokens, _seed(seed, 0))
+            _light_in_own_process(url, key, warm_up, 1, 4)
             return {streams: _light_in_own_process(url, key, texts[streams], streams,
                                                    options.output_tokens)
                     for streams, _ in levels}
         _guidellm(options.guidellm, url, key, model_dir, 1, 1, options.prompt_tokens, 4,
-                  tmp / "warmup.json")
+                  tmp / "warmup.json", seed)
         return {streams: _guidellm(options.guidellm, url, key, model_dir, streams, count,
                                    options.prompt_tokens, options.output_tokens,
-                                   tmp / f"c{streams}.json") for streams, count in levels}
+                                   tmp / f"c{streams}.json", 1000 * seed + streams)
+                for streams, count in levels}
     finally:
         stop_server(server)
 
@@ -204,11 +226,13 @@ def _in_process_round(options, home: Path, levels, seed: int) -> dict:
                               found.artifact_path)
     engine = AsyncEngine(EngineConfig(model=options.model, dtype=options.dtype))
     try:
-        prompts = {streams: _prompts(engine.tokenizer, count, options.prompt_tokens, seed)
-                   for streams, count in levels}
-        asyncio.run(_in_process(engine, adapter, prompts[levels[0][0]][:1], 1, 4))  # warm-up
+        prompts = {streams: _prompts(engine.tokenizer, count, options.prompt_tokens,
+                                     _seed(seed, streams)) for streams, count in levels}
+        warm_up = _prompts(engine.tokenizer, 1, options.prompt_tokens, _seed(seed, 0))
+        asyncio.run(_in_process(engine, adapter, warm_up, 1, 4, 0.0))
         return {streams: asyncio.run(_in_process(engine, adapter, prompts[streams], streams,
-                                                 options.output_tokens))
+                                                 options.output_tokens,
+                                                 options.reaction_ms / 1e3))
                 for streams, _ in levels}
     finally:
         engine.shutdown()
@@ -221,7 +245,8 @@ def _llama_cpp_round(options, home: Path, levels, seed: int) -> dict:
     from loraplex.bench.workload import BenchRequest
 
     model_dir = resolve_model(options.model)
-    prompts = _prompts(Tokenizer(model_dir), dict(levels)[1], options.prompt_tokens, seed)
+    prompts = _prompts(Tokenizer(model_dir), dict(levels)[1], options.prompt_tokens,
+                       _seed(seed, 1))
     system = LlamaCppSystem()
     system.setup(model_dir, [home / "src" / TENANT], dtype=options.dtype)
     try:
@@ -261,6 +286,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--reaction-ms", type=float, default=0.0,
+                        help="in-process clients send their next request this long after the "
+                        "last one ended (as a client over a network must), default 0")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="also llama.cpp on the 1-client level (needs llama-cpp-python)")
     options = parser.parse_args()

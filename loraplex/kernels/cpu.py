@@ -54,6 +54,14 @@ def is_available(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype in _DTYPE_SUFFIXES and _library() is not None
 
 
+@functools.cache
+def has_bf16_dot() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512_BF16, AMX, Arm BF16), which
+    PyTorch's bfloat16 GEMM uses (kernels/float32_matmul.py is for CPUs without them)."""
+    flags = set(_cpu_flags().split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def attention_is_available(dtype: torch.dtype, device: torch.device, num_heads: int,
                            num_kv_heads: int, head_dim: int) -> bool:
     """Whether decode_attention takes this model's attention on this device."""

@@ -1,7 +1,8 @@
 """Calls linear_rows.cpp: F.linear for a few rows (decoding tokens) as a stream over the weights at
 memory speed, for float32 and bfloat16 on CPU. model/llama.py's Linear and LM head use it for
-up to MAX_ROWS rows on its fused path; PyTorch's matmul above that, where the weights' reads
-are shared by enough rows for its GEMM to win.
+up to MAX_ROWS rows on its fused path (model/llama.py fused_linear); above that the weights'
+reads are shared by enough rows for a GEMM to win (PyTorch's, or kernels/float32_matmul.py's in
+bfloat16 where the CPU has no bfloat16 dot products).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.kernels import cpu as cpu_kernel
-from loraplex.kernels import decode_layers, fused_stages, linear_rows
+from loraplex.kernels import decode_layers, float32_matmul, fused_stages, linear_rows
 from loraplex.lora.modules import (
     DOWN_PROJ,
     FUSED_LINEARS,
@@ -143,6 +143,18 @@ def make_norm(config: ModelConfig, dim: int | None = None) -> RMSNorm:
     return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
 
 
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """F.linear on the fused path: a few rows as a stream over the weights (linear_rows), many
+    rows of bfloat16 in float32 where the CPU has no bfloat16 dot products (float32_matmul),
+    else PyTorch's."""
+    if linear_rows.takes(x):
+        return linear_rows.linear(x, weight, bias)
+    if float32_matmul.takes(x, weight):
+        return float32_matmul.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Module):
     """A base linear layer plus, per token, the LoRA delta of that token's adapter slot.
 
@@ -161,7 +173,7 @@ class Linear(nn.Module):
         self.lora_b: tuple[torch.Tensor, ...] = ()  # per module [max_loras, max_rank, out_i]
         self.lora_scales: torch.Tensor | None = None  # int8 weights: [max_loras, modules * r]
         self.lora_kernel: cpu_kernel.LoraKernel | None = None  # the CPU kernel bound to them
-        self.fused = False  # kernels/linear_rows.py for a few rows (use_fused_stages)
+        self.fused = False  # fused_linear instead of F.linear (use_fused_stages)
 
     def attach_lora(self, lora_a: torch.Tensor, lora_b: tuple[torch.Tensor, ...],
                     lora_scales: torch.Tensor | None) -> None:
@@ -173,8 +185,8 @@ class Linear(nn.Module):
                             if cpu_kernel.is_available(dtype, lora_a.device) else None)
 
     def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
-        if self.fused and linear_rows.takes(x):
-            y = linear_rows.linear(x, self.weight, self.bias)
+        if self.fused:
+            y = fused_linear(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
         if adapters is not None and self.lora_a is not None:
@@ -354,7 +366,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.fused = False  # the LM head by kernels/linear_rows.py (use_fused_stages)
+        self.fused = False  # the LM head by fused_linear (use_fused_stages)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         if config.rope_local_theta:  # Gemma 3's sliding-window layers
             self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True),
@@ -362,8 +374,8 @@ class LlamaModel(nn.Module):
 
     def use_fused_stages(self, enabled: bool) -> None:
         """Run the small stages between the matmuls (norms, RoPE and the KV cache write, the
-        gated activation) as kernels/fused_stages.py's kernels, and the matmuls of a few rows
-        as kernels/linear_rows.py's, or as the PyTorch reference ops: the same results to
+        gated activation) as kernels/fused_stages.py's kernels, and the matmuls by fused_linear,
+        or as the PyTorch reference ops: the same results to
         rounding (tests/kernels/), a few dozen fewer ops per layer. Only where
         fused_stages.is_available for the weights' dtype and device."""
         self.fused = enabled
@@ -405,6 +417,6 @@ class LlamaModel(nn.Module):
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
                 x = layer(x, *(local if layer.is_sliding else rope), kv_cache, attn, adapters)
         x = self.norm(x[logits_indices])
-        if self.fused and linear_rows.takes(x):
-            return linear_rows.linear(x, self.lm_head.weight).float()
+        if self.fused:
+            return fused_linear(x, self.lm_head.weight).float()
         return self.lm_head(x).float()
