@@ -25,7 +25,7 @@ from loraplex.lora.modules import ATTENTION_MODULES, K_PROJ, Q_PROJ, TARGET_MODU
 from loraplex.lora.pages import DEFAULT_PAGE_RANK, pages_for
 
 if TYPE_CHECKING:  # a type only: importing it at run time would import torch
-    from loraplex.model.llama import ModelConfig
+    from loraplex.model.model_config import ModelConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TARGET_GROUPS = {"all": TARGET_MODULES, "attn": ATTENTION_MODULES}

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from loraplex.cli import app
 from loraplex.lora.modules import TARGET_MODULES
 from loraplex.model.known_shapes import KNOWN_MODEL_SHAPES
-from loraplex.model.llama import ModelConfig
 from loraplex.model.loader import read_config
+from loraplex.model.model_config import ModelConfig
 from loraplex.plan import (
     PlanError,
     base_weight_bytes,

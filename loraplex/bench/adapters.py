@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from loraplex.lora.modules import MLP_MODULES, TARGET_MODULES
 from loraplex.lora.packed import CACHE_ENV
-from loraplex.model.llama import ModelConfig
+from loraplex.model.model_config import ModelConfig
 
 
 def write_random_adapter(

@@ -171,13 +171,7 @@ async def _in_process(engine: AsyncEngine, adapter, prompts: list[list[int]],
 
     async def client():
         nonlocal tokens
-        first_request = True
         while pending:
-            if not first_request and reaction_s:
-                await asyncio.sleep(reaction_s)
-            first_request = False
-            if not pending:
-                break
             prompt, start, first = pending.pop(), time.perf_counter(), None
             async for delta in engine.generate(prompt, params, adapter, fairness_key=TENANT):
                 if delta.error:
@@ -186,6 +180,8 @@ async def _in_process(engine: AsyncEngine, adapter, prompts: list[list[int]],
                     first = time.perf_counter() - start
                 tokens += len(delta.token_ids)
             ttfts.append(first)
+            if reaction_s and pending:
+                await asyncio.sleep(reaction_s)
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(streams)))
@@ -208,8 +204,9 @@ def _http_round(options, env: dict, key: str, model_dir: Path, levels, tmp: Path
             return {streams: _light_in_own_process(url, key, texts[streams], streams,
                                                    options.output_tokens)
                     for streams, _ in levels}
+        # Seeds as _seed's: one per level of the round, 0 streams for the warm-up.
         _guidellm(options.guidellm, url, key, model_dir, 1, 1, options.prompt_tokens, 4,
-                  tmp / "warmup.json", seed)
+                  tmp / "warmup.json", 1000 * seed)
         return {streams: _guidellm(options.guidellm, url, key, model_dir, streams, count,
                                    options.prompt_tokens, options.output_tokens,
                                    tmp / f"c{streams}.json", 1000 * seed + streams)
@@ -296,6 +293,8 @@ def main() -> None:
                       [int(n) for n in options.requests.split(",")], strict=True))
     if options.llama_cpp and 1 not in dict(levels):
         parser.error("--llama-cpp compares the 1-client level: include 1 in --concurrency")
+    if not options.reaction_ms >= 0:
+        parser.error(f"--reaction-ms must be 0 or more, got {options.reaction_ms}")
     with tempfile.TemporaryDirectory(prefix="loraplex-http-") as tmp:
         home = Path(tmp)
         keys, _ = setup_tenants(home, options.model, [TENANT])
@@ -319,6 +318,11 @@ def main() -> None:
                 runs[path].append(result)
                 print(json.dumps({"round": round_, "path": path, **{
                     str(c): r for c, r in result.items()}}), flush=True)
+    _report(levels, runs)
+
+
+def _report(levels, runs: dict[str, list[dict]]) -> None:
+    """Each path's medians over the rounds per level, and the ratios the issue's targets name."""
     print(f"\n{'clients':>7} {'HTTP tok/s':>10} {'in-proc tok/s':>13} {'ratio':>6} "
           f"{'HTTP TTFT p50':>13} {'in-proc TTFT p50':>16} {'ratio':>6}")
     for streams, _ in levels:
@@ -330,7 +334,7 @@ def main() -> None:
               f"{http['output_tok_s'] / local['output_tok_s']:6.2f} "
               f"{http['ttft_p50']:11.2f} s {local['ttft_p50']:14.2f} s "
               f"{http['ttft_p50'] / local['ttft_p50']:6.2f}")
-    if options.llama_cpp:
+    if "llama.cpp" in runs:
         peer = statistics.median(r[1]["output_tok_s"] for r in runs["llama.cpp"])
         http = statistics.median(r[1]["output_tok_s"] for r in runs["http"])
         local = statistics.median(r[1]["output_tok_s"] for r in runs["in-process"])

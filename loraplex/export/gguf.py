@@ -31,8 +31,8 @@ from loraplex.export.modelfile import modelfile_path, modelfile_text
 from loraplex.export.tokenizer import add_tokenizer
 from loraplex.lora.adapter import LoRAWeights, load_adapter
 from loraplex.lora.modules import ATTENTION_MODULES, K_PROJ, Q_PROJ
-from loraplex.model.llama import ModelConfig
 from loraplex.model.loader import checkpoint_state_dict, load_model, read_config
+from loraplex.model.model_config import ModelConfig
 from loraplex.model.rope import rope_inv_freq
 from loraplex.model.tokenizer import Tokenizer
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loraplex.lora.modules import FUSED_ADAPTER_MODULES
-from loraplex.model.llama import ModelConfig
+from loraplex.model.model_config import ModelConfig
 
 # config.json "model_type" values we run, and the architecture class names that go with them.
 SUPPORTED_MODEL_TYPES = {

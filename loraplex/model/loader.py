@@ -12,7 +12,8 @@ from safetensors import safe_open
 from loraplex.lora.modules import FUSED_LINEARS
 from loraplex.model.families import ModelLoadError, read_config, read_hf_config
 from loraplex.model.known_shapes import KNOWN_MODEL_SHAPES
-from loraplex.model.llama import LlamaModel, ModelConfig
+from loraplex.model.llama import LlamaModel
+from loraplex.model.model_config import ModelConfig
 
 # Checkpoint tensor name prefix -> our parameter name prefix (the one name map). Gemma 3's
 # multimodal checkpoints keep the language model under language_model (transformers < 4.52) or

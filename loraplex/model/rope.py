@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from loraplex.model.llama import ModelConfig
+    from loraplex.model.model_config import ModelConfig
 
 
 def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:

@@ -108,3 +108,10 @@ def test_guidellm_gets_a_seed_per_level(tmp_path, monkeypatch):
         assert result == {"output_tok_s": 4.0, "ttft_p50": 0.01, "output_tokens": 4}
     seeds = [c[c.index("--seed") + 1] for c in commands]
     assert seeds == ["kind=static,value=1001", "kind=static,value=1008"]
+
+
+def test_a_negative_reaction_time_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["http_path", "--reaction-ms", "-5"])
+    with pytest.raises(SystemExit):
+        http_path.main()
+    assert "--reaction-ms must be 0 or more" in capsys.readouterr().err

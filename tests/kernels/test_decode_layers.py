@@ -14,8 +14,9 @@ from loraplex.kernels.cpu import KernelError
 from loraplex.lora.adapter import load_adapter
 from loraplex.lora.ops import AdapterBatch
 from loraplex.lora.slots import AdapterSlots
-from loraplex.model.llama import AttentionMetadata, LlamaModel, ModelConfig, PrefillChunk
+from loraplex.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
 from loraplex.model.loader import load_model
+from loraplex.model.model_config import ModelConfig
 from tests.kernels.test_cpu import needs_compiler
 from tests.kernels.test_fused_stages import _randn
 from tests.model.test_families import PROMPTS

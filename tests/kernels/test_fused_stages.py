@@ -9,8 +9,9 @@ import torch
 from loraplex import LLM, SamplingParams
 from loraplex.kernels import fused_stages
 from loraplex.kernels.cpu import KernelError
-from loraplex.model.llama import ACTIVATIONS, Attention, ModelConfig, RMSNorm
+from loraplex.model.llama import ACTIVATIONS, Attention, RMSNorm
 from loraplex.model.loader import load_model
+from loraplex.model.model_config import ModelConfig
 from tests.conftest import prefill_logits
 from tests.kernels.test_cpu import needs_compiler
 from tests.model.test_families import PROMPTS

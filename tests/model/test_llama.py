@@ -89,7 +89,8 @@ def test_refuses_unsupported_rope_scaling(tiny_llama_dir, tmp_path):
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_decode_matmul_attention_matches_sdpa(dtype, tolerance):
     """The CPU half-precision decode path (two matmuls) against PyTorch's SDPA in float32."""
-    from loraplex.model.llama import Attention, ModelConfig
+    from loraplex.model.llama import Attention
+    from loraplex.model.model_config import ModelConfig
 
     config = ModelConfig(vocab_size=32, hidden_size=48, intermediate_size=64, num_layers=1,
                          num_heads=6, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5,
