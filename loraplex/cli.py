@@ -381,6 +381,10 @@ def serve(
         help="fair (tenants share by their tiers: `loraplex tenant quota --tier`) | fcfs "
         "(first come, first served)")] = "fair",
     max_model_len: Annotated[int | None, typer.Option(help="Context length")] = None,
+    return_window_ms: Annotated[float, typer.Option(
+        help="After a step that finished requests, wait up to this long for their clients' next "
+        "requests (while clients do answer at once: agents, load generators), so those join "
+        "the next step; 0: never wait")] = 50.0,
     prefix_caching: Annotated[bool, typer.Option(
         help="Reuse the KV cache of a prompt's beginning that the same tenant sent before on the "
         "same adapter version (chat turns, system prompts); never across tenants")] = True,
@@ -434,6 +438,7 @@ def serve(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, scheduling=scheduling,
             max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
+            return_window_ms=return_window_ms,
             kv_cache_bytes=None if kv_cache is None else parse_bytes(kv_cache))
         resolve_model(model)  # pull a default model once here, not in every engine at once
     except (ValueError, OSError, PullError) as e:

@@ -66,6 +66,11 @@ class EngineConfig:
     """What one generated token costs a tenant's virtual token counter."""
     max_num_batched_tokens: int = 512
     """Tokens computed in one step; long prompts are prefilled in chunks of at most this."""
+    return_window_ms: float = 50.0
+    """After a step that finished requests, wait up to this long (and at most a quarter of that
+    step) for their clients' next requests before the next step, so that a client that answers
+    at once over a network joins the next step instead of waiting behind it; only while most
+    recent clients did answer that fast (engine/return_window.py). 0 turns it off."""
     max_model_len: int | None = None
     """Longest prompt + output; default: the model's context (capped at 4096 to bound memory)."""
     block_size: int = 16
@@ -111,6 +116,11 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if (isinstance(self.return_window_ms, bool)
+                or not isinstance(self.return_window_ms, int | float)
+                or not 0 <= self.return_window_ms <= 1000):
+            raise ConfigError(f"return_window_ms must be a number of milliseconds from 0 to "
+                              f"1000, got {self.return_window_ms!r}")
         if self.max_model_len is not None:
             positive("max_model_len")
         if self.kv_cache_bytes is not None:

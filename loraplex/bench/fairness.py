@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 
 from loraplex.bench.adapters import write_random_adapter
+from loraplex.config import ConfigError, EngineConfig
 from loraplex.home import HOME_ENV
 from loraplex.model.loader import read_config
 from loraplex.model.pull import resolve_model
@@ -134,13 +135,23 @@ async def _loaded(url: str, admin_key: str, busy: list[str], quiet: list[str], s
     return quiet_results, throughput
 
 
+def check_return_window(parser: argparse.ArgumentParser, milliseconds: float) -> None:
+    """Refuse a --return-window-ms the engine would refuse, before any server starts."""
+    try:
+        EngineConfig(return_window_ms=milliseconds)
+    except ConfigError as e:
+        parser.error(f"--return-window-ms: {e}")
+
+
 def start_server(model: str, port: int, env: dict, scheduling: str, dtype: str,
-           max_num_seqs: int, max_num_batched_tokens: int) -> subprocess.Popen:
+                 max_num_seqs: int, max_num_batched_tokens: int, *options: str
+                 ) -> subprocess.Popen:
+    """`loraplex serve` with these settings (and further `options`), once it is ready."""
     server = subprocess.Popen(
         [sys.executable, "-m", "loraplex.cli", "serve", "--model", model, "--port", str(port),
          "--dtype", dtype, "--scheduling", scheduling, "--max-loras", "8",
          "--max-num-seqs", str(max_num_seqs),
-         "--max-num-batched-tokens", str(max_num_batched_tokens)],
+         "--max-num-batched-tokens", str(max_num_batched_tokens), *options],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return wait_ready(server, port)
 
@@ -198,12 +209,15 @@ def main() -> None:
     parser.add_argument("--quiet-tokens", type=int, default=64)
     parser.add_argument("--busy-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=1, help="each scheduler, alternating")
+    parser.add_argument("--return-window-ms", type=float, default=EngineConfig.return_window_ms,
+                        help="the server's --return-window-ms, default %(default)s")
     options = parser.parse_args()
     schedulers = options.schedulers.split(",")
     if any(s not in ("fair", "fcfs") for s in schedulers) or min(
             options.busy, options.quiet, options.streams, options.quiet_requests,
             options.rounds) < 1:
         parser.error("--schedulers takes fair and/or fcfs; counts must be at least 1")
+    check_return_window(parser, options.return_window_ms)
 
     busy = [f"busy{i}" for i in range(options.busy)]
     quiet = [f"quiet{i}" for i in range(options.quiet)]
@@ -220,7 +234,8 @@ def main() -> None:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 server = start_server(options.model, port, env, scheduling, options.dtype,
-                                options.max_num_seqs, options.max_num_batched_tokens)
+                                      options.max_num_seqs, options.max_num_batched_tokens,
+                                      "--return-window-ms", str(options.return_window_ms))
                 try:
                     asyncio.run(_quiet(url, [keys[q] for q in quiet], 1, 4))  # warm-up
                     solo = _summary(asyncio.run(_quiet(

@@ -41,7 +41,13 @@ from pathlib import Path
 
 import httpx
 
-from loraplex.bench.fairness import free_port, setup_tenants, start_server, stop_server
+from loraplex.bench.fairness import (
+    check_return_window,
+    free_port,
+    setup_tenants,
+    start_server,
+    stop_server,
+)
 from loraplex.config import EngineConfig
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.home import HOME_ENV
@@ -192,7 +198,8 @@ async def _in_process(engine: AsyncEngine, adapter, prompts: list[list[int]],
 def _http_round(options, env: dict, key: str, model_dir: Path, levels, tmp: Path,
                 seed: int) -> dict:
     port = free_port()
-    server = start_server(options.model, port, env, "fair", options.dtype, 64, 512)
+    server = start_server(options.model, port, env, "fair", options.dtype, 64, 512,
+                          "--return-window-ms", str(options.return_window_ms))
     try:
         url = f"http://127.0.0.1:{port}"
         if options.client == "light":
@@ -221,7 +228,8 @@ def _in_process_round(options, home: Path, levels, seed: int) -> dict:
     # What the server hands its engine: the sealed artifact, decrypted in memory on a miss.
     adapter = adapter_request(ArtifactSealer.for_home(home), TENANT, found.version_id,
                               found.artifact_path)
-    engine = AsyncEngine(EngineConfig(model=options.model, dtype=options.dtype))
+    engine = AsyncEngine(EngineConfig(model=options.model, dtype=options.dtype,
+                                      return_window_ms=options.return_window_ms))
     try:
         prompts = {streams: _prompts(engine.tokenizer, count, options.prompt_tokens,
                                      _seed(seed, streams)) for streams, count in levels}
@@ -286,6 +294,9 @@ def main() -> None:
     parser.add_argument("--reaction-ms", type=float, default=0.0,
                         help="in-process clients send their next request this long after the "
                         "last one ended (as a client over a network must), default 0")
+    parser.add_argument("--return-window-ms", type=float, default=EngineConfig.return_window_ms,
+                        help="the engine's return window in both paths (engine/return_window.py)"
+                        ", default %(default)s")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="also llama.cpp on the 1-client level (needs llama-cpp-python)")
     options = parser.parse_args()
@@ -295,6 +306,7 @@ def main() -> None:
         parser.error("--llama-cpp compares the 1-client level: include 1 in --concurrency")
     if not options.reaction_ms >= 0:
         parser.error(f"--reaction-ms must be 0 or more, got {options.reaction_ms}")
+    check_return_window(parser, options.return_window_ms)
     with tempfile.TemporaryDirectory(prefix="loraplex-http-") as tmp:
         home = Path(tmp)
         keys, _ = setup_tenants(home, options.model, [TENANT])

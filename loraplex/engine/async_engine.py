@@ -14,12 +14,14 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine, RequestOutput
+from loraplex.engine.return_window import ReturnWindow
 from loraplex.engine.sequence import AdapterRequest
 from loraplex.lora.adapter import AdapterError
 from loraplex.sampling_params import SamplingParams
@@ -58,13 +60,16 @@ class AsyncEngine:
         """Build the engine from `config` on the engine thread (raising what LLMEngine raises),
         or serve an `engine` built by the caller."""
         self.engine = engine
+        config = config or EngineConfig()
+        window_ms = (engine.config if engine is not None else config).return_window_ms
+        self._returns = ReturnWindow(window_ms / 1e3)
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self._started = threading.Event()
         self._build_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(config or EngineConfig(),),
+        self._thread = threading.Thread(target=self._run, args=(config,),
                                         name="loraplex-engine", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -96,7 +101,7 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, outputs)
         self._inbox.put(("add", request_id, prompt, params, adapter, fairness_key,
-                         fairness_weight))
+                         fairness_weight, time.monotonic()))
         sent: dict[int, RequestOutput] = {}
         remaining = params.n
         try:
@@ -135,7 +140,7 @@ class AsyncEngine:
         await self.call(lambda engine: engine.prewarm(adapter, pin))  # in host memory: no read
 
     async def stats(self) -> dict:
-        return await self.call(lambda engine: engine.stats())
+        return await self.call(lambda engine: {**engine.stats(), **self._returns.stats()})
 
     async def evict_adapters(self, adapter_ids: set[int]) -> None:
         """LLMEngine.evict_adapters on the engine thread; the requests it ends get their error."""
@@ -163,7 +168,8 @@ class AsyncEngine:
     def _handle(self, message) -> None:
         kind = message[0]
         if kind == "add":
-            _, request_id, prompt, params, adapter, key, weight = message
+            _, request_id, prompt, params, adapter, key, weight, sent_at = message
+            self._returns.arrived(sent_at)
             try:
                 self.engine.add_request(request_id, prompt, params, adapter, key, weight)
             except ValueError as e:  # a bad request fails alone, with its message
@@ -193,6 +199,21 @@ class AsyncEngine:
         except queue.Empty:
             return
 
+    def _wait_for_returns(self) -> None:
+        """Before a step: wait (briefly) for the next requests of clients whose requests the
+        last step finished, while such clients are about (engine/return_window.py). Not while
+        requests wait: the next step has work enough, and a new request would queue behind."""
+        if self.engine.has_waiting():
+            return
+        start = time.monotonic()
+        while (deadline := self._returns.deadline(time.monotonic())) is not None:
+            try:
+                self._handle(self._inbox.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        if (waited := time.monotonic() - start) > 1e-4:
+            self._returns.waited(waited)
+
     def _run(self, config: EngineConfig) -> None:
         try:
             if self.engine is None:
@@ -206,11 +227,19 @@ class AsyncEngine:
             self._drain_inbox(wait=not self.engine.has_unfinished())
             if not self.engine.has_unfinished():
                 continue
+            self._wait_for_returns()
+            start = time.monotonic()
             try:
                 outputs = self.engine.step()
             except Exception as e:  # the model failed: fail what is in flight, keep serving
                 traceback.print_exc()
                 outputs = self.engine.fail_all(f"engine error: {type(e).__name__}: {e}")
+            end = time.monotonic()
+            # Requests that came during the step count toward the last finishing step's window;
+            # the clients of this step's finished requests can only send after the publish.
+            self._drain_inbox(wait=False)
+            self._returns.step_ended(len({out.request_id for out in outputs if out.finished}),
+                                     end - start, end)
             for out in outputs:
                 self._publish(out.request_id, out)
 

@@ -213,6 +213,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def has_waiting(self) -> bool:
+        """Whether requests wait for a seat or a prompt chunk (the next step has work to take)."""
+        return bool(self.scheduler.waiting)
+
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns the requests that changed."""

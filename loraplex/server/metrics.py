@@ -53,6 +53,9 @@ class Metrics:
                 "adapter_load_ms_p50": "Median adapter load time from disk (ms)",
                 "tokens_per_second": "Generated tokens per second (last 10 s)",
                 "prefix_cache_blocks": "KV cache blocks the prefix cache can find (held or free)",
+                "return_window_waits": "Pauses before a step for the next requests of clients "
+                                       "that answer at once (engine/return_window.py)",
+                "return_window_waited_ms": "Milliseconds spent in those pauses",
             }.items()
         }
 

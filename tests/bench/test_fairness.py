@@ -19,3 +19,10 @@ def test_the_summary_reads_percentiles_of_ttft_and_e2e():
                                   ["--rounds", "0"]])
 def test_bad_options_are_a_usage_error_not_a_traceback(args, monkeypatch, capsys):
     assert "at least 1" in usage_error(fairness.main, ["fairness", *args], monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("value", ["-1", "2000", "nan"])
+def test_a_return_window_the_engine_refuses_is_a_usage_error(value, monkeypatch, capsys):
+    error = usage_error(fairness.main, ["fairness", "--return-window-ms", value], monkeypatch,
+                        capsys)
+    assert "--return-window-ms: return_window_ms must be a number of milliseconds" in error

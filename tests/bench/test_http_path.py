@@ -110,8 +110,13 @@ def test_guidellm_gets_a_seed_per_level(tmp_path, monkeypatch):
     assert seeds == ["kind=static,value=1001", "kind=static,value=1008"]
 
 
-def test_a_negative_reaction_time_is_refused(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["http_path", "--reaction-ms", "-5"])
+@pytest.mark.parametrize("flag, value, message", [
+    ("--reaction-ms", "-5", "--reaction-ms must be 0 or more"),
+    ("--return-window-ms", "-1", "--return-window-ms: return_window_ms must be a number"),
+])
+def test_bad_timings_are_refused_before_anything_starts(monkeypatch, capsys, flag, value,
+                                                       message):
+    monkeypatch.setattr(sys, "argv", ["http_path", flag, value])
     with pytest.raises(SystemExit):
         http_path.main()
-    assert "--reaction-ms must be 0 or more" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

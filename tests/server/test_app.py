@@ -204,6 +204,8 @@ def test_health_and_metrics(live):
     engine = httpx.get(f"{live.url}/admin/engine",
                        headers={"Authorization": f"Bearer {live.admin_key}"}).json()
     assert engine["prefix_cache"]["globex"]["queried_tokens"] > 0
+    # The return window's counters (the AsyncEngine's, beside the engine's own).
+    assert engine["return_window_waits"] >= 0 and "return_window_returned" in engine
 
 
 def test_admin_api(live, sharp_adapters):
