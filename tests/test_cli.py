@@ -52,9 +52,13 @@ def test_serve_with_an_unknown_lora_dtype_is_a_clear_error(tmp_path, monkeypatch
     assert "lora_dtype must be one of auto, int8, got 'int4'" in result.output
 
 
-@pytest.mark.parametrize("flag, enabled", [([], True), (["--no-prefix-caching"], False)])
-def test_serve_turns_the_prefix_cache_off_on_request(flag, enabled, tmp_path, monkeypatch,
-                                                     tiny_llama_dir):
+@pytest.mark.parametrize("flag, field, value", [
+    ([], "enable_prefix_caching", True), (["--no-prefix-caching"], "enable_prefix_caching", False),
+    ([], "return_window_ms", 50.0), (["--return-window-ms", "0"], "return_window_ms", 0.0),
+    (["--return-window-ms", "120"], "return_window_ms", 120.0),
+])
+def test_serve_hands_its_engine_settings_to_the_engine(flag, field, value, tmp_path,
+                                                       monkeypatch, tiny_llama_dir):
     import loraplex.engine.async_engine
 
     seen = []
@@ -67,7 +71,15 @@ def test_serve_turns_the_prefix_cache_off_on_request(flag, enabled, tmp_path, mo
     monkeypatch.setattr(loraplex.engine.async_engine, "AsyncEngine", engine)
     result = runner.invoke(app, ["serve", "--model", str(tiny_llama_dir), *flag])
     assert result.exit_code == 1 and "no engine in this test" in result.output
-    assert [c.enable_prefix_caching for c in seen] == [enabled]
+    assert [getattr(c, field) for c in seen] == [value]
+
+
+def test_serve_with_a_bad_return_window_is_a_clear_error(tmp_path, monkeypatch, tiny_llama_dir):
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
+    result = runner.invoke(app, ["serve", "--model", str(tiny_llama_dir),
+                                 "--return-window-ms", "-5"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "return_window_ms must be a number of milliseconds from 0 to 1000" in result.output
 
 
 @pytest.mark.parametrize("flag, field, value", [

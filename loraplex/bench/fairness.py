@@ -231,30 +231,40 @@ def main() -> None:
         rows = []
         for round_ in range(options.rounds):
             for scheduling in schedulers:
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                server = start_server(options.model, port, env, scheduling, options.dtype,
-                                      options.max_num_seqs, options.max_num_batched_tokens,
-                                      "--return-window-ms", str(options.return_window_ms))
-                try:
-                    asyncio.run(_quiet(url, [keys[q] for q in quiet], 1, 4))  # warm-up
-                    solo = _summary(asyncio.run(_quiet(
-                        url, [keys[q] for q in quiet], options.quiet_requests,
-                        options.quiet_tokens)))
-                    results, throughput = asyncio.run(_loaded(
-                        url, admin_key, [keys[b] for b in busy], [keys[q] for q in quiet],
-                        options.streams, options.quiet_requests, options.quiet_tokens,
-                        options.busy_tokens))
-                finally:
-                    stop_server(server)
-                loaded = _summary(results)
-                row = {"round": round_, "scheduling": scheduling, "busy_tok_s": throughput,
-                       **{f"solo_{k}": v for k, v in solo.items()},
-                       **{f"loaded_{k}": v for k, v in loaded.items()},
-                       "ttft_x": loaded["ttft_p50"] / solo["ttft_p50"],
-                       "e2e_x": loaded["e2e_p50"] / solo["e2e_p50"]}
+                row = {"round": round_, "scheduling": scheduling,
+                       **_one_server(options, env, scheduling, [keys[b] for b in busy],
+                                     [keys[q] for q in quiet], admin_key)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    _print_table(rows)
+
+
+def _one_server(options, env: dict, scheduling: str, busy_keys: list[str],
+                quiet_keys: list[str], admin_key: str) -> dict:
+    """A fresh server: the quiet tenants alone, then beside the busy ones; the summaries."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(options.model, port, env, scheduling, options.dtype,
+                          options.max_num_seqs, options.max_num_batched_tokens,
+                          "--return-window-ms", str(options.return_window_ms))
+    try:
+        asyncio.run(_quiet(url, quiet_keys, 1, 4))  # warm-up
+        solo = _summary(asyncio.run(_quiet(url, quiet_keys, options.quiet_requests,
+                                           options.quiet_tokens)))
+        results, throughput = asyncio.run(_loaded(
+            url, admin_key, busy_keys, quiet_keys, options.streams, options.quiet_requests,
+            options.quiet_tokens, options.busy_tokens))
+    finally:
+        stop_server(server)
+    loaded = _summary(results)
+    return {"busy_tok_s": throughput,
+            **{f"solo_{k}": v for k, v in solo.items()},
+            **{f"loaded_{k}": v for k, v in loaded.items()},
+            "ttft_x": loaded["ttft_p50"] / solo["ttft_p50"],
+            "e2e_x": loaded["e2e_p50"] / solo["e2e_p50"]}
+
+
+def _print_table(rows: list[dict]) -> None:
     print(f"\n{'sched':<6} {'solo TTFT p50/p90':>18} {'loaded TTFT p50/p90':>20} "
           f"{'x':>6} {'solo e2e p50/p90':>17} {'loaded e2e p50/p90':>19} {'x':>6} "
           f"{'busy tok/s':>10}")

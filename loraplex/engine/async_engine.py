@@ -211,7 +211,7 @@ class AsyncEngine:
                 self._handle(self._inbox.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        if (waited := time.monotonic() - start) > 1e-4:
+        if (waited := time.monotonic() - start) > 1e-4:  # not a window the inbox had filled
             self._returns.waited(waited)
 
     def _run(self, config: EngineConfig) -> None:
